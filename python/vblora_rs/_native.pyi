@@ -1,0 +1,53 @@
+"""Type stub for the private Rust extension ``vblora_rs._native``.
+
+Conventions shared by every function:
+
+* Arrays are C-contiguous numpy views of torch CPU tensors (``tensor.numpy()``), never copies.
+* Floating arrays may be float32, float16, or uint16; uint16 always means the raw bits of
+  bfloat16 (torch's ``tensor.view(torch.uint16)``), because numpy has no bfloat16.
+* ``num_threads``: how many threads the kernel may use; 0 means all cores.
+* The GIL is released while a kernel runs. Bad input raises :class:`VBLoRAError` (a
+  ``ValueError``) whose message names the argument and, for data errors, the row at fault.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+FloatArray = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
+
+class VBLoRAError(ValueError): ...
+
+def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Per row of a 2-D ``(rows, n)`` logits array: indices of the ``k`` largest logits, largest
+    first (ties: lower index first), and the float32 softmax of those ``k`` logits, computed as
+    ``exp(x - max) / sum`` exactly as ``torch.softmax`` does (so an all ``-inf`` row gives NaN).
+    Returns ``(indices (rows, k) int64, weights (rows, k) float32)``. A NaN logit is an error
+    naming its row; ``k`` must satisfy ``1 <= k <= n``."""
+
+def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
+    """Fused top-k + softmax + weighted sum of bank rows: ``out[i] = sum_j w[i, j] *
+    bank[idx[i, j]]`` for ``logits (rows, num_vectors)`` and ``bank (num_vectors, L)``, summing
+    ``j`` in order ``0..k`` in float32. Returns ``(rows, L)`` float32. Nothing of size
+    ``rows * num_vectors`` is allocated."""
+
+def low_rank_from_topk(
+    indices: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float32],
+    bank: FloatArray,
+    num_threads: int,
+) -> npt.NDArray[np.float32]:
+    """Like :func:`low_rank_from_logits` from precomputed ``indices (rows, k)`` and
+    ``weights (rows, k)``. An index outside ``[0, num_vectors)`` is an error naming its row."""
+
+def rank_update_(
+    weight: FloatArray,
+    u: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    num_threads: int,
+) -> None:
+    """In place: ``weight[i, j] = round(float32(weight[i, j]) + delta[i, j])`` with
+    ``delta[i, j] = sum_r u[i, r] * v[r, j]`` summed in float32 over ``r`` in order, rounded once
+    (to nearest even) into the weight's dtype. ``weight (m, n)``, ``u (m, R)``, ``v (R, n)``.
+    Several adapters merge in one pass by stacking their factors along ``R``."""

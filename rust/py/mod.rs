@@ -1,0 +1,162 @@
+//! The Python binding `vblora_rs._native`, and nothing else: it borrows numpy arrays as
+//! validated C-contiguous slices, releases the GIL around the kernel, and turns every
+//! `KernelError` into `VBLoRAError` (a `ValueError`). No kernel logic lives here.
+
+mod arrays;
+
+use numpy::{PyArray, PyArray2, PyArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::error::KernelError;
+use crate::matrix::{MatMut, MatRef};
+use arrays::{error, Array, FloatArray, FloatArrayMut, FloatSlice, FloatSliceMut};
+
+create_exception!(
+    vblora_rs._native,
+    VBLoRAError,
+    PyValueError,
+    "Bad input to a vblora_rs kernel; the message names the argument and, for data errors, the row."
+);
+
+impl From<KernelError> for PyErr {
+    fn from(e: KernelError) -> Self {
+        VBLoRAError::new_err(e.to_string())
+    }
+}
+
+/// Runs `$body` with `$s` bound to the typed slice inside a [`FloatSlice`] or [`FloatSliceMut`].
+macro_rules! dispatch {
+    ($kind:ident, $slice:expr, $s:ident => $body:expr) => {
+        match $slice {
+            $kind::F32($s) => $body,
+            $kind::F16($s) => $body,
+            $kind::BF16($s) => $body,
+        }
+    };
+}
+
+/// A Python int of at least `min` as `usize`, else an error naming `name`. (Upper bounds, such
+/// as `k <= n`, are the kernels' to check.)
+fn count(name: &str, value: i64, min: usize) -> PyResult<usize> {
+    usize::try_from(value)
+        .ok()
+        .filter(|v| *v >= min)
+        .ok_or_else(|| error(format!("{name} must be >= {min}, got {value}")))
+}
+
+/// A 2-D numpy array over `data` (no copy: numpy takes ownership of the `Vec`).
+fn to_numpy<T: numpy::Element>(
+    py: Python<'_>,
+    data: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'_, PyArray2<T>>> {
+    PyArray::from_vec(py, data).reshape([rows, cols])
+}
+
+/// `(indices, weights)` as returned by `topk_softmax`.
+type TopK<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
+#[pyfunction]
+fn topk_softmax<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    k: i64,
+    num_threads: i64,
+) -> PyResult<TopK<'py>> {
+    let logits = FloatArray::extract("logits", logits)?;
+    let (rows, n) = logits.shape();
+    let k = count("k", k, 1)?;
+    let threads = count("num_threads", num_threads, 0)?;
+    let (indices, weights) = dispatch!(FloatSlice, logits.slice()?, s => py.detach(|| {
+        crate::topk::topk_softmax(MatRef::new("logits", s, rows, n)?, k, threads)
+    }))?;
+    Ok((
+        to_numpy(py, indices, rows, k)?,
+        to_numpy(py, weights, rows, k)?,
+    ))
+}
+
+#[pyfunction]
+fn low_rank_from_logits<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    bank: &Bound<'py, PyAny>,
+    k: i64,
+    num_threads: i64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let logits = FloatArray::extract("logits", logits)?;
+    let bank = FloatArray::extract("bank", bank)?;
+    let (rows, n) = logits.shape();
+    let (num_vectors, len) = bank.shape();
+    let k = count("k", k, 1)?;
+    let threads = count("num_threads", num_threads, 0)?;
+    let out = dispatch!(FloatSlice, logits.slice()?, l => dispatch!(FloatSlice, bank.slice()?, b => {
+        py.detach(|| {
+            let l = MatRef::new("logits", l, rows, n)?;
+            let b = MatRef::new("bank", b, num_vectors, len)?;
+            crate::lowrank::low_rank_from_logits(l, b, k, threads)
+        })
+    }))?;
+    to_numpy(py, out, rows, len)
+}
+
+#[pyfunction]
+fn low_rank_from_topk<'py>(
+    py: Python<'py>,
+    indices: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    bank: &Bound<'py, PyAny>,
+    num_threads: i64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let indices = Array::<i64>::extract("indices", indices, "int64")?;
+    let weights = Array::<f32>::extract("weights", weights, "float32")?;
+    let bank = FloatArray::extract("bank", bank)?;
+    let (num_vectors, len) = bank.shape();
+    let threads = count("num_threads", num_threads, 0)?;
+    let (idx, w) = (indices.slice()?, weights.slice()?);
+    let out = dispatch!(FloatSlice, bank.slice()?, b => py.detach(|| {
+        let i = MatRef::new("indices", idx, indices.rows, indices.cols)?;
+        let w = MatRef::new("weights", w, weights.rows, weights.cols)?;
+        let b = MatRef::new("bank", b, num_vectors, len)?;
+        crate::lowrank::low_rank_from_topk(i, w, b, threads)
+    }))?;
+    to_numpy(py, out, indices.rows, len)
+}
+
+#[pyfunction]
+fn rank_update_<'py>(
+    py: Python<'py>,
+    weight: &Bound<'py, PyAny>,
+    u: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    num_threads: i64,
+) -> PyResult<()> {
+    // Borrow the factors first, so a weight that overlaps them fails numpy's borrow check.
+    let u = Array::<f32>::extract("u", u, "float32")?;
+    let v = Array::<f32>::extract("v", v, "float32")?;
+    let mut weight = FloatArrayMut::extract("weight", weight)?;
+    let (m, n) = weight.shape();
+    let threads = count("num_threads", num_threads, 0)?;
+    let (us, vs) = (u.slice()?, v.slice()?);
+    dispatch!(FloatSliceMut, weight.slice_mut()?, w => py.detach(|| {
+        let w = MatMut::new("weight", w, m, n)?;
+        let u = MatRef::new("u", us, u.rows, u.cols)?;
+        let v = MatRef::new("v", vs, v.rows, v.cols)?;
+        crate::merge::rank_update(w, u, v, threads)
+    }))?;
+    Ok(())
+}
+
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("VBLoRAError", m.py().get_type::<VBLoRAError>())?;
+    m.add_function(wrap_pyfunction!(topk_softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(low_rank_from_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(low_rank_from_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
+    Ok(())
+}
