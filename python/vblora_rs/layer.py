@@ -1,0 +1,389 @@
+"""VB-LoRA layers: ``VBLoRALayer`` (adapter state and bookkeeping) and ``Linear`` (over ``nn.Linear`` or
+transformers' ``Conv1D``), behaving like PEFT's ``peft.tuners.vblora.layer``.
+
+Two ways to build A and B: with autograd (training, or tensors the Rust kernels cannot take, e.g.
+CUDA) through torch ops exactly as PEFT does, and without autograd on CPU (merge, unmerge,
+``get_delta_weight``, no-grad forwards) through the Rust kernels, which select, softmax and gather
+in one pass and merge every adapter into the weight in one pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import ops
+from .ops import MergeTerm
+
+TOPK_TRAINING_ERROR = (
+    "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
+)
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def check_adapters_to_merge(layer: VBLoRALayer, adapter_names: Optional[list[str]]) -> list[str]:
+    """The adapters to merge: the active ones by default, minus those already merged (with PEFT's warnings)."""
+    if adapter_names is None:
+        adapter_names = layer.active_adapters
+    if isinstance(adapter_names, str):
+        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+    if layer.merged:
+        already = set(layer.merged_adapters)
+        adapter_names = [name for name in adapter_names if name not in already]
+        if adapter_names:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(layer.merged_adapters)}. "
+                f"You are now additionally merging {','.join(adapter_names)}.",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+    return list(adapter_names)
+
+
+class VBLoRALayer:
+    """Adapter state of a VB-LoRA layer: per-adapter logits, rank, top-K, dropout, and the shared bank."""
+
+    # Attributes that hold adapter weights, keyed by adapter name.
+    adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")
+    # Other per-adapter attributes.
+    other_param_names = ("r", "topk", "vblora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.topk: dict[str, int] = {}
+        self.vblora_dropout = nn.ModuleDict({})
+        self.vblora_logits_A = nn.ParameterDict({})
+        self.vblora_logits_B = nn.ParameterDict({})
+        self.vblora_vector_bank = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter: Union[str, list[str]] = "default"
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            in_features, out_features = base.weight.shape
+        else:
+            raise TypeError(
+                f"Target module {base.__class__.__name__} is not supported. Currently, only the following modules "
+                "are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.get_base_layer().bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        active = self._active_adapter
+        return [active] if isinstance(active, str) else list(active)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the adapters on (the active ones become trainable again) or off (frozen)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for layer_name in self.adapter_layer_names:
+                getattr(self, layer_name).requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters: they are trainable (unless ``inference_mode``), others frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            for key, param in getattr(self, layer_name).items():
+                param.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = adapter_names
+
+    def _all_available_adapter_names(self) -> list[str]:
+        names: set[str] = set()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr)
+            if hasattr(holder, "keys"):
+                names.update(holder.keys())
+        return sorted(names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr)
+            if adapter_name in holder:
+                del holder[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [a for a in self.active_adapters if a != adapter_name]
+            if not remaining:
+                others = [a for a in self._all_available_adapter_names() if a in self.vblora_logits_A]
+                remaining = others[:1]
+            if remaining:
+                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+            else:
+                self._active_adapter = []
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        vblora_vector_bank: nn.ParameterDict,
+        r: int,
+        topk: int,
+        num_vectors: int,
+        vector_length: int,
+        vblora_dropout: float = 0.0,
+        init_logits_std: float = 0.01,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Add adapter ``adapter_name``: logits ``A (r, in/L, num_vectors)`` and ``B (out/L, r, num_vectors)``."""
+        if r <= 0:
+            raise ValueError(f"`r` {r} should be a positive integer value")
+        if topk <= 0:
+            raise ValueError(f"`topk` {topk} should be a positive integer value")
+        if topk > num_vectors:
+            raise ValueError(f"`topk` {topk} must not exceed `num_vectors` {num_vectors}")
+        if self.in_features % vector_length != 0:
+            raise ValueError(f"`in_features` {self.in_features} must be divisible by `vector_length` {vector_length}")
+        if self.out_features % vector_length != 0:
+            raise ValueError(f"`out_features` {self.out_features} must be divisible by `vector_length` {vector_length}")
+        if adapter_name in vblora_vector_bank:
+            shape = tuple(vblora_vector_bank[adapter_name].shape)
+            if shape != (num_vectors, vector_length):
+                raise ValueError(
+                    f"vector bank of adapter {adapter_name!r} has shape {shape}, expected "
+                    f"(num_vectors, vector_length) = ({num_vectors}, {vector_length})"
+                )
+        else:
+            raise ValueError(f"the vector bank holds no bank for adapter {adapter_name!r}")
+
+        self.r[adapter_name] = r
+        self.topk[adapter_name] = topk
+        dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else nn.Identity()
+        self.vblora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+        device = self._base_device()
+        self.vblora_logits_A[adapter_name] = nn.Parameter(
+            torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
+        )
+        self.vblora_logits_B[adapter_name] = nn.Parameter(
+            torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
+        )
+        self.vblora_vector_bank = vblora_vector_bank
+        self.reset_vblora_logits(adapter_name, init_logits_std)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _base_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return (
+            weight.device if isinstance(weight, torch.Tensor) and weight.device.type != "meta" else torch.device("cpu")
+        )
+
+    def reset_vblora_logits(self, adapter_name: str, init_logits_std: float) -> None:
+        if adapter_name in self.vblora_logits_A:
+            with torch.no_grad():
+                nn.init.normal_(self.vblora_logits_A[adapter_name], 0, init_logits_std)
+                nn.init.normal_(self.vblora_logits_B[adapter_name], 0, init_logits_std)
+
+
+class Linear(nn.Linear, VBLoRALayer):
+    """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        vblora_vector_bank: nn.ParameterDict,
+        adapter_name: str,
+        r: int,
+        num_vectors: int,
+        vector_length: int,
+        topk: int = 2,
+        vblora_dropout: float = 0.0,
+        init_logits_std: float = 0.01,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # nn.Module.__init__ only: the weights live in base_layer, not in this nn.Linear.
+        super(nn.Linear, self).__init__()
+        VBLoRALayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            vblora_vector_bank,
+            r,
+            topk=topk,
+            num_vectors=num_vectors,
+            vector_length=vector_length,
+            vblora_dropout=vblora_dropout,
+            init_logits_std=init_logits_std,
+        )
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    # --- building A and B -----------------------------------------------------------------------
+
+    def _needs_autograd(self, *tensors: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def _get_low_rank_matrix(self, logits: torch.Tensor, vblora_vector_bank: torch.Tensor, topk: int) -> torch.Tensor:
+        """``(..., num_vectors)`` logits -> ``(..., L)``: softmax over the top-K logits weighting their bank rows."""
+        if not self._needs_autograd(logits, vblora_vector_bank) and ops.native_ok(logits, vblora_vector_bank):
+            out = ops.low_rank_matrix(logits, vblora_vector_bank, topk)
+            return out if logits.dtype == torch.float32 else out.to(logits.dtype)
+        top_k_logits, indices = logits.topk(topk, dim=-1)
+        topk_weights = F.softmax(top_k_logits, dim=-1)
+        return (topk_weights.unsqueeze(-1) * vblora_vector_bank[indices]).sum(-2)
+
+    def _check_trainable_logits(self, adapter: str) -> None:
+        logits_A = self.vblora_logits_A[adapter]
+        # A top-K checkpoint reconstructs logits as -inf outside the kept entries; training those is wrong.
+        if self.training and logits_A[0, 0].isinf().any():
+            raise RuntimeError(TOPK_TRAINING_ERROR)
+
+    def _get_lora_matrices(self, adapter: str, cast_to_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A (r, in)`` and ``B (out, r)`` of ``adapter``."""
+        logits_A = self.vblora_logits_A[adapter]
+        logits_B = self.vblora_logits_B[adapter]
+        self._check_trainable_logits(adapter)
+        bank = self.vblora_vector_bank[adapter].to(logits_A.device)
+        topk = self.topk[adapter]
+        if cast_to_fp32:
+            logits_A, logits_B, bank = logits_A.float(), logits_B.float(), bank.float()
+        A = self._get_low_rank_matrix(logits_A, bank, topk).reshape(logits_A.shape[0], -1)
+        # (out/L, r, L) -> (out/L, L, r) -> (out, r)
+        B = self._get_low_rank_matrix(logits_B, bank, topk).transpose(1, 2).reshape(-1, logits_B.shape[1])
+        return A, B
+
+    def _native_merge_ok(self, adapter: str) -> bool:
+        params = (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter], self.vblora_vector_bank[adapter])
+        return ops.native_ok(*params)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``B @ A`` of ``adapter`` (transposed for fan_in_fan_out), float32 on CPU as in PEFT."""
+        logits_A = self.vblora_logits_A[adapter]
+        device, dtype = logits_A.device, logits_A.dtype
+        cast_to_fp32 = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        params = (logits_A, self.vblora_logits_B[adapter], self.vblora_vector_bank[adapter])
+        if not self._needs_autograd(*params) and self._native_merge_ok(adapter):
+            A, B = self._get_lora_matrices(adapter, cast_to_fp32=True)
+            delta = ops.delta_weight(A, B, self.fan_in_fan_out)
+            return delta if cast_to_fp32 or dtype == torch.float32 else delta.to(dtype)
+        A, B = self._get_lora_matrices(adapter, cast_to_fp32)
+        return _transpose(B @ A, self.fan_in_fan_out)
+
+    # --- merge ----------------------------------------------------------------------------------
+
+    def _merge_terms(self, adapters: list[str], scale: float) -> list[MergeTerm]:
+        with torch.no_grad():
+            return [MergeTerm(*self._get_lora_matrices(a, cast_to_fp32=True), scale) for a in adapters]
+
+    def _apply_delta(self, adapters: list[str], scale: float, safe_merge: bool = False) -> None:
+        """``weight += scale * delta`` for every adapter in ``adapters``: one Rust pass over the weight when the
+        weight and the adapters are CPU tensors it takes, else PEFT's torch ops one adapter at a time."""
+        weight = self.get_base_layer().weight
+        native = ops.native_ok(weight.data) and all(self._native_merge_ok(a) for a in adapters)
+        if not native:
+            new = weight.data.clone() if safe_merge else weight.data
+            for adapter in adapters:
+                new += scale * self.get_delta_weight(adapter).detach()
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            if safe_merge:
+                weight.data = new
+            return
+        terms = self._merge_terms(adapters, scale)
+        if not safe_merge:
+            ops.merge_(weight.data, terms, self.fan_in_fan_out)
+            return
+        for adapter, term in zip(adapters, terms):
+            if not (torch.isfinite(term.A).all() and torch.isfinite(term.B).all()):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        merged = ops.merge_(weight.data.clone(), terms, self.fan_in_fan_out)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {','.join(adapters)} seems to be broken"
+            )
+        weight.data = merged
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the active adapters (or ``adapter_names``) into the base weight, all in one pass.
+
+        With ``safe_merge`` the merge runs on a copy that is checked for non-finite values first; on failure
+        a ValueError is raised and the weight is left as it was.
+        """
+        adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.vblora_logits_A]
+        if not adapters:
+            return
+        self._apply_delta(adapters, 1.0, safe_merge=safe_merge)
+        self.merged_adapters.extend(adapters)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        adapters = [a for a in reversed(self.merged_adapters) if a in self.vblora_logits_A]
+        self.merged_adapters = []
+        if adapters:
+            self._apply_delta(adapters, -1.0)
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            for active_adapter in self.active_adapters:
+                if active_adapter not in self.vblora_logits_A:
+                    continue
+                A, B = self._get_lora_matrices(active_adapter)
+                x = x.to(self.vblora_vector_bank[active_adapter].dtype)
+                dropout = self.vblora_dropout[active_adapter]
+                result = result + F.linear(F.linear(dropout(x), A), B)
+        return result.to(previous_dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "vblora." + super().__repr__()

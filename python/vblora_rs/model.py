@@ -1,0 +1,195 @@
+"""``VBLoRAModel``: what ``get_peft_model`` returns, with PEFT's ``PeftModel`` interface (``PeftModel`` is an
+alias). Layout as in PEFT: ``wrapper.base_model`` is the tuner, ``wrapper.base_model.model`` the user's
+model with its targets replaced, so state-dict keys read ``base_model.model.<path>...``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from . import checkpoint
+from .config import VBLoRAConfig
+from .errors import VBLoRAError
+from .tuner import VBLoRATuner
+
+
+class VBLoRAModel(nn.Module):
+    """A model with VB-LoRA adapters. Attributes it does not have fall through to the tuner, then to the model."""
+
+    def __init__(self, model: nn.Module, peft_config: VBLoRAConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if not isinstance(peft_config, VBLoRAConfig):
+            raise TypeError(f"expected a VBLoRAConfig, got {type(peft_config).__name__}")
+        self.base_model = VBLoRATuner(model, peft_config, adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def peft_config(self) -> dict[str, VBLoRAConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> VBLoRAConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: VBLoRAConfig) -> None:
+        """Add another adapter (inactive and frozen until ``set_adapter``)."""
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model gives the base model's outputs."""
+        self.base_model.enable_adapter_layers(False)
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers(True)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, progressbar: bool = False
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # --- parameter counts -----------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
+        return self.base_model.get_nb_savable_parameters(adapter)
+
+    def print_savable_parameters(self) -> None:
+        self.base_model.print_savable_parameters()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None, **kwargs: Any
+    ) -> None:
+        """Save adapters as PEFT does: the ``default`` adapter in ``save_directory``, any other in a subfolder
+        named after it."""
+        if os.path.isfile(save_directory):
+            raise VBLoRAError(f"{save_directory}: is a file, expected a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name!r} not found in {sorted(self.peft_config)}")
+        for name in names:
+            target = save_directory if name == "default" else os.path.join(save_directory, name)
+            checkpoint.save_adapter(self, target, name)
+
+    def load_adapter(
+        self,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        config: Optional[VBLoRAConfig] = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` from a checkpoint folder (PEFT's or ours)."""
+        path = os.fspath(model_id)
+        config = config if config is not None else VBLoRAConfig.from_pretrained(path)
+        config.inference_mode = not is_trainable
+        tensors = checkpoint.read_safetensors(_weights_file(path))
+        self.base_model.add_adapter(adapter_name, config)
+        try:
+            checkpoint.load_adapter_weights(self, tensors, adapter_name, _weights_file(path))
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[VBLoRAConfig] = None,
+        **kwargs: Any,
+    ) -> VBLoRAModel:
+        """Load an adapter checkpoint folder (written by PEFT or by us) onto ``model``."""
+        path = os.fspath(model_id)
+        config = config if config is not None else VBLoRAConfig.from_pretrained(path)
+        config.inference_mode = not is_trainable
+        weights = _weights_file(path)
+        tensors = checkpoint.read_safetensors(weights)
+        wrapper = cls(model, config, adapter_name)
+        try:
+            checkpoint.load_adapter_weights(wrapper, tensors, adapter_name, weights)
+        except Exception:
+            wrapper.unload()  # hand the user's model back as it was
+            raise
+        if not is_trainable:
+            wrapper.eval()
+        return wrapper
+
+
+def _weights_file(path: str) -> str:
+    file = os.path.join(path, checkpoint.WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise VBLoRAError(f"{path}: no {checkpoint.WEIGHTS_NAME} found")
+    return file
+
+
+PeftModel = VBLoRAModel
+
+
+def get_peft_model(model: nn.Module, peft_config: VBLoRAConfig, adapter_name: str = "default") -> VBLoRAModel:
+    """Wrap ``model`` with a new VB-LoRA adapter, as ``peft.get_peft_model`` does."""
+    return VBLoRAModel(model, peft_config, adapter_name)

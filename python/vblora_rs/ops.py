@@ -1,0 +1,183 @@
+"""VB-LoRA kernels on torch CPU tensors, run by the Rust extension.
+
+Tensors reach Rust as numpy views of their storage (no copy); bfloat16, which numpy lacks, travels
+as its uint16 bits. Every kernel releases the GIL. These functions check device, dtype, shape and
+contiguity and raise :class:`VBLoRAError` naming the tensor at fault; callers that may hold other
+tensors (CUDA, float64, strided views) use :func:`native_ok` to pick the torch path instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from . import _native
+from .errors import VBLoRAError
+
+__all__ = [
+    "MergeTerm",
+    "delta_weight",
+    "get_num_threads",
+    "low_rank_from_topk",
+    "low_rank_matrix",
+    "merge_",
+    "native_ok",
+    "set_num_threads",
+    "topk_softmax",
+]
+
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_num_threads: Optional[int] = None
+
+
+def set_num_threads(n: Optional[int]) -> None:
+    """Threads the kernels use; ``None`` follows ``torch.get_num_threads()`` (the default)."""
+    global _num_threads
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def native_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the Rust kernels can take these tensors as they are (CPU, contiguous, f32/f16/bf16)."""
+    return all(t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and t.is_contiguous() for t in tensors)
+
+
+def _float_view(t: torch.Tensor, name: str) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise VBLoRAError(f"{name} is on {t.device}; the Rust kernels take CPU tensors")
+    if t.dtype not in _NATIVE_DTYPES:
+        raise VBLoRAError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    if not t.is_contiguous():
+        raise VBLoRAError(f"{name} with shape {tuple(t.shape)} is not contiguous")
+    t = t.detach()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """View a (..., n) tensor as (rows, n) without copying."""
+    if t.dim() < 1:
+        raise VBLoRAError(f"{name} must have at least one dimension")
+    return t.reshape(-1, t.shape[-1]) if t.is_contiguous() else t
+
+
+def _check_bank(bank: torch.Tensor, name: str) -> None:
+    if bank.dim() != 2:
+        raise VBLoRAError(f"{name} must be 2-D (num_vectors, vector_length), got shape {tuple(bank.shape)}")
+
+
+def _wrap(name: str, fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except VBLoRAError as exc:
+        raise VBLoRAError(f"{name}: {exc}") from None
+
+
+def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (int64, largest first) of the ``k`` largest logits of every row of the last dimension and
+    the float32 softmax of those logits; equal to ``torch.topk`` followed by ``softmax``."""
+    rows = _rows(logits, name)
+    idx, w = _wrap(name, _native.topk_softmax, _float_view(rows, name), int(k), get_num_threads())
+    shape = (*logits.shape[:-1], int(k))
+    return torch.from_numpy(idx).reshape(shape), torch.from_numpy(w).reshape(shape)
+
+
+def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name: str = "logits") -> torch.Tensor:
+    """``softmax(topk(logits)) @ bank[indices]`` per row, fused: shape ``logits.shape[:-1] + (L,)``, float32."""
+    _check_bank(bank, "vector bank")
+    if logits.shape[-1] != bank.shape[0]:
+        raise VBLoRAError(f"{name} has {logits.shape[-1]} logits per row but the bank holds {bank.shape[0]} vectors")
+    rows = _rows(logits, name)
+    out = _wrap(
+        name,
+        _native.low_rank_from_logits,
+        _float_view(rows, name),
+        _float_view(bank, "vector bank"),
+        int(topk),
+        get_num_threads(),
+    )
+    return torch.from_numpy(out).reshape(*logits.shape[:-1], bank.shape[1])
+
+
+def low_rank_from_topk(
+    indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor, *, name: str = "topk"
+) -> torch.Tensor:
+    """``sum_j weights[..., j] * bank[indices[..., j]]``: shape ``indices.shape[:-1] + (L,)``, float32."""
+    _check_bank(bank, "vector bank")
+    if indices.shape != weights.shape:
+        raise VBLoRAError(f"{name}: indices {tuple(indices.shape)} and weights {tuple(weights.shape)} differ in shape")
+    idx = _rows(indices.to(torch.int64).contiguous(), f"{name} indices")
+    w = _rows(weights.to(torch.float32).contiguous(), f"{name} weights")
+    out = _wrap(
+        name,
+        _native.low_rank_from_topk,
+        idx.numpy(),
+        w.detach().numpy(),
+        _float_view(bank, "vector bank"),
+        get_num_threads(),
+    )
+    return torch.from_numpy(out).reshape(*indices.shape[:-1], bank.shape[1])
+
+
+class MergeTerm(NamedTuple):
+    """One adapter's contribution ``scale * (B @ A)``; ``A`` is ``(r, in)``, ``B`` is ``(out, r)``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+
+
+def _stacked_factors(terms: Sequence[MergeTerm], fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u (rows, R)`` and ``v (R, cols)`` with ``u @ v == sum_i scale_i * B_i @ A_i`` (transposed for
+    fan_in_fan_out): every adapter merges in the same single pass over the weight."""
+    us, vs = [], []
+    for i, term in enumerate(terms):
+        A = term.A.detach().to(torch.float32)
+        B = term.B.detach().to(torch.float32)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise VBLoRAError(f"merge term {i}: A {tuple(A.shape)} and B {tuple(B.shape)} are not (r, in) and (out, r)")
+        Bs = B if term.scale == 1.0 else B * float(term.scale)
+        if fan_in_fan_out:
+            us.append(A.t())
+            vs.append(Bs.t())
+        else:
+            us.append(Bs)
+            vs.append(A)
+    u = torch.cat(us, dim=1).contiguous()
+    v = torch.cat(vs, dim=0).contiguous()
+    return u, v
+
+
+def merge_(
+    weight: torch.Tensor, terms: Sequence[MergeTerm], fan_in_fan_out: bool = False, *, name: str = "weight"
+) -> torch.Tensor:
+    """In place ``weight += sum_i scale_i * (B_i @ A_i)`` (``.T`` if ``fan_in_fan_out``) in one pass,
+    accumulating in float32 and rounding once into the weight's dtype. Returns ``weight``."""
+    if not terms:
+        return weight
+    if weight.dim() != 2:
+        raise VBLoRAError(f"{name} must be 2-D, got shape {tuple(weight.shape)}")
+    u, v = _stacked_factors(terms, fan_in_fan_out)
+    if u.shape[0] != weight.shape[0] or v.shape[1] != weight.shape[1]:
+        want = (v.shape[1], u.shape[0]) if fan_in_fan_out else (u.shape[0], v.shape[1])
+        raise VBLoRAError(
+            f"{name} has shape {tuple(weight.shape)} but the adapter delta has shape "
+            f"{(u.shape[0], v.shape[1])}" + (f" (B @ A is {want}, fan_in_fan_out=True)" if fan_in_fan_out else "")
+        )
+    view = _float_view(weight, name)
+    _wrap(name, _native.rank_update_, view, u.numpy(), v.numpy(), get_num_threads())
+    return weight
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``B @ A`` (transposed if ``fan_in_fan_out``) as a new float32 tensor."""
+    rows, cols = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
+    out = torch.zeros(rows, cols, dtype=torch.float32)
+    return merge_(out, [MergeTerm(A, B)], fan_in_fan_out, name="delta")
