@@ -1,0 +1,228 @@
+"""The Rust kernels through ``vblora_rs.ops``: equal to the torch reference, errors by name, GIL released."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vblora_rs import VBLoRAError, _native, ops
+from vblora_rs.ops import MergeTerm
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def torch_topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top, idx = logits.float().topk(k, dim=-1)
+    return idx, torch.softmax(top, dim=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    n=st.integers(1, 300),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_softmax_equals_torch(rows: int, n: int, k_frac: float, dtype: torch.dtype, seed: int) -> None:
+    k = max(1, round(k_frac * n))
+    g = torch.Generator().manual_seed(seed)
+    # distinct values so that the order is unambiguous in every dtype
+    logits = torch.stack([torch.randperm(n, generator=g) for _ in range(rows)]).to(dtype) / 8
+    idx, w = ops.topk_softmax(logits, k)
+    ref_idx, ref_w = torch_topk_softmax(logits, k)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_ties_and_infinities() -> None:
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 0.0, 3.0],  # ties: lower index first
+            [float("-inf"), 2.0, float("-inf"), float("-inf"), 1.0],
+            [float("-inf")] * 5,  # all -inf: softmax of the kept -inf is NaN, as in torch
+        ]
+    )
+    idx, w = ops.topk_softmax(logits, 2)
+    assert idx[0].tolist() == [1, 2]
+    assert idx[1].tolist() == [1, 4]
+    torch.testing.assert_close(w[:2], torch_topk_softmax(logits[:2], 2)[1])
+    assert torch.isnan(w[2]).all() and torch.isnan(torch_topk_softmax(logits[2:], 2)[1]).all()
+    # k = 1 gives weight 1; k = n keeps every entry
+    assert torch.equal(ops.topk_softmax(logits[:1], 1)[1], torch.ones(1, 1))
+    assert sorted(ops.topk_softmax(logits[:1], 5)[0][0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_topk_nan_names_row() -> None:
+    logits = torch.zeros(4, 8)
+    logits[2, 5] = float("nan")
+    with pytest.raises(VBLoRAError, match="row 2"):
+        ops.topk_softmax(logits, 2, name="vblora_logits_A")
+    with pytest.raises(ValueError, match="vblora_logits_A"):
+        ops.topk_softmax(logits, 2, name="vblora_logits_A")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    nv=st.integers(2, 64),
+    length=st.integers(1, 40),
+    k=st.integers(1, 4),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_low_rank_matrix_equals_torch(rows: int, nv: int, length: int, k: int, dtype: torch.dtype, seed: int) -> None:
+    k = min(k, nv)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.stack([torch.randperm(nv, generator=g) for _ in range(rows)]).float().to(dtype)
+    bank = torch.randn(nv, length, generator=g).to(dtype)
+    out = ops.low_rank_matrix(logits, bank, k)
+    idx, w = torch_topk_softmax(logits, k)
+    ref = (w.unsqueeze(-1) * bank.float()[idx]).sum(-2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.low_rank_from_topk(idx, w, bank), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_bad_index_and_shapes() -> None:
+    bank = torch.randn(10, 4)
+    with pytest.raises(VBLoRAError, match="row 1"):
+        ops.low_rank_from_topk(torch.tensor([[0, 1], [2, 10]]), torch.full((2, 2), 0.5), bank)
+    with pytest.raises(VBLoRAError, match="row 0"):
+        ops.low_rank_from_topk(torch.tensor([[-1, 1]]), torch.full((1, 2), 0.5), bank)
+    with pytest.raises(VBLoRAError, match="bank holds 10 vectors"):
+        ops.low_rank_matrix(torch.randn(3, 11), bank, 2)
+    with pytest.raises(VBLoRAError, match="differ in shape"):
+        ops.low_rank_from_topk(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3), bank)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 90),
+    ranks=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    fan_in_fan_out=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merge_equals_torch(
+    m: int, n: int, ranks: list[int], fan_in_fan_out: bool, dtype: torch.dtype, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = (n, m) if fan_in_fan_out else (m, n)
+    terms = [
+        MergeTerm(torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g), s)
+        for r, s in zip(ranks, (1.0, -0.5, 2.0))
+    ]
+    weight = torch.randn(m, n, generator=g).to(dtype)
+    delta = sum(t.scale * (t.B @ t.A) for t in terms)
+    if fan_in_fan_out:
+        delta = delta.T
+    expected = (weight.float() + delta).to(dtype)
+    got = ops.merge_(weight.clone(), terms, fan_in_fan_out)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    else:  # rounded once from float32: at most one unit in the last place from torch's rounding
+        ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((got.float() - expected.float()).abs() <= ulp * 1.01).all()
+
+
+def test_merge_single_rounding_in_bf16() -> None:
+    weight = torch.randn(64, 48).bfloat16()
+    A, B = torch.randn(4, 48), torch.randn(64, 4)
+    expected = weight.clone()
+    expected += B @ A  # what PEFT's merge does: bf16 += fp32, computed in fp32, rounded once
+    got = ops.merge_(weight.clone(), [MergeTerm(A, B)])
+    assert (got.float() - expected.float()).abs().max() <= torch.finfo(
+        torch.bfloat16
+    ).eps * expected.float().abs().max()
+
+
+def test_merge_errors() -> None:
+    A, B = torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(VBLoRAError, match=r"weight has shape \(4, 7\)"):
+        ops.merge_(torch.zeros(4, 7), [MergeTerm(A, B)])
+    with pytest.raises(VBLoRAError, match="float64"):
+        ops.merge_(torch.zeros(4, 8, dtype=torch.float64), [MergeTerm(A, B)])
+    with pytest.raises(VBLoRAError, match="not contiguous"):
+        ops.merge_(torch.zeros(8, 4).T, [MergeTerm(A, B)])
+    with pytest.raises(VBLoRAError, match="are not"):
+        ops.merge_(torch.zeros(4, 8), [MergeTerm(A, torch.randn(4, 3))])
+
+
+def test_native_rejects_bad_arrays_directly() -> None:
+    x = np.zeros((4, 8), dtype=np.float32)
+    with pytest.raises(VBLoRAError):
+        _native.topk_softmax(x[:, ::2], 2, 1)
+    with pytest.raises((VBLoRAError, TypeError)):
+        _native.topk_softmax(x.astype(np.float64), 2, 1)
+    with pytest.raises(VBLoRAError):
+        _native.topk_softmax(x, 0, 1)
+    with pytest.raises(VBLoRAError):
+        _native.topk_softmax(x, 9, 1)
+    ro = np.zeros((4, 8), dtype=np.float32)
+    ro.setflags(write=False)
+    with pytest.raises((VBLoRAError, ValueError, TypeError)):
+        _native.rank_update_(ro, np.zeros((4, 1), np.float32), np.zeros((1, 8), np.float32), 1)
+
+
+def test_delta_weight_and_threads() -> None:
+    A, B = torch.randn(3, 40), torch.randn(24, 3)
+    for n in (1, 2):
+        ops.set_num_threads(n)
+        try:
+            torch.testing.assert_close(ops.delta_weight(A, B), B @ A, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ops.delta_weight(A, B, True), (B @ A).T, atol=1e-5, rtol=1e-5)
+        finally:
+            ops.set_num_threads(None)
+    assert ops.get_num_threads() == torch.get_num_threads()
+    with pytest.raises(ValueError):
+        ops.set_num_threads(0)
+
+
+def test_kernels_release_the_gil() -> None:
+    """A Python thread keeps running while a long kernel runs in another thread."""
+    logits = torch.randn(20000, 2048)
+    ops.topk_softmax(logits, 2)  # warm up
+    ticks = 0
+    done = threading.Event()
+
+    def kernel() -> None:
+        for _ in range(3):
+            ops.topk_softmax(logits, 2)
+        done.set()
+
+    worker = threading.Thread(target=kernel)
+    start = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.001)
+    worker.join()
+    elapsed = time.perf_counter() - start
+    # with the GIL held the loop could not tick at all while the kernel ran
+    assert ticks >= max(3, int(elapsed / 0.001 * 0.2)), (ticks, elapsed)
+
+
+def test_concurrent_calls_are_safe() -> None:
+    weight = torch.zeros(256, 512)
+    terms = [MergeTerm(torch.randn(2, 512), torch.randn(256, 2))]
+    results: list[torch.Tensor] = []
+
+    def work() -> None:
+        w = weight.clone()
+        ops.merge_(w, terms)
+        results.append(w)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert torch.equal(r, results[0])
