@@ -50,6 +50,8 @@ def build_model(seed: int) -> torch.nn.Module:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 
@@ -64,7 +66,7 @@ def train(model: torch.nn.Module, text: str, steps: int, lr: float, seed: int, d
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=True)
+    bar = tqdm(range(steps), desc=desc, leave=True, mininterval=0.5)
     for _ in bar:
         loss = lm_loss(model, byte_batches(text, 64, 16, g))
         opt.zero_grad()
@@ -86,7 +88,7 @@ def run(steps: int = 150, out: Optional[str] = None, seed: int = 0) -> dict[str,
     base_text, adapt_text = zen[: len(zen) // 2], zen[len(zen) // 2 :]
     model = build_model(seed)
     print("1. base training on the first half of the Zen of Python")
-    train(model, base_text, max(steps // 2, 1), 3e-3, seed, "base")
+    train(model, base_text, 2 * steps, 3e-3, seed, "base")
     base_copy = copy.deepcopy(model)
     before = held_out_loss(model, adapt_text, seed)
 
