@@ -331,3 +331,25 @@ def test_no_warnings_on_plain_use() -> None:
         warnings.simplefilter("error")
         model = get_peft_model(make_llama(), cfg(target_modules=["q_proj", "v_proj"]))
         model(torch.randint(0, 64, (1, 4)))
+
+
+def test_ops_low_rank_matrices_match_layer() -> None:
+    from vblora_rs import ops
+
+    model = get_peft_model(make_mlp(), cfg(target_modules=["lin1"], init_logits_std=1.0))
+    layer = model.lin1
+    logits_A, logits_B = layer.vblora_logits_A["default"], layer.vblora_logits_B["default"]
+    bank = model.vblora_vector_bank["default"]
+    with torch.no_grad():
+        A, B = ops.low_rank_matrices(logits_A, logits_B, bank, 2)
+        ia, wa = ops.topk_softmax(logits_A, 2)
+        ib, wb = ops.topk_softmax(logits_B, 2)
+        A2, B2 = ops.low_rank_matrices_from_topk(ia, wa, ib, wb, bank)
+    A_ref, B_ref = layer._get_lora_matrices("default")  # autograd path: PEFT's torch ops
+    assert A.shape == (4, 32) and B.shape == (24, 4)
+    torch.testing.assert_close(A, A_ref.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(B, B_ref.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(A2, A, atol=1e-7, rtol=0)
+    torch.testing.assert_close(B2, B, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="with the same r"):
+        ops.low_rank_matrices(logits_A, logits_B[:, :2], bank, 2)

@@ -281,6 +281,11 @@ class Linear(nn.Linear, VBLoRALayer):
         self._check_trainable_logits(adapter)
         bank = self.vblora_vector_bank[adapter].to(logits_A.device)
         topk = self.topk[adapter]
+        if not self._needs_autograd(logits_A, logits_B, bank) and ops.native_ok(logits_A, logits_B, bank):
+            A, B = ops.low_rank_matrices(logits_A, logits_B, bank, topk)
+            if cast_to_fp32 or logits_A.dtype == torch.float32:
+                return A, B
+            return A.to(logits_A.dtype), B.to(logits_A.dtype)
         if cast_to_fp32:
             logits_A, logits_B, bank = logits_A.float(), logits_B.float(), bank.float()
         A = self._get_low_rank_matrix(logits_A, bank, topk).reshape(logits_A.shape[0], -1)

@@ -22,6 +22,8 @@ __all__ = [
     "delta_weight",
     "get_num_threads",
     "low_rank_from_topk",
+    "low_rank_matrices",
+    "low_rank_matrices_from_topk",
     "low_rank_matrix",
     "merge_",
     "native_ok",
@@ -124,6 +126,49 @@ def low_rank_from_topk(
         get_num_threads(),
     )
     return torch.from_numpy(out).reshape(*indices.shape[:-1], bank.shape[1])
+
+
+def _as_lora_matrices(sub_A: torch.Tensor, sub_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-vectors ``(r, in/L, L)`` and ``(out/L, r, L)`` -> ``A (r, in)`` and ``B (out, r)``."""
+    A = sub_A.reshape(sub_A.shape[0], -1)
+    B = sub_B.transpose(1, 2).reshape(-1, sub_B.shape[1])
+    return A, B
+
+
+def _check_lora_shapes(shape_A: torch.Size, shape_B: torch.Size, what: str) -> None:
+    if len(shape_A) != 3 or len(shape_B) != 3 or shape_A[0] != shape_B[1]:
+        raise VBLoRAError(
+            f"{what} must be (r, in/L, ...) and (out/L, r, ...) with the same r, "
+            f"got {tuple(shape_A)} and {tuple(shape_B)}"
+        )
+
+
+def low_rank_matrices(
+    logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A (r, in)`` and ``B (out, r)`` of one adapter (float32) from its logits ``(r, in/L, num_vectors)`` and
+    ``(out/L, r, num_vectors)`` and the bank ``(num_vectors, L)``; nothing of size num_vectors per sub-vector
+    is materialised beyond the logits."""
+    _check_lora_shapes(logits_A.shape, logits_B.shape, "logits")
+    return _as_lora_matrices(
+        low_rank_matrix(logits_A, bank, topk, name="vblora_logits_A"),
+        low_rank_matrix(logits_B, bank, topk, name="vblora_logits_B"),
+    )
+
+
+def low_rank_matrices_from_topk(
+    indices_A: torch.Tensor,
+    weights_A: torch.Tensor,
+    indices_B: torch.Tensor,
+    weights_B: torch.Tensor,
+    bank: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`low_rank_matrices` from top-K indices and (all k) softmax weights per sub-vector."""
+    _check_lora_shapes(indices_A.shape, indices_B.shape, "top-K indices")
+    return _as_lora_matrices(
+        low_rank_from_topk(indices_A, weights_A, bank, name="vblora_logits_A"),
+        low_rank_from_topk(indices_B, weights_B, bank, name="vblora_logits_B"),
+    )
 
 
 class MergeTerm(NamedTuple):

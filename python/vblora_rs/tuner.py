@@ -230,7 +230,9 @@ class VBLoRATuner(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist")
         if any(adapter_name in layer.merged_adapters for _, layer in self.vblora_layers()):
-            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         del self.peft_config[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
         for _, layer in self.vblora_layers():
