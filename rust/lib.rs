@@ -8,13 +8,18 @@
 //! Why the kernels look the way they do (measured on a 2-core AMD EPYC VM, SSE2 baseline build,
 //! criterion `benches/kernels.rs`; numpy's `max` reads the same 320 MB of logits in 16 ms):
 //!
-//! * top-k (`topk`): a streaming scan, not a sort or a heap. k is tiny (2), so each row keeps its
-//!   best k in fixed arrays and skips any 256-wide chunk, then 32-wide block, whose max cannot
-//!   beat the current k-th. 39,040 x 2,048 f32, k = 2: 69 ms on one thread with `Vec::insert`
-//!   and `f32::is_nan` lanes -> 60 ms with fixed arrays and the two-level skip -> 56 ms (29 ms on
-//!   two threads; torch.topk + softmax: 67 ms) once the NaN check became integer arithmetic on
-//!   the bits (`is_nan` and an integer `max` both compiled to scalar code on SSE2). Blocks of 16
-//!   or 8 were slower than 32: more horizontal reductions for fewer elements walked.
+//! * top-k (`topk`): indices must be `torch.topk`'s exactly, ties included (a different tie
+//!   picks a different bank vector), so `topk` ports the libstdc++ `partial_sort` /
+//!   `nth_element` + `sort` that torch's CPU kernel runs. For `k * 64 <= n` (the common case)
+//!   that is a heap select, streamed: an element moves the k-heap only if it beats the heap top
+//!   strictly, so any 256-wide chunk, then 32-wide block, whose max cannot is skipped exactly.
+//!   39,040 x 2,048 f32, k = 2: 69 ms on one thread with `Vec::insert` and `f32::is_nan` lanes
+//!   -> 60 ms with fixed arrays and the two-level skip -> 56 ms once the NaN check became integer
+//!   arithmetic on the bits (`is_nan` and an integer `max` both compiled to scalar code on SSE2).
+//!   Blocks of 16 or 8 were slower than 32: more horizontal reductions for fewer elements
+//!   walked. The exact heap select kept the speed: 52 ms on one thread, 27 ms on two (median of
+//!   15, same as the lower-index-first kernel it replaced); from Python, median of 7 on two
+//!   threads, 27-40 ms against 76-100 ms for torch.topk + softmax (noisy VM).
 //! * gather (`lowrank`): the fused kernel selects and gathers row by row, so the
 //!   `rows x num_vectors` softmax and the `(rows, k, L)` gather PEFT builds never exist. The
 //!   output is written, never read before written: accumulating into the fresh zeroed `Vec`

@@ -1,14 +1,25 @@
 //! Per-row top-k selection and softmax of the kept logits.
 //!
-//! Indices come largest first; equal logits keep the lower index first. The softmax is torch's
-//! formula, `m = max kept`, `e_j = exp(x_j - m)`, `w_j = e_j / sum(e)`, so a row whose kept logits
-//! are all `-inf` gives NaN weights, as torch does. A NaN logit is an error naming its row.
+//! Indices are exactly those of `torch.topk(x, k, dim=-1, largest=True, sorted=True)` on CPU,
+//! ties included. torch (`topk_impl_loop`) fills a queue of `(value as f32, column)` pairs and,
+//! with `comp(a, b) = a.value > b.value`, runs libstdc++'s `std::partial_sort(q, q + k, end)`
+//! when `k * 64 <= n`, else `std::nth_element(q, q + k - 1, end)` then
+//! `std::sort(q, q + k - 1)`, and returns `q[..k]`. Which of several equal logits wins, and in
+//! what order, is whatever those algorithms happen to do, so `stl` ports them step for step.
 //!
-//! Small `k` (the VB-LoRA default is 2) streams each row once in chunks: a lane-wise max over the
-//! chunk (vectorised, and it also detects NaN) decides whether the chunk can beat the current k-th
-//! best at all; only chunks that can are walked element by element into a tiny sorted buffer. For
-//! random logits nearly every chunk after the first is skipped, so the scan runs at memory speed.
-//! Large `k` would make that buffer quadratic, so it sorts the row instead.
+//! The softmax is torch's formula, `m = max kept`, `e_j = exp(x_j - m)`, `w_j = e_j / sum(e)`, so
+//! a row whose kept logits are all `-inf` gives NaN weights, as torch does. A NaN logit is an
+//! error naming its row.
+//!
+//! The `partial_sort` path (the common one: `num_vectors` in the hundreds or thousands, `k = 2`)
+//! is a heap select: a `k`-element heap whose top is the smallest kept value, and an element
+//! changes it only if it is strictly greater than that top. So the row is streamed once in
+//! chunks: a lane-wise max over the chunk (vectorised, and it also detects NaN) decides whether
+//! any element of the chunk can enter; only chunks (then 32-wide blocks) that can are walked
+//! element by element, in column order, through the exact heap operation. Skipping the rest
+//! changes nothing, so the result is the same as the full `partial_sort`. For random logits
+//! nearly every chunk after the first is skipped and the scan runs at memory speed.
+//! The `nth_element` path (`k * 64 > n`, short rows) fills the whole queue and runs the port.
 
 use rayon::prelude::*;
 
@@ -17,10 +28,7 @@ use crate::error::KernelError;
 use crate::matrix::MatRef;
 use crate::threads;
 
-/// Up to this `k` the streaming buffer is used; above it the row is partially sorted.
-const STREAM_MAX_K: usize = 32;
-
-/// Elements per second-level block of a chunk (see `Selector::stream`).
+/// Elements per second-level block of a chunk (see `Selector::heap_select`).
 const BLOCK: usize = 32;
 
 /// Rows handed to one rayon task.
@@ -55,52 +63,271 @@ fn max_and_nan(xs: &[f32]) -> (f32, bool) {
     (m, nan >> 31 != 0)
 }
 
-/// The best `k <= STREAM_MAX_K` values seen so far, largest first, with their column indices, in
-/// fixed arrays: inserting shifts a few registers' worth instead of calling `memmove`.
-struct Kept {
-    k: usize,
-    len: usize,
-    vals: [f32; STREAM_MAX_K],
-    idx: [usize; STREAM_MAX_K],
+/// Whether torch's CPU top-k takes the `partial_sort` path for this `k` and row length.
+#[inline]
+pub(crate) fn uses_partial_sort(k: usize, n: usize) -> bool {
+    k.saturating_mul(64) <= n
 }
 
-impl Kept {
-    /// Whether a value `x` would enter the kept set (always, while it holds fewer than `k`).
+/// Ports of the libstdc++ (GCC 13) algorithms torch's CPU top-k calls, on `(value, column)`
+/// pairs with `comp(a, b) = a.value > b.value` (no NaN reaches them). Positions are indices
+/// into the slice; where C++ holds a value aside and moves a "hole", so do these.
+pub(crate) mod stl {
+    /// A queue element: the logit widened to `f32`, and its column.
+    pub(crate) type Elem = (f32, usize);
+
     #[inline(always)]
-    fn admits(&self, x: f32) -> bool {
-        self.len < self.k || x > self.vals[self.k - 1]
+    fn comp(a: &Elem, b: &Elem) -> bool {
+        a.0 > b.0
     }
 
-    /// Offers every element of `xs` (column `start + j`) in order.
+    /// `std::__lg`: floor(log2(n)) for `n > 0`.
+    fn lg(n: usize) -> usize {
+        (usize::BITS - 1 - n.leading_zeros()) as usize
+    }
+
+    /// `std::__push_heap(first, hole, top, value)`.
     #[inline]
-    fn offer(&mut self, xs: &[f32], start: usize) {
-        for (j, &x) in xs.iter().enumerate() {
-            if !self.admits(x) {
-                continue;
+    fn push_heap(q: &mut [Elem], mut hole: usize, top: usize, value: Elem) {
+        while hole > top {
+            let parent = (hole - 1) / 2;
+            if !comp(&q[parent], &value) {
+                break;
             }
-            // When full, the old k-th value is overwritten. Strict `<` keeps an equal logit seen
-            // earlier (the lower index) ahead of `x`.
-            self.len = (self.len + 1).min(self.k);
-            let mut p = self.len - 1;
-            while p > 0 && self.vals[p - 1] < x {
-                self.vals[p] = self.vals[p - 1];
-                self.idx[p] = self.idx[p - 1];
-                p -= 1;
+            q[hole] = q[parent];
+            hole = parent;
+        }
+        q[hole] = value;
+    }
+
+    /// `std::__adjust_heap(first, hole, len, value)`.
+    #[inline]
+    pub(crate) fn adjust_heap(q: &mut [Elem], mut hole: usize, len: usize, value: Elem) {
+        let top = hole;
+        let mut second = hole;
+        while second < len.saturating_sub(1) / 2 {
+            second = 2 * (second + 1);
+            if comp(&q[second], &q[second - 1]) {
+                second -= 1;
             }
-            self.vals[p] = x;
-            self.idx[p] = start + j;
+            q[hole] = q[second];
+            hole = second;
+        }
+        if len & 1 == 0 && len >= 2 && second == (len - 2) / 2 {
+            second = 2 * (second + 1);
+            q[hole] = q[second - 1];
+            hole = second - 1;
+        }
+        push_heap(q, hole, top, value);
+    }
+
+    /// `std::__make_heap(q, q + len)`.
+    pub(crate) fn make_heap(q: &mut [Elem], len: usize) {
+        if len < 2 {
+            return;
+        }
+        let mut parent = (len - 2) / 2;
+        loop {
+            let v = q[parent];
+            adjust_heap(q, parent, len, v);
+            if parent == 0 {
+                return;
+            }
+            parent -= 1;
+        }
+    }
+
+    /// `std::__pop_heap(q, q + last, q + result)`.
+    #[inline]
+    fn pop_heap(q: &mut [Elem], last: usize, result: usize) {
+        let v = q[result];
+        q[result] = q[0];
+        adjust_heap(q, 0, last, v);
+    }
+
+    /// `std::__heap_select(q, q + middle, q + q.len())`.
+    fn heap_select(q: &mut [Elem], middle: usize) {
+        make_heap(q, middle);
+        for i in middle..q.len() {
+            if comp(&q[i], &q[0]) {
+                pop_heap(q, middle, i);
+            }
+        }
+    }
+
+    /// `std::__sort_heap(q, q + len)`.
+    pub(crate) fn sort_heap(q: &mut [Elem], len: usize) {
+        let mut last = len;
+        while last > 1 {
+            last -= 1;
+            pop_heap(q, last, last);
+        }
+    }
+
+    /// `std::partial_sort(q, q + middle, q + q.len())`.
+    pub(crate) fn partial_sort(q: &mut [Elem], middle: usize) {
+        heap_select(q, middle);
+        sort_heap(q, middle);
+    }
+
+    /// `std::__move_median_to_first(result, a, b, c)`.
+    fn move_median_to_first(q: &mut [Elem], result: usize, a: usize, b: usize, c: usize) {
+        let m = if comp(&q[a], &q[b]) {
+            if comp(&q[b], &q[c]) {
+                b
+            } else if comp(&q[a], &q[c]) {
+                c
+            } else {
+                a
+            }
+        } else if comp(&q[a], &q[c]) {
+            a
+        } else if comp(&q[b], &q[c]) {
+            c
+        } else {
+            b
+        };
+        q.swap(result, m);
+    }
+
+    /// `std::__unguarded_partition(first, last, pivot)`.
+    fn unguarded_partition(
+        q: &mut [Elem],
+        mut first: usize,
+        mut last: usize,
+        pivot: usize,
+    ) -> usize {
+        loop {
+            while comp(&q[first], &q[pivot]) {
+                first += 1;
+            }
+            last -= 1;
+            while comp(&q[pivot], &q[last]) {
+                last -= 1;
+            }
+            if first >= last {
+                return first;
+            }
+            q.swap(first, last);
+            first += 1;
+        }
+    }
+
+    /// `std::__unguarded_partition_pivot(first, last)`.
+    fn unguarded_partition_pivot(q: &mut [Elem], first: usize, last: usize) -> usize {
+        let mid = first + (last - first) / 2;
+        move_median_to_first(q, first, first + 1, mid, last - 1);
+        unguarded_partition(q, first + 1, last, first)
+    }
+
+    /// `std::__unguarded_linear_insert(last)`.
+    fn unguarded_linear_insert(q: &mut [Elem], mut last: usize) {
+        let v = q[last];
+        let mut next = last - 1;
+        while comp(&v, &q[next]) {
+            q[last] = q[next];
+            last = next;
+            next -= 1;
+        }
+        q[last] = v;
+    }
+
+    /// `std::__insertion_sort(first, last)`.
+    fn insertion_sort(q: &mut [Elem], first: usize, last: usize) {
+        if first == last {
+            return;
+        }
+        for i in first + 1..last {
+            if comp(&q[i], &q[first]) {
+                let v = q[i];
+                q.copy_within(first..i, first + 1);
+                q[first] = v;
+            } else {
+                unguarded_linear_insert(q, i);
+            }
+        }
+    }
+
+    /// `std::__introselect(first, nth, last, depth)`.
+    fn introselect(
+        q: &mut [Elem],
+        mut first: usize,
+        nth: usize,
+        mut last: usize,
+        mut depth: usize,
+    ) {
+        while last - first > 3 {
+            if depth == 0 {
+                heap_select(&mut q[first..last], nth + 1 - first);
+                q.swap(first, nth);
+                return;
+            }
+            depth -= 1;
+            let cut = unguarded_partition_pivot(q, first, last);
+            if cut <= nth {
+                first = cut;
+            } else {
+                last = cut;
+            }
+        }
+        insertion_sort(q, first, last);
+    }
+
+    /// `std::nth_element(q, q + nth, q + q.len())`.
+    pub(crate) fn nth_element(q: &mut [Elem], nth: usize) {
+        let len = q.len();
+        if len == 0 || nth == len {
+            return;
+        }
+        introselect(q, 0, nth, len, 2 * lg(len));
+    }
+
+    /// `std::__introsort_loop(first, last, depth)`.
+    fn introsort_loop(q: &mut [Elem], first: usize, mut last: usize, mut depth: usize) {
+        while last - first > 16 {
+            if depth == 0 {
+                partial_sort(&mut q[first..last], last - first);
+                return;
+            }
+            depth -= 1;
+            let cut = unguarded_partition_pivot(q, first, last);
+            introsort_loop(q, cut, last, depth);
+            last = cut;
+        }
+    }
+
+    /// `std::__final_insertion_sort(first, last)`.
+    fn final_insertion_sort(q: &mut [Elem], first: usize, last: usize) {
+        if last - first > 16 {
+            insertion_sort(q, first, first + 16);
+            for i in first + 16..last {
+                unguarded_linear_insert(q, i);
+            }
+        } else {
+            insertion_sort(q, first, last);
+        }
+    }
+
+    /// `std::sort(q.begin(), q.end())`.
+    pub(crate) fn sort(q: &mut [Elem]) {
+        let len = q.len();
+        if len != 0 {
+            introsort_loop(q, 0, len, 2 * lg(len));
+            final_insertion_sort(q, 0, len);
         }
     }
 }
 
+use stl::Elem;
+
 /// Reusable per-task state: selects the top `k` of one row at a time.
 pub(crate) struct Selector {
     k: usize,
-    /// Result for the last row: kept logits, largest first, and their column indices.
-    vals: Vec<f32>,
+    /// Heap path: the `k`-element heap. Queue path: the whole row. Either way its first `k`
+    /// elements are the result of the last selected row, in torch's order.
+    queue: Vec<Elem>,
+    /// Column indices of the result, largest logit first.
     idx: Vec<usize>,
-    /// Sort path only: every `(logit, column)` of the row.
-    pairs: Vec<(f32, usize)>,
     buf: Vec<f32>,
 }
 
@@ -112,9 +339,8 @@ impl Selector {
     pub(crate) fn new(k: usize) -> Self {
         Self {
             k,
-            vals: Vec::with_capacity(k),
+            queue: Vec::with_capacity(k),
             idx: Vec::with_capacity(k),
-            pairs: Vec::new(),
             buf: vec![0.0; CHUNK],
         }
     }
@@ -126,75 +352,82 @@ impl Selector {
 
     /// Selects the top `k` of `row` (which has at least `k` elements).
     pub(crate) fn select<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
-        self.vals.clear();
+        self.queue.clear();
         self.idx.clear();
-        if self.k <= STREAM_MAX_K {
-            self.stream(row)
+        if uses_partial_sort(self.k, row.len()) {
+            self.heap_select(row)?;
         } else {
-            self.sort(row)
+            self.nth_element(row)?;
         }
+        self.idx.extend(self.queue[..self.k].iter().map(|e| e.1));
+        Ok(())
     }
 
-    fn stream<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
-        let mut kept = Kept {
-            k: self.k,
-            len: 0,
-            vals: [0.0; STREAM_MAX_K],
-            idx: [0; STREAM_MAX_K],
-        };
+    /// `std::partial_sort(q, q + k, q + n)`, streamed: `heap_select` pops the heap for element
+    /// `x` only if `x > top`, so chunks and blocks whose max is not above the top are skipped.
+    fn heap_select<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
+        let k = self.k;
+        let heap = &mut self.queue;
         for (c, src) in row.chunks(CHUNK).enumerate() {
             let xs = T::widen(src, &mut self.buf);
             let (max, nan) = max_and_nan(xs);
             if nan {
                 return Err(HasNan);
             }
-            if kept.admits(max) {
+            let mut start = c * CHUNK;
+            let mut rest = xs;
+            if heap.len() < k {
+                // The first `k` columns seed the heap.
+                let take = (k - heap.len()).min(xs.len());
+                heap.extend(xs[..take].iter().enumerate().map(|(j, &x)| (x, start + j)));
+                if heap.len() < k {
+                    continue;
+                }
+                stl::make_heap(heap, k);
+                start += take;
+                rest = &xs[take..];
+            }
+            if max > heap[0].0 {
                 // Second level: most blocks of a chunk that holds a new top element cannot.
-                for (b, block) in xs.chunks(BLOCK).enumerate() {
-                    if kept.admits(max_and_nan(block).0) {
-                        kept.offer(block, c * CHUNK + b * BLOCK);
+                for (b, block) in rest.chunks(BLOCK).enumerate() {
+                    if max_and_nan(block).0 > heap[0].0 {
+                        for (j, &x) in block.iter().enumerate() {
+                            if x > heap[0].0 {
+                                // `pop_heap(q, q + k, q + i)`: the old top goes to column i's
+                                // slot, which is never read again.
+                                stl::adjust_heap(heap, 0, k, (x, start + b * BLOCK + j));
+                            }
+                        }
                     }
                 }
             }
         }
-        self.vals.extend_from_slice(&kept.vals[..kept.len]);
-        self.idx.extend_from_slice(&kept.idx[..kept.len]);
+        stl::sort_heap(heap, k);
         Ok(())
     }
 
-    fn sort<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
-        self.pairs.clear();
+    /// `std::nth_element(q, q + k - 1, q + n)` then `std::sort(q, q + k - 1)` on the whole row.
+    fn nth_element<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
         for (c, src) in row.chunks(CHUNK).enumerate() {
             let xs = T::widen(src, &mut self.buf);
             if max_and_nan(xs).1 {
                 return Err(HasNan);
             }
-            self.pairs
+            self.queue
                 .extend(xs.iter().enumerate().map(|(j, &x)| (x, c * CHUNK + j)));
         }
-        // No NaN remains, so this is a strict total order: larger logit, then lower index.
-        let order = |a: &(f32, usize), b: &(f32, usize)| {
-            b.0.partial_cmp(&a.0)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.1.cmp(&b.1))
-        };
         let k = self.k;
-        if k < self.pairs.len() {
-            self.pairs.select_nth_unstable_by(k - 1, order);
-        }
-        let top = &mut self.pairs[..k];
-        top.sort_unstable_by(order);
-        self.vals.extend(top.iter().map(|p| p.0));
-        self.idx.extend(top.iter().map(|p| p.1));
+        stl::nth_element(&mut self.queue, k - 1);
+        stl::sort(&mut self.queue[..k - 1]);
         Ok(())
     }
 
     /// Softmax of the kept logits of the last selected row into `out` (length `k`).
     pub(crate) fn softmax_into(&self, out: &mut [f32]) {
-        let vals = &self.vals;
-        let max = vals[0];
+        let vals = &self.queue[..self.k];
+        let max = vals[0].0;
         let mut sum = 0.0_f32;
-        for (o, &x) in out.iter_mut().zip(vals) {
+        for (o, &(x, _)) in out.iter_mut().zip(vals) {
             *o = (x - max).exp();
             sum += *o;
         }
@@ -213,9 +446,9 @@ pub(crate) fn check_k(k: usize, n: usize) -> Result<(), KernelError> {
     }
 }
 
-/// Top-`k` indices (largest first, ties to the lower index) and their softmax weights for each
-/// row of `logits`, on `num_threads` threads (0: all cores). Returns `(indices, weights)`, each
-/// `(rows, k)` row-major.
+/// Top-`k` indices (largest first, in `torch.topk`'s CPU order, ties included) and their softmax
+/// weights for each row of `logits`, on `num_threads` threads (0: all cores). Returns
+/// `(indices, weights)`, each `(rows, k)` row-major.
 pub fn topk_softmax<T: Element>(
     logits: MatRef<'_, T>,
     k: usize,
@@ -260,7 +493,8 @@ pub(crate) mod tests {
     use half::{bf16, f16};
     use proptest::prelude::*;
 
-    /// Obviously-correct reference: stable sort of all columns by descending logit.
+    /// Reference: torch's algorithm on the whole queue, with no skipping (`stl` on every pair),
+    /// then the softmax of the kept logits.
     pub(crate) fn reference(
         logits: &[f32],
         n: usize,
@@ -272,16 +506,21 @@ pub(crate) mod tests {
             if row.iter().any(|x| x.is_nan()) {
                 return Err(r);
             }
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
-            let kept: Vec<f32> = order[..k].iter().map(|&i| row[i]).collect();
-            let m = kept[0];
-            let e: Vec<f32> = kept.iter().map(|&x| (x - m).exp()).collect();
+            let mut q: Vec<Elem> = row.iter().copied().zip(0..).collect();
+            if uses_partial_sort(k, n) {
+                stl::partial_sort(&mut q, k);
+            } else {
+                stl::nth_element(&mut q, k - 1);
+                stl::sort(&mut q[..k - 1]);
+            }
+            let kept = &q[..k];
+            let m = kept[0].0;
+            let e: Vec<f32> = kept.iter().map(|&(x, _)| (x - m).exp()).collect();
             let mut s = 0.0_f32;
             for &x in &e {
                 s += x;
             }
-            indices.extend(order[..k].iter().map(|&i| i as i64));
+            indices.extend(kept.iter().map(|&(_, i)| i as i64));
             weights.extend(e.iter().map(|&x| x / s));
         }
         Ok((indices, weights))
@@ -327,29 +566,92 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn large_k_uses_sort_path() {
+    fn large_k_uses_nth_element_path() {
         let n = 300;
         let x = lcg(9, 130 * n);
-        for k in [33, 100, 299, 300] {
+        for k in [5, 33, 100, 299, 300] {
+            assert!(!uses_partial_sort(k, n));
             assert_matches(&x, n, k, 2);
         }
     }
 
+    fn torch_indices(x: &[f32], k: usize) -> Vec<i64> {
+        topk_softmax(MatRef::new("logits", x, 1, x.len()).unwrap(), k, 1)
+            .unwrap()
+            .0
+    }
+
+    /// Expected indices printed by `torch.topk(torch.tensor(x), k).indices` (torch 2.15, CPU).
     #[test]
-    fn ties_keep_lower_index_first() {
+    fn ties_follow_torch() {
         let mut x = vec![0.0_f32; 600];
         x[10] = 5.0;
         x[500] = 5.0;
         x[300] = 5.0;
         x[3] = -0.0;
-        let (idx, _) = topk_softmax(MatRef::new("logits", &x, 1, 600).unwrap(), 4, 1).unwrap();
-        assert_eq!(idx, vec![10, 300, 500, 0]);
-        let (idx, _) = topk_softmax(MatRef::new("logits", &x, 1, 600).unwrap(), 40, 1).unwrap();
-        assert_eq!(&idx[..6], &[10, 300, 500, 0, 1, 2]);
-        // Ascending rows insert every element; both paths must still be exact.
+        assert_eq!(torch_indices(&x, 4), [500, 300, 10, 1]);
+        assert_eq!(
+            torch_indices(&x, 40)[..12],
+            [300, 500, 10, 384, 449, 378, 379, 380, 395, 381, 382, 383]
+        );
+        assert_eq!(torch_indices(&[1.0, 3.0, 3.0, 0.0, 3.0], 2), [2, 4]);
+        assert_eq!(
+            torch_indices(&[1.0, 3.0, 3.0, 0.0, 3.0], 5),
+            [2, 4, 1, 0, 3]
+        );
         let asc: Vec<f32> = (0..1000).map(|i| (i / 3) as f32).collect();
-        assert_matches(&asc, 1000, 5, 1);
-        assert_matches(&asc, 1000, 50, 1);
+        assert_eq!(torch_indices(&asc, 5), [999, 998, 996, 997, 995]);
+        assert_eq!(
+            torch_indices(&asc, 50)[..16],
+            [999, 998, 997, 996, 995, 994, 993, 992, 991, 990, 988, 987, 989, 986, 985, 984]
+        );
+        // Five distinct values, many ties, both paths.
+        let five =
+            |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * i * 31 + i * 7) % 5) as f32).collect() };
+        let cases: [(usize, usize, &[i64]); 9] = [
+            (17, 3, &[14, 4, 9]),
+            (
+                17,
+                16,
+                &[14, 4, 9, 1, 16, 12, 11, 6, 2, 7, 3, 0, 15, 10, 8, 13],
+            ),
+            (130, 2, &[9, 4]),
+            (130, 3, &[99, 44, 104]),
+            (
+                130,
+                16,
+                &[
+                    74, 109, 69, 19, 104, 44, 99, 24, 39, 84, 34, 79, 29, 94, 129, 89,
+                ],
+            ),
+            (1000, 3, &[14, 9, 4]),
+            (
+                1000,
+                16,
+                &[
+                    229, 674, 244, 679, 239, 684, 234, 689, 694, 219, 719, 714, 709, 224, 699, 669,
+                ],
+            ),
+            (
+                3000,
+                16,
+                &[19, 4, 24, 59, 39, 69, 9, 74, 44, 49, 64, 29, 79, 54, 34, 14],
+            ),
+            (
+                3000,
+                47,
+                &[
+                    1009, 1644, 2324, 509, 1014, 2319, 1649, 514, 2314, 1654, 2309, 519, 504, 2304,
+                    524, 1659, 2299, 1004, 529, 2294, 1664, 2234, 1694, 489, 2369, 474, 1624, 2364,
+                    479, 2359, 1029, 1629, 484, 2354, 2349, 2289, 1634, 1024, 2344, 494, 2339,
+                    1639, 499, 2334, 1019, 2329, 574,
+                ],
+            ),
+        ];
+        for (n, k, want) in cases {
+            assert_eq!(torch_indices(&five(n), k), want, "n={n} k={k}");
+            assert_matches(&five(n), n, k, 1);
+        }
     }
 
     #[test]
@@ -360,13 +662,14 @@ pub(crate) mod tests {
         assert_eq!(idx, vec![4, 1, 0]);
         assert_eq!(w[2], 0.0);
         assert_matches(&x, 6, 3, 1);
-        // All -inf: indices still defined (lowest first), weights NaN as in torch.
+        // All -inf: indices as torch's (torch.topk on 300 -inf), weights NaN as in torch.
         let x = vec![ni; 2 * 300];
         let (idx, w) = topk_softmax(MatRef::new("logits", &x, 2, 300).unwrap(), 2, 2).unwrap();
         assert_eq!(idx, vec![0, 1, 0, 1]);
         assert!(w.iter().all(|w| w.is_nan()));
         let (idx, w) = topk_softmax(MatRef::new("logits", &x, 2, 300).unwrap(), 40, 2).unwrap();
-        assert_eq!(&idx[..3], &[0, 1, 2]);
+        assert_eq!(&idx[..8], &[196, 205, 204, 203, 202, 201, 200, 199]);
+        assert_eq!(&idx[37..45], &[208, 207, 163, 196, 205, 204, 203, 202]);
         assert!(w.iter().all(|w| w.is_nan()));
     }
 
@@ -417,19 +720,24 @@ pub(crate) mod tests {
         #[test]
         fn matches_reference(
             rows in 0usize..150,
-            n in 1usize..600,
+            n in 1usize..3000,
             kfrac in 0.0f64..1.0,
             small in any::<bool>(),
-            coarse in any::<bool>(),
+            values in 0usize..4,
             seed in any::<u64>(),
             threads in 1usize..4,
         ) {
-            // Coarse values make many ties; `small` favours the streaming path.
-            let k = if small { 1 + (kfrac * n.min(STREAM_MAX_K) as f64) as usize } else { 1 + (kfrac * n as f64) as usize };
-            let k = k.min(n);
+            // `small` favours the partial_sort path; coarse values make many ties.
+            let kmax = if small { (n / 64).max(1) } else { n.min(70) };
+            let k = (1 + (kfrac * kmax as f64) as usize).min(n);
+            let rows = rows.min(40_000 / n + 1);
             let mut x = lcg(seed, rows * n);
-            if coarse {
-                x.iter_mut().for_each(|v| *v = v.round());
+            let tiny = [f32::NEG_INFINITY, -1.0, 0.0, 0.5, 2.0];
+            match values {
+                0 => {}
+                1 => x.iter_mut().for_each(|v| *v = v.round()),
+                2 => x.iter_mut().for_each(|v| *v = tiny[(v.to_bits() % 5) as usize]),
+                _ => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
             }
             let got = topk_softmax(MatRef::new("logits", &x, rows, n).unwrap(), k, threads).unwrap();
             prop_assert_eq!(got, reference(&x, n, k).unwrap());

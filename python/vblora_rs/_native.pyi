@@ -21,8 +21,8 @@ class VBLoRAError(ValueError): ...
 
 def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Per row of a 2-D ``(rows, n)`` logits array: indices of the ``k`` largest logits, largest
-    first (ties: lower index first), and the float32 softmax of those ``k`` logits, computed as
-    ``exp(x - max) / sum`` exactly as ``torch.softmax`` does (so an all ``-inf`` row gives NaN).
+    first, in exactly torch.topk's CPU order (ties included), and the float32 softmax of those
+    ``k`` logits by torch's formula ``exp(x - max) / sum``, within 2 ulp (an all ``-inf`` row gives NaN).
     Returns ``(indices (rows, k) int64, weights (rows, k) float32)``. A NaN logit is an error
     naming its row; ``k`` must satisfy ``1 <= k <= n``."""
 
