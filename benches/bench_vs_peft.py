@@ -1,0 +1,331 @@
+"""vblora_rs against PEFT on identical tensors, in one process: medians, ratios and the plain-torch floors.
+
+    python benches/bench_vs_peft.py            # full run (Llama-2-7B layer shapes, TinyLlama-1.1B merge)
+    python benches/bench_vs_peft.py --quick    # short run
+    python benches/bench_vs_peft.py --png ratios.png --markdown table.md
+
+Every row times PEFT and vblora_rs on the same tensors in the same run; "speed-up" is PEFT's median over
+ours. Floors are plain-torch references for how fast the operation can be on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+import peft  # noqa: E402
+import vblora_rs  # noqa: E402
+from peft.tuners.vblora.layer import Linear as PeftLinear  # noqa: E402
+from vblora_rs import ops  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out) of Llama-2-7B projections
+R, NUM_VECTORS, VECTOR_LENGTH, TOPK = 4, 2048, 256, 2
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    peft_ms: Optional[float]
+    ours_ms: float
+    floor_name: str = ""
+    floor_ms: Optional[float] = None
+    target: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        return None if self.peft_ms is None else self.peft_ms / self.ours_ms
+
+
+def median_ms(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, setup: Optional[Callable[[], None]] = None
+) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed * 1e3)
+    return statistics.median(times)
+
+
+def ulp_check(actual: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Distance in units of the last place of ``expected``'s dtype (half types) or relative error (float32)."""
+    a, e = actual.float(), expected.float()
+    if expected.dtype == torch.float32:
+        rel = ((a - e).abs() / e.abs().clamp_min(1e-30)).max().item()
+        return {"max_rel": rel}
+    eps = torch.finfo(expected.dtype).eps
+    ulp = eps * e.abs().clamp_min(torch.finfo(expected.dtype).tiny)  # about one unit in the last place of e
+    err = (a - e).abs() / ulp
+    return {"max_ulp": err.max().item(), "frac_le_1ulp": (err <= 1.0 + 1e-6).float().mean().item()}
+
+
+def peft_config() -> peft.VBLoRAConfig:
+    return peft.VBLoRAConfig(r=R, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH, topk=TOPK, target_modules=["x"])
+
+
+def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, seed: int = 0):
+    """A PEFT layer and ours over two copies of one weight, holding identical adapters."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype)
+    base_t, base_o = nn.Linear(in_f, out_f, bias=False, dtype=dtype), nn.Linear(in_f, out_f, bias=False, dtype=dtype)
+    with torch.no_grad():
+        base_t.weight.copy_(weight)
+        base_o.weight.copy_(weight)
+    names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
+    bank_t, bank_o = nn.ParameterDict(), nn.ParameterDict()
+    for name in names:
+        bank = torch.rand(NUM_VECTORS, VECTOR_LENGTH, generator=g) * 0.04 - 0.02
+        bank_t[name] = nn.Parameter(bank.clone())
+        bank_o[name] = nn.Parameter(bank.clone())
+    theirs = PeftLinear(base_t, bank_t, "default", config=peft_config(), r=R)
+    ours = vblora_rs.Linear(
+        base_o, bank_o, "default", r=R, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH, topk=TOPK
+    )
+    for name in names[1:]:
+        theirs.update_layer(name, bank_t, R, config=peft_config())
+        ours.update_layer(name, bank_o, R, topk=TOPK, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH)
+    with torch.no_grad():
+        for name in names:
+            for attr in ("vblora_logits_A", "vblora_logits_B"):
+                values = torch.randn(getattr(theirs, attr)[name].shape, generator=g)
+                getattr(theirs, attr)[name].copy_(values)
+                getattr(ours, attr)[name].copy_(values)
+    return theirs, ours, names
+
+
+def bench_topk(rows: list[Row], quick: bool, repeats: int) -> None:
+    n_rows = 39040 if not quick else 8192
+    logits = torch.randn(n_rows, NUM_VECTORS)
+    t_ms = median_ms(lambda: torch.softmax(logits.topk(TOPK, dim=-1).values, dim=-1), repeats)
+    o_ms = median_ms(lambda: ops.topk_softmax(logits, TOPK), repeats)
+    sum_ms = median_ms(lambda: logits.sum(), repeats)
+    rows.append(
+        Row(
+            "top-K",
+            f"topk+softmax {n_rows}x{NUM_VECTORS} f32 (torch.topk+softmax)",
+            t_ms,
+            o_ms,
+            "logits.sum()",
+            sum_ms,
+            ">=3x, <=1.5x floor",
+        )
+    )
+    bank = torch.rand(NUM_VECTORS, VECTOR_LENGTH)
+
+    def torch_fused() -> torch.Tensor:
+        top, idx = logits.topk(TOPK, dim=-1)
+        return (torch.softmax(top, dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
+
+    t_ms = median_ms(torch_fused, repeats)
+    o_ms = median_ms(lambda: ops.low_rank_matrix(logits, bank, TOPK), repeats)
+    rows.append(Row("top-K", f"topk+softmax+gather {n_rows} rows -> L={VECTOR_LENGTH}", t_ms, o_ms))
+
+
+def reset_merge(layer, w0: torch.Tensor) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """Untimed set-up: the layer unmerged, its weight back to ``w0``."""
+
+    def fn() -> None:
+        layer.merged_adapters = []
+        layer.get_base_layer().weight.data.copy_(w0)
+
+    return fn
+
+
+def bench_layer(rows: list[Row], in_f: int, out_f: int, dtype: torch.dtype, repeats: int) -> None:
+    theirs, ours, _ = layer_pair(in_f, out_f, dtype)
+    label = f"{'f32' if dtype == torch.float32 else 'bf16'} {in_f}x{out_f}"
+    with torch.no_grad():
+        t_ms = median_ms(lambda: theirs.get_delta_weight("default"), repeats)
+        o_ms = median_ms(lambda: ours.get_delta_weight("default"), repeats)
+    rows.append(Row("layer", f"get_delta_weight {label}", t_ms, o_ms, target=">=1x"))
+
+    w0 = theirs.get_base_layer().weight.detach().clone()
+    t_ms = median_ms(theirs.merge, repeats, setup=reset_merge(theirs, w0))
+    o_ms = median_ms(ours.merge, repeats, setup=reset_merge(ours, w0))
+    with torch.no_grad():
+        A, B = ours._get_lora_matrices("default", cast_to_fp32=True)
+    A_d, B_d = A.to(dtype), B.to(dtype)
+    W = w0.clone()
+    floor = median_ms(lambda: W.addmm_(B_d, A_d), repeats)
+    target = ">=5x, <=1.25x floor" if dtype == torch.float32 else ">=8x, <=1.25x floor"
+    check = ulp_check(ours.get_base_layer().weight, theirs.get_base_layer().weight)
+    rows.append(Row("layer", f"merge() {label}", t_ms, o_ms, "W.addmm_(B, A)", floor, target, check))
+    t_ms = median_ms(theirs.unmerge, repeats, setup=lambda: theirs.merged_adapters.append("default"))
+    o_ms = median_ms(ours.unmerge, repeats, setup=lambda: ours.merged_adapters.append("default"))
+    rows.append(Row("layer", f"unmerge() {label}", t_ms, o_ms))
+
+
+def bench_layers(rows: list[Row], quick: bool, repeats: int) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        for in_f, out_f in SHAPES if not quick else SHAPES[:2]:
+            bench_layer(rows, in_f, out_f, dtype, repeats)
+            gc.collect()
+
+
+def bench_many_adapters(rows: list[Row], quick: bool, repeats: int) -> None:
+    n = 16 if not quick else 4
+    theirs, ours, names = layer_pair(4096, 4096, torch.float32, n_adapters=n)
+    w0 = theirs.get_base_layer().weight.detach().clone()
+
+    def peft_in_turn() -> None:
+        for name in names:
+            theirs.merge(adapter_names=[name])
+
+    t_ms = median_ms(peft_in_turn, max(1, repeats // 2), setup=reset_merge(theirs, w0))
+    o_ms = median_ms(lambda: ours.merge(adapter_names=names), max(1, repeats // 2), setup=reset_merge(ours, w0))
+    check = ulp_check(ours.get_base_layer().weight, theirs.get_base_layer().weight)
+    rows.append(
+        Row(
+            "multi",
+            f"merge {n} adapters into f32 4096x4096 (PEFT: {n} merges in turn)",
+            t_ms,
+            o_ms,
+            target=">=10x",
+            extra=check,
+        )
+    )
+
+
+def tiny_llama(dtype: torch.dtype, quick: bool) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers = 22 if not quick else 4
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def bench_merge_and_unload(rows: list[Row], quick: bool) -> None:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    kwargs = dict(r=R, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH, topk=TOPK, target_modules=targets)
+    base = tiny_llama(torch.bfloat16, quick)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
+    ours = vblora_rs.get_peft_model(base, vblora_rs.VBLoRAConfig(**kwargs))
+    ours.load_state_dict(theirs.state_dict())
+    start = time.perf_counter()
+    merged_t = theirs.merge_and_unload()
+    t_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    merged_o = ours.merge_and_unload()
+    o_ms = (time.perf_counter() - start) * 1e3
+    worst = {"max_ulp": 0.0, "frac_le_1ulp": 1.0}
+    sd_t = merged_t.state_dict()
+    for key, value in merged_o.state_dict().items():
+        if key.endswith("proj.weight"):
+            c = ulp_check(value, sd_t[key])
+            worst = {
+                "max_ulp": max(worst["max_ulp"], c["max_ulp"]),
+                "frac_le_1ulp": min(worst["frac_le_1ulp"], c["frac_le_1ulp"]),
+            }
+    n_layers = len(merged_o.model.layers)
+    rows.append(
+        Row(
+            "model",
+            f"merge_and_unload TinyLlama-shaped bf16 ({n_layers} layers x 7 projections)",
+            t_ms,
+            o_ms,
+            target=">=4x",
+            extra=worst,
+        )
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| section | measurement | PEFT ms | vblora_rs ms | speed-up | floor | floor ms | ours/floor "
+        "| target | check |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---|",
+    ]
+    for r in rows:
+        peft_ms = f"{r.peft_ms:.2f}" if r.peft_ms is not None else ""
+        speedup = f"{r.speedup:.2f}x" if r.speedup is not None else ""
+        floor_ms = f"{r.floor_ms:.2f}" if r.floor_ms is not None else ""
+        vs_floor = f"{r.ours_ms / r.floor_ms:.2f}" if r.floor_ms else ""
+        check = ", ".join(f"{k}={v:.3g}" for k, v in r.extra.items())
+        lines.append(
+            f"| {r.section} | {r.name} | {peft_ms} | {r.ours_ms:.2f} | {speedup} | {r.floor_name} | "
+            f"{floor_ms} | {vs_floor} | {r.target} | {check} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.speedup is not None]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(shown) + 1.5))
+    ax.barh([r.name for r in shown][::-1], [r.speedup for r in shown][::-1], color="#3b7dd8")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over PEFT (PEFT median / vblora_rs median, log scale)")
+    ax.set_title("vblora_rs vs PEFT, same tensors, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and vblora_rs threads (default 2)")
+    parser.add_argument("--skip-model", action="store_true", help="skip the whole-model merge_and_unload section")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--png", default=None, help="draw the speed-ups to this PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    torch.set_num_threads(args.threads)
+    vblora_rs.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, peft {peft.__version__}, vblora_rs {vblora_rs.__version__}, "
+        f"threads {args.threads}, repeats {repeats}{' (quick)' if args.quick else ''}",
+        file=sys.stderr,
+    )
+    rows: list[Row] = []
+    for step in (bench_topk, bench_layers, bench_many_adapters):
+        print(f"running {step.__name__} ...", file=sys.stderr)
+        step(rows, args.quick, repeats)
+    if not args.skip_model:
+        print("running bench_merge_and_unload ...", file=sys.stderr)
+        bench_merge_and_unload(rows, args.quick)
+    table = markdown(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    if args.png:
+        plot(rows, args.png)
+
+
+if __name__ == "__main__":
+    main()
