@@ -211,3 +211,13 @@ def test_save_into_a_file_path_rejected(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     with pytest.raises(VBLoRAError, match="is a file"):
         model.save_pretrained(tmp_path / "afile")
+
+
+def test_load_adapter_keeps_frozen_adapters_frozen(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    model = PeftModel.from_pretrained(make_mlp(), path)
+    model.load_adapter(path, adapter_name="second")
+    assert not any(p.requires_grad for p in model.parameters())
+    model.load_adapter(path, adapter_name="third", is_trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".third") for n in trainable)

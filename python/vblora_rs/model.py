@@ -4,11 +4,13 @@ model with its targets replaced, so state-dict keys read ``base_model.model.<pat
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from . import checkpoint
@@ -139,18 +141,23 @@ class VBLoRAModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[VBLoRAConfig] = None,
     ) -> None:
-        """Add adapter ``adapter_name`` from a checkpoint folder (PEFT's or ours)."""
-        path = os.fspath(model_id)
-        config = config if config is not None else VBLoRAConfig.from_pretrained(path)
-        config.inference_mode = not is_trainable
-        tensors = checkpoint.read_safetensors(_weights_file(path))
+        """Add adapter ``adapter_name`` from a checkpoint folder (PEFT's or ours). The adapters already there
+        keep their trainability; on a bad file nothing changes."""
+        config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
+        requires_grad = {id(p): p.requires_grad for p in self.parameters()}
         self.base_model.add_adapter(adapter_name, config)
         try:
-            checkpoint.load_adapter_weights(self, tensors, adapter_name, _weights_file(path))
+            checkpoint.load_adapter_weights(self, tensors, adapter_name, weights)
         except Exception:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model._forget(adapter_name)
             raise
-        if not is_trainable:
+        finally:
+            for param in self.parameters():
+                if id(param) in requires_grad:
+                    param.requires_grad_(requires_grad[id(param)])
+        if is_trainable:  # as PEFT: a loaded trainable adapter trains even while another one is active
+            self.base_model._set_requires_grad(adapter_name, True)
+        else:
             self.eval()
 
     @classmethod
@@ -164,11 +171,7 @@ class VBLoRAModel(nn.Module):
         **kwargs: Any,
     ) -> VBLoRAModel:
         """Load an adapter checkpoint folder (written by PEFT or by us) onto ``model``."""
-        path = os.fspath(model_id)
-        config = config if config is not None else VBLoRAConfig.from_pretrained(path)
-        config.inference_mode = not is_trainable
-        weights = _weights_file(path)
-        tensors = checkpoint.read_safetensors(weights)
+        config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
         wrapper = cls(model, config, adapter_name)
         try:
             checkpoint.load_adapter_weights(wrapper, tensors, adapter_name, weights)
@@ -178,6 +181,17 @@ class VBLoRAModel(nn.Module):
         if not is_trainable:
             wrapper.eval()
         return wrapper
+
+
+def _read_checkpoint(
+    model_id: Union[str, os.PathLike], config: Optional[VBLoRAConfig], is_trainable: bool
+) -> tuple[VBLoRAConfig, dict[str, torch.Tensor], str]:
+    """Config (given or read), tensors and weights path of a checkpoint folder, read before anything changes."""
+    path = os.fspath(model_id)
+    config = copy.deepcopy(config) if config is not None else VBLoRAConfig.from_pretrained(path)
+    config.inference_mode = not is_trainable
+    weights = _weights_file(path)
+    return config, checkpoint.read_safetensors(weights), weights
 
 
 def _weights_file(path: str) -> str:
