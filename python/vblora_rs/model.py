@@ -90,7 +90,9 @@ class VBLoRAModel(nn.Module):
     def merge_and_unload(
         self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, progressbar: bool = False
     ) -> nn.Module:
-        return self.base_model.merge_and_unload(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self.base_model.merge_and_unload(
+            adapter_names=adapter_names, safe_merge=safe_merge, progressbar=progressbar
+        )
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()

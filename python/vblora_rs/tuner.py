@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import VBLoRAConfig
@@ -262,8 +263,16 @@ class VBLoRATuner(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        for key, layer in self.vblora_layers():
+    def _unload(
+        self,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
+        layers = self.vblora_layers()
+        desc = "Unloading and merging model" if merge else "Unloading model"
+        for key, layer in tqdm(layers, disable=not progressbar, desc=desc):
             if merge:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             self._replace_with_base(key, layer)
@@ -274,7 +283,7 @@ class VBLoRATuner(nn.Module):
         self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, progressbar: bool = False
     ) -> nn.Module:
         """Merge the adapters into the base weights (one pass per weight, in Rust on CPU) and return the base model."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
         """Return the base model with the adapter layers removed, without merging."""
