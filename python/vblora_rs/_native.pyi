@@ -48,6 +48,22 @@ def rank_update_(
     num_threads: int,
 ) -> None:
     """In place: ``weight[i, j] = round(float32(weight[i, j]) + delta[i, j])`` with
-    ``delta[i, j] = sum_r u[i, r] * v[r, j]`` summed in float32 over ``r`` in order, rounded once
-    (to nearest even) into the weight's dtype. ``weight (m, n)``, ``u (m, R)``, ``v (R, n)``.
+    ``delta[i, j] = sum_r u[i, r] * v[r, j]`` summed in float32 over ``r`` in order (each step a fused
+    multiply-add when :func:`simd_level` is ``"avx2+fma"``, as torch's ``u @ v`` on MKL; else multiply
+    then add), rounded once (to nearest even) into the weight's dtype. ``weight (m, n)``, ``u (m, R)``, ``v (R, n)``.
     Several adapters merge in one pass by stacking their factors along ``R``."""
+
+def low_rank_product(
+    u: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    num_threads: int,
+) -> npt.NDArray[np.float32]:
+    """``u (m, R) @ v (R, n)`` as a new float32 ``(m, n)`` array, written once and never read: exactly
+    the ``delta`` of :func:`rank_update_` (same order and rounding), so ``round(w + low_rank_product(u,
+    v))`` equals what :func:`rank_update_` writes into ``w``. ``R = 0`` gives zeros."""
+
+def simd_level() -> str:
+    """The instruction set the kernels were dispatched to at run time: ``"avx2+fma"`` or ``"portable"``
+    (baseline SSE2/NEON build, or forced with ``VBLORA_RS_SIMD=portable``). With ``"avx2+fma"`` each
+    step of the float32 ``delta`` sum is one fused multiply-add, bit-identical to torch's ``u @ v`` on
+    MKL; the portable path multiplies then adds, which may differ from torch in the last bit."""

@@ -150,6 +150,42 @@ fn rank_update_<'py>(
     Ok(())
 }
 
+#[pyfunction]
+fn low_rank_product<'py>(
+    py: Python<'py>,
+    u: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    num_threads: i64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let u = Array::<f32>::extract("u", u, "float32")?;
+    let v = Array::<f32>::extract("v", v, "float32")?;
+    let threads = count("num_threads", num_threads, 0)?;
+    let (us, vs) = (u.slice()?, v.slice()?);
+    // numpy's allocator (calloc plus MADV_HUGEPAGE on large arrays), not a Rust `Vec`: first
+    // touch of the output is most of this kernel's cost, and huge pages make it much cheaper.
+    let out = PyArray2::<f32>::zeros(py, [u.rows, v.cols], false);
+    {
+        let mut rw = out
+            .try_readwrite()
+            .map_err(|e| error(format!("out cannot be borrowed: {e}")))?;
+        let os = rw
+            .as_slice_mut()
+            .map_err(|_| error("out must be contiguous"))?;
+        py.detach(|| {
+            let o = MatMut::new("out", os, u.rows, v.cols)?;
+            let um = MatRef::new("u", us, u.rows, u.cols)?;
+            let vm = MatRef::new("v", vs, v.rows, v.cols)?;
+            crate::merge::low_rank_product_into(o, um, vm, threads)
+        })?;
+    }
+    Ok(out)
+}
+
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::simd::simd_level()
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -158,5 +194,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(low_rank_from_logits, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_from_topk, m)?)?;
     m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
+    m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     Ok(())
 }
