@@ -12,7 +12,7 @@ pub const CHUNK: usize = 256;
 /// An element type stored in a weight, logits or bank array.
 ///
 /// `from_f32` rounds to nearest, ties to even, as torch does when it casts `float32` down.
-pub trait Element: Copy + Send + Sync + 'static {
+pub trait Element: bytemuck::Pod + Send + Sync {
     /// Name used in messages: "float32", "float16", "bfloat16".
     const NAME: &'static str;
 

@@ -10,15 +10,18 @@ use rayon::prelude::*;
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
 use crate::matrix::MatRef;
+use crate::simd::{dispatch, Level};
 use crate::threads;
-use crate::topk::{self, Selector, ROWS_PER_TASK};
+#[cfg(target_arch = "x86_64")]
+use crate::topk::avx2_scan;
+use crate::topk::{self, portable_scan, Scan, Selector, ROWS_PER_TASK};
 
 /// `out = sum_j w[j] * bank[vecs[j]]` (from `0.0`, `j` in order), column chunk by column chunk:
 /// the sum builds in a stack buffer and `out` is only written, never read. Reading first
 /// would fault each fresh zero page of the output in read-only, then fault it again on the write
 /// and shoot down the other threads' TLB entries: with two threads that made the kernel slower
 /// than with one.
-#[inline]
+#[inline(always)]
 fn gather_row<B: Element>(
     out: &mut [f32],
     w: &[f32],
@@ -42,9 +45,55 @@ fn gather_row<B: Element>(
     }
 }
 
+/// One task's rows (`first..`) of [`low_rank_from_topk`]: `check_row` validates a row's indices
+/// into `vecs`; returns the first error.
+#[inline(always)]
+fn gather_rows<B: Element>(
+    out: &mut [f32],
+    first: usize,
+    k: usize,
+    check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
+    weights: MatRef<'_, f32>,
+    bank: MatRef<'_, B>,
+) -> Option<KernelError> {
+    let mut buf = vec![0.0_f32; CHUNK];
+    let mut vecs = Vec::with_capacity(k);
+    for (r, out_row) in out.chunks_mut(bank.cols()).enumerate() {
+        let row = first + r;
+        if let Err(e) = check_row(row, &mut vecs) {
+            return Some(e);
+        }
+        gather_row(out_row, weights.row(row), &vecs, bank, &mut buf);
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gather_rows_avx2<B: Element>(
+    out: &mut [f32],
+    first: usize,
+    k: usize,
+    check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
+    weights: MatRef<'_, f32>,
+    bank: MatRef<'_, B>,
+) -> Option<KernelError> {
+    gather_rows(out, first, k, check_row, weights, bank)
+}
+
 /// `(rows, L)` from `indices (rows, k)` and `weights (rows, k)` against `bank (num_vectors, L)`.
 /// An index outside `[0, num_vectors)` is an error naming the first such row.
 pub fn low_rank_from_topk<B: Element>(
+    indices: MatRef<'_, i64>,
+    weights: MatRef<'_, f32>,
+    bank: MatRef<'_, B>,
+    num_threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    low_rank_from_topk_at(Level::detected(), indices, weights, bank, num_threads)
+}
+
+pub(crate) fn low_rank_from_topk_at<B: Element>(
+    level: Level,
     indices: MatRef<'_, i64>,
     weights: MatRef<'_, f32>,
     bank: MatRef<'_, B>,
@@ -95,24 +144,67 @@ pub fn low_rank_from_topk<B: Element>(
         out.par_chunks_mut(ROWS_PER_TASK * len)
             .enumerate()
             .find_map_first(|(task, out)| {
-                let mut buf = vec![0.0_f32; CHUNK];
-                let mut vecs = Vec::with_capacity(indices.cols());
-                for (r, out_row) in out.chunks_mut(len).enumerate() {
-                    let row = task * ROWS_PER_TASK + r;
-                    if let Err(e) = check_row(row, &mut vecs) {
-                        return Some(e);
-                    }
-                    gather_row(out_row, weights.row(row), &vecs, bank, &mut buf);
-                }
-                None
+                let first = task * ROWS_PER_TASK;
+                dispatch!(
+                    level,
+                    gather_rows(out, first, indices.cols(), &check_row, weights, bank),
+                    gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank)
+                )
             })
     })?;
     failed.map_or(Ok(out), Err)
 }
 
+/// One task's rows (`first..`) of [`low_rank_from_logits`]; returns the first row holding a NaN.
+#[inline(always)]
+fn select_gather_rows<T: Element, B: Element>(
+    out: &mut [f32],
+    first: usize,
+    logits: MatRef<'_, T>,
+    bank: MatRef<'_, B>,
+    k: usize,
+    scan: impl Scan,
+) -> Option<usize> {
+    let mut sel = Selector::new(k);
+    let mut w = vec![0.0_f32; k];
+    let mut buf = vec![0.0_f32; CHUNK];
+    for (r, out_row) in out.chunks_mut(bank.cols()).enumerate() {
+        let row = first + r;
+        let next = logits.row((row + 2).min(logits.rows() - 1));
+        if sel.select(logits.row(row), next, scan).is_err() {
+            return Some(row);
+        }
+        sel.softmax_into(&mut w);
+        gather_row(out_row, &w, sel.indices(), bank, &mut buf);
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn select_gather_rows_avx2<T: Element, B: Element>(
+    out: &mut [f32],
+    first: usize,
+    logits: MatRef<'_, T>,
+    bank: MatRef<'_, B>,
+    k: usize,
+) -> Option<usize> {
+    select_gather_rows(out, first, logits, bank, k, avx2_scan())
+}
+
 /// Fused top-`k` + softmax + gather: `(rows, L)` from `logits (rows, num_vectors)` and
 /// `bank (num_vectors, L)`. A NaN logit is an error naming the first such row.
 pub fn low_rank_from_logits<T: Element, B: Element>(
+    logits: MatRef<'_, T>,
+    bank: MatRef<'_, B>,
+    k: usize,
+    num_threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    low_rank_from_logits_at(Level::detected(), logits, bank, k, num_threads)
+}
+
+pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
+    level: Level,
     logits: MatRef<'_, T>,
     bank: MatRef<'_, B>,
     k: usize,
@@ -132,7 +224,7 @@ pub fn low_rank_from_logits<T: Element, B: Element>(
     let len = bank.cols();
     if len == 0 {
         // Nothing to gather, but the logits are still validated.
-        topk::topk_softmax(logits, k, num_threads)?;
+        topk::topk_softmax_at(level, logits, k, num_threads)?;
         return Ok(Vec::new());
     }
     let mut out = vec![0.0_f32; rows * len];
@@ -140,18 +232,12 @@ pub fn low_rank_from_logits<T: Element, B: Element>(
         out.par_chunks_mut(ROWS_PER_TASK * len)
             .enumerate()
             .find_map_first(|(task, out)| {
-                let mut sel = Selector::new(k);
-                let mut w = vec![0.0_f32; k];
-                let mut buf = vec![0.0_f32; CHUNK];
-                for (r, out_row) in out.chunks_mut(len).enumerate() {
-                    let row = task * ROWS_PER_TASK + r;
-                    if sel.select(logits.row(row)).is_err() {
-                        return Some(row);
-                    }
-                    sel.softmax_into(&mut w);
-                    gather_row(out_row, &w, sel.indices(), bank, &mut buf);
-                }
-                None
+                let first = task * ROWS_PER_TASK;
+                dispatch!(
+                    level,
+                    select_gather_rows(out, first, logits, bank, k, portable_scan()),
+                    select_gather_rows_avx2::<T, B>(out, first, logits, bank, k)
+                )
             })
     })?;
     match failed {
@@ -166,6 +252,40 @@ mod tests {
     use crate::topk::tests::reference as topk_reference;
     use half::{bf16, f16};
     use proptest::prelude::*;
+
+    fn bits(r: &Result<Vec<f32>, KernelError>) -> Result<Vec<u32>, KernelError> {
+        r.clone().map(|v| v.iter().map(|x| x.to_bits()).collect())
+    }
+
+    /// Shadows the public function: runs every available SIMD level and checks they agree.
+    fn low_rank_from_logits<T: Element, B: Element>(
+        logits: MatRef<'_, T>,
+        bank: MatRef<'_, B>,
+        k: usize,
+        threads: usize,
+    ) -> Result<Vec<f32>, KernelError> {
+        let mut all = Level::available()
+            .into_iter()
+            .map(|level| low_rank_from_logits_at(level, logits, bank, k, threads));
+        let first = all.next().unwrap();
+        all.for_each(|other| assert_eq!(bits(&other), bits(&first)));
+        first
+    }
+
+    /// Shadows the public function: runs every available SIMD level and checks they agree.
+    fn low_rank_from_topk<B: Element>(
+        indices: MatRef<'_, i64>,
+        weights: MatRef<'_, f32>,
+        bank: MatRef<'_, B>,
+        threads: usize,
+    ) -> Result<Vec<f32>, KernelError> {
+        let mut all = Level::available()
+            .into_iter()
+            .map(|level| low_rank_from_topk_at(level, indices, weights, bank, threads));
+        let first = all.next().unwrap();
+        all.for_each(|other| assert_eq!(bits(&other), bits(&first)));
+        first
+    }
 
     fn reference<B: Element>(idx: &[i64], w: &[f32], k: usize, bank: &[B], len: usize) -> Vec<f32> {
         let rows = idx.len().checked_div(k).unwrap_or(0);

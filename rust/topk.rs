@@ -13,54 +13,211 @@
 //!
 //! The `partial_sort` path (the common one: `num_vectors` in the hundreds or thousands, `k = 2`)
 //! is a heap select: a `k`-element heap whose top is the smallest kept value, and an element
-//! changes it only if it is strictly greater than that top. So the row is streamed once in
-//! chunks: a lane-wise max over the chunk (vectorised, and it also detects NaN) decides whether
-//! any element of the chunk can enter; only chunks (then 32-wide blocks) that can are walked
-//! element by element, in column order, through the exact heap operation. Skipping the rest
-//! changes nothing, so the result is the same as the full `partial_sort`. For random logits
-//! nearly every chunk after the first is skipped and the scan runs at memory speed.
+//! changes it only if it is strictly greater than that top, so elements not above the top are
+//! skipped exactly and the result is the same as the full `partial_sort`.
 //! The `nth_element` path (`k * 64 > n`, short rows) fills the whole queue and runs the port.
+//!
+//! Before the heap select, `Selector::distinct_top` tries a faster route that is exact for
+//! rows whose top `k` values are distinct and not shared by any other element (then every
+//! correct top-k agrees, so torch's tie order is moot): lane maxima give a threshold, the few
+//! elements above it are sorted. Any tie falls back to the heap select above. The heap
+//! select itself compares 16 elements at a time against the heap top and visits only the set
+//! bits of the mask (so the "chunk / block" skip of earlier versions is now per element).
 
 use rayon::prelude::*;
 
 use crate::element::{Element, CHUNK};
 use crate::error::KernelError;
 use crate::matrix::MatRef;
+use crate::simd::{dispatch, Level};
 use crate::threads;
-
-/// Elements per second-level block of a chunk (see `Selector::heap_select`).
-const BLOCK: usize = 32;
 
 /// Rows handed to one rayon task.
 pub(crate) const ROWS_PER_TASK: usize = 64;
 
-/// Lane-wise max (NaN ignored) and whether any element is NaN, over eight independent lanes so
-/// the compiler keeps the loop in vector registers. NaN is exactly "magnitude bits above those of
-/// infinity", found branch-free as the sign of `INF_BITS - magnitude` OR-ed over the chunk:
-/// `f32::is_nan` per lane, or an integer max, compiled to partly scalar code on SSE2.
-#[inline]
-fn max_and_nan(xs: &[f32]) -> (f32, bool) {
-    const LANES: usize = 8;
-    const MAGNITUDE: u32 = 0x7FFF_FFFF;
-    const INF_BITS: u32 = 0x7F80_0000;
-    let mut max = [f32::NEG_INFINITY; LANES];
-    let mut nan = [0_u32; LANES];
+/// Whether any element is NaN, over `LANES` independent lanes (`x != x`, OR-ed lane-wise and
+/// reduced once) so the loop stays in vector registers.
+#[inline(always)]
+fn any_nan<const LANES: usize>(xs: &[f32]) -> bool {
+    let mut nan = [false; LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
+        let c: &[f32; LANES] = c.try_into().unwrap();
         for l in 0..LANES {
-            max[l] = if c[l] > max[l] { c[l] } else { max[l] };
-            nan[l] |= INF_BITS.wrapping_sub(c[l].to_bits() & MAGNITUDE);
+            nan[l] |= c[l].is_nan();
         }
     }
-    for &x in chunks.remainder() {
-        max[0] = if x > max[0] { x } else { max[0] };
-        nan[0] |= INF_BITS.wrapping_sub(x.to_bits() & MAGNITUDE);
+    chunks.remainder().iter().any(|x| x.is_nan()) || nan.iter().any(|&b| b)
+}
+
+/// Elements compared against the heap top at a time (see `Selector::heap_select`).
+pub(crate) const LANES: usize = 16;
+
+/// Candidates above which the fast path gives up (many equal or clustered values).
+const MAX_CANDIDATES: usize = 64;
+
+/// Bit `l` set where `!(xs[l] <= top)`: the elements that may enter the heap (`xs[l] > top`)
+/// and any NaN. Portable: LLVM vectorises the "any" test into compares and one reduction but
+/// builds the bit mask element by element, so that is done only when some bit is set (rare
+/// after the first chunk). [`may_enter_avx2`] computes the same with two compares and two
+/// movemasks.
+#[inline(always)]
+pub(crate) fn may_enter(xs: &[f32; LANES], top: f32) -> u64 {
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // true for NaN is the point
+    let hit = |x: f32| !(x <= top);
+    if !xs.iter().fold(false, |any, &x| any | hit(x)) {
+        return 0;
     }
-    let m = max
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let nan = nan.iter().fold(0, |a, &b| a | b);
-    (m, nan >> 31 != 0)
+    let mut mask = 0_u64;
+    for (l, &x) in xs.iter().enumerate() {
+        mask |= u64::from(hit(x)) << l;
+    }
+    mask
+}
+
+/// [`may_enter`] with AVX: two compares and two movemasks. Only called from code compiled with
+/// the `avx2` target feature (the closures of `topk_rows_avx2` and its callers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn may_enter_avx2(xs: &[f32; LANES], top: f32) -> u64 {
+    use std::arch::x86_64::{
+        __m256, _mm256_cmp_ps, _mm256_movemask_ps, _mm256_set1_ps, _CMP_NLE_UQ,
+    };
+    let t = _mm256_set1_ps(top);
+    let mut mask = 0_u64;
+    for (h, half) in xs.chunks_exact(8).enumerate() {
+        let v: __m256 = bytemuck::cast::<[f32; 8], __m256>(half.try_into().unwrap());
+        // Not-less-or-equal, unordered: true for NaN. 8 mask bits, so the cast is exact.
+        mask |= u64::from(_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(v, t)) as u32) << (8 * h);
+    }
+    mask
+}
+
+/// Lane-wise maxima of `xs` over `LANES` lanes (element `p` of each `LANES`-wide group, and
+/// the `p`-th of the remainder, goes to lane `p`; NaN ignored) and whether any element is NaN.
+/// The lanes hold disjoint elements, so the `k`-th largest lane max is at most the row's
+/// `k`-th largest value.
+#[inline(always)]
+pub(crate) fn lane_max(xs: &[f32]) -> ([f32; LANES], bool) {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut nan = [false; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        let c: &[f32; LANES] = c.try_into().unwrap();
+        for l in 0..LANES {
+            max[l] = if c[l] > max[l] { c[l] } else { max[l] };
+            nan[l] |= c[l].is_nan();
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        max[l] = if x > max[l] { x } else { max[l] };
+        nan[l] |= x.is_nan();
+    }
+    (max, nan.iter().any(|&b| b))
+}
+
+/// [`lane_max`] with AVX: two `vmaxps` and two unordered compares per 16 elements. Only called
+/// from code compiled with the `avx2` target feature.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn lane_max_avx2(xs: &[f32]) -> ([f32; LANES], bool) {
+    use std::arch::x86_64::{
+        __m256, _mm256_cmp_ps, _mm256_max_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps,
+        _mm256_setzero_ps, _CMP_UNORD_Q,
+    };
+    let (mut m0, mut m1) = (
+        _mm256_set1_ps(f32::NEG_INFINITY),
+        _mm256_set1_ps(f32::NEG_INFINITY),
+    );
+    let (mut n0, mut n1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        let a: __m256 = bytemuck::cast::<[f32; 8], __m256>(c[..8].try_into().unwrap());
+        let b: __m256 = bytemuck::cast::<[f32; 8], __m256>(c[8..].try_into().unwrap());
+        // `max_ps(x, m)` returns `m` when `x` is NaN: NaN is ignored, as in `lane_max`.
+        m0 = _mm256_max_ps(a, m0);
+        m1 = _mm256_max_ps(b, m1);
+        n0 = _mm256_or_ps(n0, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a));
+        n1 = _mm256_or_ps(n1, _mm256_cmp_ps::<_CMP_UNORD_Q>(b, b));
+    }
+    let mut max: [f32; LANES] = bytemuck::cast::<[__m256; 2], [f32; LANES]>([m0, m1]);
+    let mut nan = _mm256_movemask_ps(_mm256_or_ps(n0, n1)) != 0;
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        max[l] = if x > max[l] { x } else { max[l] };
+        nan |= x.is_nan();
+    }
+    (max, nan)
+}
+
+/// The vector building blocks of the selection: [`may_enter`] and [`lane_max`], or their AVX2
+/// versions. They travel as closures because closures made inside a
+/// `#[target_feature(enable = "avx2")]` function keep its features (and may call the AVX2
+/// versions), while the generic code that calls them is shared by every level.
+pub(crate) trait Scan: Copy {
+    fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
+    fn lane_max(&self, xs: &[f32]) -> ([f32; LANES], bool);
+    /// A hint to bring the bytes `start..end` of `data` into cache (no-op where unsupported).
+    fn prefetch(&self, data: &[u8], start: usize, end: usize);
+}
+
+/// A [`Scan`] from three closures.
+#[derive(Clone, Copy)]
+pub(crate) struct ScanWith<M, L, P>(pub(crate) M, pub(crate) L, pub(crate) P);
+
+impl<M, L, P> Scan for ScanWith<M, L, P>
+where
+    M: Fn(&[f32; LANES], f32) -> u64 + Copy,
+    L: Fn(&[f32]) -> ([f32; LANES], bool) + Copy,
+    P: Fn(&[u8], usize, usize) + Copy,
+{
+    #[inline(always)]
+    fn prefetch(&self, data: &[u8], start: usize, end: usize) {
+        (self.2)(data, start, end);
+    }
+
+    #[inline(always)]
+    fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64 {
+        (self.0)(xs, top)
+    }
+
+    #[inline(always)]
+    fn lane_max(&self, xs: &[f32]) -> ([f32; LANES], bool) {
+        (self.1)(xs)
+    }
+}
+
+/// The portable [`Scan`].
+#[inline(always)]
+pub(crate) fn portable_scan() -> impl Scan {
+    ScanWith(may_enter, lane_max, |_: &[u8], _: usize, _: usize| {})
+}
+
+/// The AVX2 [`Scan`]. Its closures are made here, so they carry the `avx2` feature.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) fn avx2_scan() -> impl Scan {
+    ScanWith(
+        |xs: &[f32; LANES], top: f32| may_enter_avx2(xs, top),
+        |xs: &[f32]| lane_max_avx2(xs),
+        |data: &[u8], start: usize, end: usize| prefetch_avx2(data, start, end),
+    )
+}
+
+/// `prefetcht0` of every cache line of `data[start..end]` (clamped to `data`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn prefetch_avx2(data: &[u8], start: usize, end: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // Raw addresses, no slicing: a prefetch never faults, and the loop stays a few instructions.
+    let (base, end) = (data.as_ptr(), end.min(data.len()));
+    let mut line = start;
+    while line < end {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line).cast());
+        line += 64;
+    }
 }
 
 /// Whether torch's CPU top-k takes the `partial_sort` path for this `k` and row length.
@@ -329,6 +486,12 @@ pub(crate) struct Selector {
     /// Column indices of the result, largest logit first.
     idx: Vec<usize>,
     buf: Vec<f32>,
+    /// A whole row widened to `f32` (half-precision logits only).
+    row_buf: Vec<f32>,
+    /// Fast path: the row's elements at or above the threshold.
+    cand: Vec<Elem>,
+    /// Fast path: the lane maxima of each `CHUNK` of the row.
+    chunk_max: Vec<[f32; LANES]>,
 }
 
 /// The row held a NaN.
@@ -342,6 +505,9 @@ impl Selector {
             queue: Vec::with_capacity(k),
             idx: Vec::with_capacity(k),
             buf: vec![0.0; CHUNK],
+            row_buf: Vec::new(),
+            cand: Vec::new(),
+            chunk_max: Vec::new(),
         }
     }
 
@@ -350,12 +516,22 @@ impl Selector {
         &self.idx
     }
 
-    /// Selects the top `k` of `row` (which has at least `k` elements).
-    pub(crate) fn select<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
+    /// Selects the top `k` of `row` (which has at least `k` elements) with the vector
+    /// building blocks `scan`; `next` is a row that will be selected soon, to prefetch.
+    #[inline(always)]
+    pub(crate) fn select<T: Element>(
+        &mut self,
+        row: &[T],
+        next: &[T],
+        scan: impl Scan,
+    ) -> Result<(), HasNan> {
         self.queue.clear();
         self.idx.clear();
         if uses_partial_sort(self.k, row.len()) {
-            self.heap_select(row)?;
+            if !(self.k <= LANES && self.distinct_top(row, next, scan)?) {
+                self.queue.clear();
+                self.heap_select(row, scan)?;
+            }
         } else {
             self.nth_element(row)?;
         }
@@ -363,22 +539,130 @@ impl Selector {
         Ok(())
     }
 
-    /// `std::partial_sort(q, q + k, q + n)`, streamed: `heap_select` pops the heap for element
-    /// `x` only if `x > top`, so chunks and blocks whose max is not above the top are skipped.
-    fn heap_select<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
+    /// The fast path of `partial_sort`: when the row's `k` largest values are distinct and no
+    /// other element equals the `k`-th, every correct top-`k` (torch's included) is the same,
+    /// those `k` columns by decreasing value, so ties are the only reason to run torch's exact
+    /// algorithm. Two passes: the lane maxima of each `CHUNK` of the row (a branch-free vector
+    /// loop at memory speed, which also finds NaN) give a threshold `t`, the `k`-th largest
+    /// lane max of the row, with `t <=` the `k`-th largest value; then only the chunks (now in
+    /// L1) with a lane max `>= t` are compared against `t`, and the few elements `>= t` are
+    /// collected and sorted. Returns `false` (the caller runs `heap_select`) on a tie among
+    /// them, when `t` is `-inf`, or when too many qualify.
+    #[inline(always)]
+    fn distinct_top<T: Element>(
+        &mut self,
+        row: &[T],
+        next: &[T],
+        scan: impl Scan,
+    ) -> Result<bool, HasNan> {
         let k = self.k;
-        let heap = &mut self.queue;
-        for (c, src) in row.chunks(CHUNK).enumerate() {
-            let xs = T::widen(src, &mut self.buf);
-            let (max, nan) = max_and_nan(xs);
+        if self.row_buf.len() < row.len() {
+            // Only written by `widen` for half-precision rows; `f32` rows are used in place.
+            self.row_buf.resize(row.len(), 0.0);
+        }
+        let xs = T::widen(row, &mut self.row_buf);
+        self.chunk_max.clear();
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        // While this row streams in, ask for the next one a chunk at a time: the hardware
+        // prefetcher stalls while the rest of the row is computed on, the hint does not.
+        let next = bytemuck::cast_slice::<T, u8>(next);
+        let chunk_bytes = CHUNK * std::mem::size_of::<T>();
+        for (c, chunk) in xs.chunks(CHUNK).enumerate() {
+            scan.prefetch(next, c * chunk_bytes, (c + 1) * chunk_bytes);
+            let (max, nan) = scan.lane_max(chunk);
             if nan {
                 return Err(HasNan);
             }
+            for (l, &m) in lanes.iter_mut().zip(&max) {
+                *l = if m > *l { m } else { *l };
+            }
+            self.chunk_max.push(max);
+        }
+        // The k-th largest lane max: k steps of a selection sort (k <= LANES), the running best
+        // kept in registers so the compares become conditional moves.
+        for i in 0..k {
+            let (mut best, mut at) = (lanes[i], i);
+            for (j, &x) in lanes.iter().enumerate().skip(i + 1) {
+                if x > best {
+                    (best, at) = (x, j);
+                }
+            }
+            lanes.swap(i, at);
+        }
+        let t = lanes[k - 1];
+        if t == f32::NEG_INFINITY {
+            return Ok(false);
+        }
+        // `x > t.next_down()` is `x >= t`: no float lies between.
+        let below = t.next_down();
+        let cand = &mut self.cand;
+        cand.clear();
+        for (c, (chunk, max)) in xs.chunks(CHUNK).zip(&self.chunk_max).enumerate() {
+            if scan.may_enter(max, below) == 0 {
+                continue;
+            }
+            let start = c * CHUNK;
+            let mut groups = chunk.chunks_exact(LANES);
+            for (g, group) in (&mut groups).enumerate() {
+                let mut mask = scan.may_enter(group.try_into().unwrap(), below);
+                while mask != 0 {
+                    let l = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    cand.push((group[l], start + g * LANES + l));
+                }
+            }
+            let tail = start + chunk.len() - groups.remainder().len();
+            for (j, &x) in groups.remainder().iter().enumerate() {
+                if x > below {
+                    cand.push((x, tail + j));
+                }
+            }
+            if cand.len() > MAX_CANDIDATES {
+                return Ok(false);
+            }
+        }
+        cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        // `+0.0 == -0.0`: a tie for torch's `>`, so that falls back too.
+        let tie = cand.windows(2).take(k).any(|w| w[0].0 == w[1].0);
+        if tie || cand.len() < k {
+            return Ok(false);
+        }
+        self.queue.extend_from_slice(&cand[..k]);
+        Ok(true)
+    }
+
+    /// `std::partial_sort(q, q + k, q + n)`, streamed: `heap_select` pops the heap for element
+    /// `x` only if `x > top`, so the row goes `LANES` elements at a time through one vector
+    /// compare against the top, and only the set bits of the mask (in column order, each
+    /// checked again against the then-current top) reach the heap. An element left out was not
+    /// above the top when compared, and the top never decreases, so the result is exactly the
+    /// full `partial_sort`'s. NaN compares unordered, so it sets its bit too and is found there.
+    #[inline(always)]
+    fn heap_select<T: Element>(&mut self, row: &[T], scan: impl Scan) -> Result<(), HasNan> {
+        let k = self.k;
+        let heap = &mut self.queue;
+        // One element, in column order: NaN is an error, else the exact heap step.
+        let visit = |heap: &mut Vec<Elem>, x: f32, col: usize| {
+            if x.is_nan() {
+                return Err(HasNan);
+            }
+            if x > heap[0].0 {
+                // `pop_heap(q, q + k, q + i)`: the old top goes to column i's slot, which is
+                // never read again.
+                stl::adjust_heap(heap, 0, k, (x, col));
+            }
+            Ok(())
+        };
+        for (c, src) in row.chunks(CHUNK).enumerate() {
+            let xs = T::widen(src, &mut self.buf);
             let mut start = c * CHUNK;
             let mut rest = xs;
             if heap.len() < k {
                 // The first `k` columns seed the heap.
                 let take = (k - heap.len()).min(xs.len());
+                if xs[..take].iter().any(|x| x.is_nan()) {
+                    return Err(HasNan);
+                }
                 heap.extend(xs[..take].iter().enumerate().map(|(j, &x)| (x, start + j)));
                 if heap.len() < k {
                     continue;
@@ -387,19 +671,19 @@ impl Selector {
                 start += take;
                 rest = &xs[take..];
             }
-            if max > heap[0].0 {
-                // Second level: most blocks of a chunk that holds a new top element cannot.
-                for (b, block) in rest.chunks(BLOCK).enumerate() {
-                    if max_and_nan(block).0 > heap[0].0 {
-                        for (j, &x) in block.iter().enumerate() {
-                            if x > heap[0].0 {
-                                // `pop_heap(q, q + k, q + i)`: the old top goes to column i's
-                                // slot, which is never read again.
-                                stl::adjust_heap(heap, 0, k, (x, start + b * BLOCK + j));
-                            }
-                        }
-                    }
+            let mut groups = rest.chunks_exact(LANES);
+            for (g, group) in (&mut groups).enumerate() {
+                let group: &[f32; LANES] = group.try_into().unwrap();
+                let mut mask = scan.may_enter(group, heap[0].0);
+                while mask != 0 {
+                    let l = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    visit(heap, group[l], start + g * LANES + l)?;
                 }
+            }
+            let tail = start + rest.len() - groups.remainder().len();
+            for (j, &x) in groups.remainder().iter().enumerate() {
+                visit(heap, x, tail + j)?;
             }
         }
         stl::sort_heap(heap, k);
@@ -407,10 +691,11 @@ impl Selector {
     }
 
     /// `std::nth_element(q, q + k - 1, q + n)` then `std::sort(q, q + k - 1)` on the whole row.
+    #[inline(always)]
     fn nth_element<T: Element>(&mut self, row: &[T]) -> Result<(), HasNan> {
         for (c, src) in row.chunks(CHUNK).enumerate() {
             let xs = T::widen(src, &mut self.buf);
-            if max_and_nan(xs).1 {
+            if any_nan::<8>(xs) {
                 return Err(HasNan);
             }
             self.queue
@@ -446,10 +731,58 @@ pub(crate) fn check_k(k: usize, n: usize) -> Result<(), KernelError> {
     }
 }
 
+/// One task's rows (`first_row..`), writing `k` indices and weights per row; returns the first
+/// row holding a NaN, if any.
+#[inline(always)]
+fn topk_rows<T: Element>(
+    logits: MatRef<'_, T>,
+    k: usize,
+    first_row: usize,
+    idx_out: &mut [i64],
+    w_out: &mut [f32],
+    scan: impl Scan,
+) -> Option<usize> {
+    let mut sel = Selector::new(k);
+    for (r, (idx_row, w_row)) in idx_out.chunks_mut(k).zip(w_out.chunks_mut(k)).enumerate() {
+        let row = first_row + r;
+        let next = logits.row((row + 2).min(logits.rows() - 1));
+        if sel.select(logits.row(row), next, scan).is_err() {
+            return Some(row);
+        }
+        for (o, &i) in idx_row.iter_mut().zip(sel.indices()) {
+            // A column index is below the row length, itself a slice length, so it fits.
+            *o = i as i64;
+        }
+        sel.softmax_into(w_row);
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn topk_rows_avx2<T: Element>(
+    logits: MatRef<'_, T>,
+    k: usize,
+    first_row: usize,
+    idx_out: &mut [i64],
+    w_out: &mut [f32],
+) -> Option<usize> {
+    topk_rows(logits, k, first_row, idx_out, w_out, avx2_scan())
+}
+
 /// Top-`k` indices (largest first, in `torch.topk`'s CPU order, ties included) and their softmax
 /// weights for each row of `logits`, on `num_threads` threads (0: all cores). Returns
 /// `(indices, weights)`, each `(rows, k)` row-major.
 pub fn topk_softmax<T: Element>(
+    logits: MatRef<'_, T>,
+    k: usize,
+    num_threads: usize,
+) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+    topk_softmax_at(Level::detected(), logits, k, num_threads)
+}
+
+pub(crate) fn topk_softmax_at<T: Element>(
+    level: Level,
     logits: MatRef<'_, T>,
     k: usize,
     num_threads: usize,
@@ -463,22 +796,13 @@ pub fn topk_softmax<T: Element>(
             .par_chunks_mut(ROWS_PER_TASK * k)
             .zip(weights.par_chunks_mut(ROWS_PER_TASK * k))
             .enumerate()
-            .find_map_first(|(task, (idx_out, w_out))| {
-                let mut sel = Selector::new(k);
-                for (r, (idx_row, w_row)) in
-                    idx_out.chunks_mut(k).zip(w_out.chunks_mut(k)).enumerate()
-                {
-                    let row = task * ROWS_PER_TASK + r;
-                    if sel.select(logits.row(row)).is_err() {
-                        return Some(row);
-                    }
-                    for (o, &i) in idx_row.iter_mut().zip(sel.indices()) {
-                        // A column index is below the row length, itself a slice length, so it fits.
-                        *o = i as i64;
-                    }
-                    sel.softmax_into(w_row);
-                }
-                None
+            .find_map_first(|(task, (idx, w))| {
+                let first = task * ROWS_PER_TASK;
+                dispatch!(
+                    level,
+                    topk_rows(logits, k, first, idx, w, portable_scan()),
+                    topk_rows_avx2::<T>(logits, k, first, idx, w)
+                )
             })
     })?;
     match failed {
@@ -526,10 +850,30 @@ pub(crate) mod tests {
         Ok((indices, weights))
     }
 
+    /// `topk_softmax` at every available SIMD level; they must all agree.
+    pub(crate) fn topk_all_levels<T: Element>(
+        logits: MatRef<'_, T>,
+        k: usize,
+        threads: usize,
+    ) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+        let mut results = Level::available()
+            .into_iter()
+            .map(|level| topk_softmax_at(level, logits, k, threads));
+        let first = results.next().unwrap();
+        let bits = |r: &Result<(Vec<i64>, Vec<f32>), KernelError>| {
+            r.clone()
+                .map(|(i, w)| (i, w.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+        };
+        for other in results {
+            assert_eq!(bits(&other), bits(&first));
+        }
+        first
+    }
+
     fn assert_matches(logits: &[f32], n: usize, k: usize, threads: usize) {
         let rows = logits.len() / n;
         let got =
-            topk_softmax(MatRef::new("logits", logits, rows, n).unwrap(), k, threads).unwrap();
+            topk_all_levels(MatRef::new("logits", logits, rows, n).unwrap(), k, threads).unwrap();
         let want = reference(logits, n, k).unwrap();
         assert_eq!(got.0, want.0, "indices, n={n} k={k}");
         let same = got
@@ -576,7 +920,7 @@ pub(crate) mod tests {
     }
 
     fn torch_indices(x: &[f32], k: usize) -> Vec<i64> {
-        topk_softmax(MatRef::new("logits", x, 1, x.len()).unwrap(), k, 1)
+        topk_all_levels(MatRef::new("logits", x, 1, x.len()).unwrap(), k, 1)
             .unwrap()
             .0
     }
@@ -658,16 +1002,16 @@ pub(crate) mod tests {
     fn neg_inf_logits() {
         let ni = f32::NEG_INFINITY;
         let x = vec![ni, 1.0, ni, ni, 2.0, ni];
-        let (idx, w) = topk_softmax(MatRef::new("logits", &x, 1, 6).unwrap(), 3, 1).unwrap();
+        let (idx, w) = topk_all_levels(MatRef::new("logits", &x, 1, 6).unwrap(), 3, 1).unwrap();
         assert_eq!(idx, vec![4, 1, 0]);
         assert_eq!(w[2], 0.0);
         assert_matches(&x, 6, 3, 1);
         // All -inf: indices as torch's (torch.topk on 300 -inf), weights NaN as in torch.
         let x = vec![ni; 2 * 300];
-        let (idx, w) = topk_softmax(MatRef::new("logits", &x, 2, 300).unwrap(), 2, 2).unwrap();
+        let (idx, w) = topk_all_levels(MatRef::new("logits", &x, 2, 300).unwrap(), 2, 2).unwrap();
         assert_eq!(idx, vec![0, 1, 0, 1]);
         assert!(w.iter().all(|w| w.is_nan()));
-        let (idx, w) = topk_softmax(MatRef::new("logits", &x, 2, 300).unwrap(), 40, 2).unwrap();
+        let (idx, w) = topk_all_levels(MatRef::new("logits", &x, 2, 300).unwrap(), 40, 2).unwrap();
         assert_eq!(&idx[..8], &[196, 205, 204, 203, 202, 201, 200, 199]);
         assert_eq!(&idx[37..45], &[208, 207, 163, 196, 205, 204, 203, 202]);
         assert!(w.iter().all(|w| w.is_nan()));
@@ -680,7 +1024,7 @@ pub(crate) mod tests {
         x[250 * 64 + 2] = f32::NAN;
         for k in [2, 40] {
             for threads in [1, 2] {
-                let err = topk_softmax(MatRef::new("logits", &x, 300, 64).unwrap(), k, threads)
+                let err = topk_all_levels(MatRef::new("logits", &x, 300, 64).unwrap(), k, threads)
                     .unwrap_err();
                 assert_eq!(err.to_string(), "logits row 17 contains NaN");
             }
@@ -699,7 +1043,8 @@ pub(crate) mod tests {
             topk_softmax(m, 5, 1).unwrap_err(),
             KernelError::TopK { k: 5, n: 4 }
         );
-        let (i, w) = topk_softmax(MatRef::<f32>::new("logits", &[], 0, 4).unwrap(), 2, 1).unwrap();
+        let (i, w) =
+            topk_all_levels(MatRef::<f32>::new("logits", &[], 0, 4).unwrap(), 2, 1).unwrap();
         assert!(i.is_empty() && w.is_empty());
     }
 
@@ -710,9 +1055,9 @@ pub(crate) mod tests {
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let wide_h: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
         let wide_b: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-        let got = topk_softmax(MatRef::new("logits", &xh, 40, 333).unwrap(), 2, 2).unwrap();
+        let got = topk_all_levels(MatRef::new("logits", &xh, 40, 333).unwrap(), 2, 2).unwrap();
         assert_eq!(got, reference(&wide_h, 333, 2).unwrap());
-        let got = topk_softmax(MatRef::new("logits", &xb, 40, 333).unwrap(), 3, 2).unwrap();
+        let got = topk_all_levels(MatRef::new("logits", &xb, 40, 333).unwrap(), 3, 2).unwrap();
         assert_eq!(got, reference(&wide_b, 333, 3).unwrap());
     }
 
@@ -739,8 +1084,12 @@ pub(crate) mod tests {
                 2 => x.iter_mut().for_each(|v| *v = tiny[(v.to_bits() % 5) as usize]),
                 _ => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
             }
-            let got = topk_softmax(MatRef::new("logits", &x, rows, n).unwrap(), k, threads).unwrap();
-            prop_assert_eq!(got, reference(&x, n, k).unwrap());
+            let got = topk_all_levels(MatRef::new("logits", &x, rows, n).unwrap(), k, threads).unwrap();
+            let want = reference(&x, n, k).unwrap();
+            prop_assert_eq!(got.0, want.0);
+            // Bits: a row of all -inf has NaN weights, which `==` would call unequal.
+            let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got.1), bits(&want.1));
         }
     }
 }
