@@ -1,13 +1,18 @@
 //! Criterion benches at the shapes that matter for a Llama-2-7B-sized adapter:
 //! 39,040 logit rows over a 2,048-vector bank of length 256, and a 4096x11008 weight with R = 4.
-//! Sample sizes are small so that `cargo bench` finishes in a few minutes.
+//! Also 16 stacked adapters (R = 64) merged into a 4096x4096 weight, and the bare product.
+//! Sample sizes are small so that `cargo bench` finishes in a few minutes. The SIMD level
+//! (`VBLORA_RS_SIMD=portable` forces the baseline loops) is in every benchmark name.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use std::hint::black_box;
-use vblora_rs::{low_rank_from_logits, rank_update, topk_softmax, Element, MatMut, MatRef};
+use vblora_rs::{
+    low_rank_from_logits, low_rank_product_into, rank_update, simd_level, topk_softmax, Element,
+    MatMut, MatRef,
+};
 
 const ROWS: usize = 39_040;
 const NUM_VECTORS: usize = 2_048;
@@ -38,11 +43,17 @@ fn topk(c: &mut Criterion) {
     let b = MatRef::new("bank", &bank, NUM_VECTORS, VECTOR_LENGTH).unwrap();
     for threads in [1, 0] {
         g.bench_function(
-            format!("topk_softmax 39040x2048 f32 k=2 threads={threads}"),
+            format!(
+                "topk_softmax 39040x2048 f32 k=2 threads={threads} {}",
+                simd_level()
+            ),
             |bench| bench.iter(|| topk_softmax(black_box(l), 2, threads).unwrap()),
         );
         g.bench_function(
-            format!("low_rank_from_logits 39040x2048 L=256 k=2 threads={threads}"),
+            format!(
+                "low_rank_from_logits 39040x2048 L=256 k=2 threads={threads} {}",
+                simd_level()
+            ),
             |bench| bench.iter(|| low_rank_from_logits(black_box(l), b, 2, threads).unwrap()),
         );
     }
@@ -60,7 +71,11 @@ fn merge_one<W: Element>(c: &mut Criterion) {
     ));
     for threads in [1, 0] {
         g.bench_function(
-            format!("{} 4096x11008 R=4 threads={threads}", W::NAME),
+            format!(
+                "{} 4096x11008 R=4 threads={threads} {}",
+                W::NAME,
+                simd_level()
+            ),
             |bench| {
                 bench.iter(|| {
                     let w = MatMut::new("weight", &mut weight, M, N).unwrap();
@@ -74,9 +89,52 @@ fn merge_one<W: Element>(c: &mut Criterion) {
     g.finish();
 }
 
+/// 16 adapters of rank 4 in one pass (compute-bound), and `u @ v` into a fresh buffer.
+fn merge_many_and_product(c: &mut Criterion) {
+    const SQ: usize = 4_096;
+    const R64: usize = 64;
+    let mut weight = values(6, SQ * SQ, 1.0);
+    let u = values(7, SQ * R64, 1.0);
+    let v = values(8, R64 * SQ, 1e-3);
+    let mut g = c.benchmark_group("rank_update_many");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    g.bench_function(
+        format!("float32 4096x4096 R=64 threads=0 {}", simd_level()),
+        |bench| {
+            bench.iter(|| {
+                let w = MatMut::new("weight", &mut weight, SQ, SQ).unwrap();
+                let u = MatRef::new("u", &u, SQ, R64).unwrap();
+                let v = MatRef::new("v", &v, R64, SQ).unwrap();
+                rank_update(w, u, v, 0).unwrap();
+            });
+        },
+    );
+    g.finish();
+    let u = values(9, M * R, 1.0);
+    let v = values(10, R * N, 1.0);
+    let mut out = vec![0.0_f32; M * N];
+    let mut g = c.benchmark_group("low_rank_product");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Bytes((M * N * 4) as u64));
+    // Into a reused buffer: the kernel alone, without first-touch page faults.
+    g.bench_function(
+        format!("4096x11008 R=4 threads=0 {}", simd_level()),
+        |bench| {
+            bench.iter(|| {
+                let o = MatMut::new("out", &mut out, M, N).unwrap();
+                let u = MatRef::new("u", &u, M, R).unwrap();
+                let v = MatRef::new("v", &v, R, N).unwrap();
+                low_rank_product_into(o, u, v, 0).unwrap();
+            });
+        },
+    );
+    g.finish();
+}
+
 fn merge(c: &mut Criterion) {
     merge_one::<f32>(c);
     merge_one::<bf16>(c);
+    merge_many_and_product(c);
 }
 
 criterion_group!(benches, topk, merge);

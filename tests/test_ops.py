@@ -290,3 +290,47 @@ def test_concurrent_calls_are_safe() -> None:
         t.join()
     for r in results:
         assert torch.equal(r, results[0])
+
+
+def test_low_rank_product_is_rank_update_delta() -> None:
+    """``low_rank_product`` is the delta ``rank_update_`` adds, bit for bit, and on the FMA path
+    it is exactly torch's ``u @ v``."""
+    g = torch.Generator().manual_seed(7)
+    for m, r, n in [(37, 4, 300), (130, 64, 257), (5, 1, 1), (9, 0, 4)]:
+        u = torch.randn(m, r, generator=g)
+        v = torch.randn(r, n, generator=g) * 1e-2
+        for threads in (1, 2):
+            delta = torch.from_numpy(_native.low_rank_product(u.numpy(), v.numpy(), threads))
+            assert delta.shape == (m, n) and delta.dtype == torch.float32
+            for dtype in DTYPES:
+                w = torch.randn(m, n, generator=g).to(dtype)
+                merged = w.clone()
+                view = (merged.view(torch.uint16) if dtype == torch.bfloat16 else merged).numpy()
+                _native.rank_update_(view, u.numpy(), v.numpy(), threads)
+                assert torch.equal(merged, (w.float() + delta).to(dtype))
+            if _native.simd_level() == "avx2+fma":
+                assert torch.equal(delta, u @ v)
+            else:
+                torch.testing.assert_close(delta, u @ v, atol=1e-5, rtol=1e-5)
+    with pytest.raises(VBLoRAError, match="v has shape"):
+        _native.low_rank_product(np.zeros((3, 2), np.float32), np.zeros((3, 4), np.float32), 1)
+    with pytest.raises(VBLoRAError):
+        _native.low_rank_product(np.zeros((3, 2), np.float64), np.zeros((2, 4), np.float32), 1)
+
+
+def test_simd_level_is_reported() -> None:
+    assert _native.simd_level() in ("avx2+fma", "portable")
+
+
+def test_topk_fast_path_and_ties_match_torch_on_wide_rows() -> None:
+    """Rows wide enough for the distinct-values fast path, with and without ties at the k-th value."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 2048, generator=g)
+    logits[::3] = logits[::3].round()  # many ties: the exact fallback
+    logits[1::7, 100] = logits[1::7].max(dim=-1).values  # a tie for first place
+    logits[2::5] = logits[2::5].bfloat16().float()
+    for k in (1, 2, 5, 16, 17):
+        idx, w = ops.topk_softmax(logits, k)
+        ref_idx, ref_w = torch_topk_softmax(logits, k)
+        assert torch.equal(idx, ref_idx), k
+        torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
