@@ -222,7 +222,6 @@ def merge_(
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``B @ A`` (transposed if ``fan_in_fan_out``) as a new float32 tensor."""
-    rows, cols = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
-    out = torch.zeros(rows, cols, dtype=torch.float32)
-    return merge_(out, [MergeTerm(A, B)], fan_in_fan_out, name="delta")
+    """``B @ A`` (transposed if ``fan_in_fan_out``) as a new float32 tensor, written once (no zero-fill pass)."""
+    u, v = _stacked_factors([MergeTerm(A, B)], fan_in_fan_out)
+    return torch.from_numpy(_wrap("delta", _native.low_rank_product, u.numpy(), v.numpy(), get_num_threads()))
