@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -106,6 +107,12 @@ def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, s
     for name in names[1:]:
         theirs.update_layer(name, bank_t, R, config=peft_config())
         ours.update_layer(name, bank_o, R, topk=TOPK, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH)
+    # PEFT's layer takes the base weight's dtype; get_peft_model then casts adapters back to float32
+    # (autocast_adapter_dtype=True), which is how users run it and how ours holds them.
+    with torch.no_grad():
+        for holder in (theirs.vblora_logits_A, theirs.vblora_logits_B, bank_t):
+            for param in holder.values():
+                param.data = param.data.float()
     with torch.no_grad():
         for name in names:
             for attr in ("vblora_logits_A", "vblora_logits_B"):
@@ -310,11 +317,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
     vblora_rs.set_num_threads(args.threads)
-    print(
+    header = (
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, simd {vblora_rs._native.simd_level()}, "
         f"torch {torch.__version__}, peft {peft.__version__}, vblora_rs {vblora_rs.__version__}, "
-        f"threads {args.threads}, repeats {repeats}{' (quick)' if args.quick else ''}",
-        file=sys.stderr,
+        f"threads {args.threads}, repeats {repeats}{' (quick)' if args.quick else ''}"
     )
+    print(header, file=sys.stderr)
     rows: list[Row] = []
     for step in (bench_topk, bench_layers, bench_many_adapters):
         print(f"running {step.__name__} ...", file=sys.stderr)
@@ -322,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.skip_model:
         print("running bench_merge_and_unload ...", file=sys.stderr)
         bench_merge_and_unload(rows, args.quick)
-    table = markdown(rows)
+    table = f"{header}\n\n{markdown(rows)}"
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as fh:

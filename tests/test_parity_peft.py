@@ -313,3 +313,18 @@ def test_safe_merge_with_nan_bank_matches_peft() -> None:
             layer.merge(safe_merge=True)
         assert torch.equal(layer.get_base_layer().weight, before)
         assert not layer.merged
+
+
+@pytest.mark.skipif(
+    vblora_rs._native.simd_level() != "avx2+fma",
+    reason="bit parity needs the FMA kernel (torch's matmul rounds B @ A as an FMA chain on this CPU)",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_weights_bit_identical_to_peft(dtype: torch.dtype) -> None:
+    """Exact top-K order, torch's softmax bits, the gather's order of sums and FMA in the delta: the merged
+    weights are PEFT's to the bit."""
+    theirs, ours, _ = build_pair("llama", dtype=dtype)
+    merged_t = theirs.merge_and_unload().state_dict()
+    merged_o = ours.merge_and_unload().state_dict()
+    for key, value in merged_t.items():
+        assert torch.equal(merged_o[key], value), key

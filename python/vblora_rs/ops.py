@@ -83,29 +83,29 @@ def _wrap(name: str, fn, *args):  # type: ignore[no-untyped-def]
 
 
 def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (int64, largest first) of the ``k`` largest logits of every row of the last dimension and
-    the float32 softmax of those logits; equal to ``torch.topk`` followed by ``softmax``."""
+    """Indices (int64, largest first, ties in torch's order) of the ``k`` largest logits of every row of the
+    last dimension and the float32 softmax of those logits: bit for bit ``torch.topk`` then ``softmax``.
+
+    The selection (the pass over all ``num_vectors`` logits) runs in Rust. The softmax of the ``k`` kept logits
+    is torch's own: Rust's ``exp`` differs from torch's vectorised one in the last bit for about a fifth of the
+    rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included."""
     rows = _rows(logits, name)
-    idx, w = _wrap(name, _native.topk_softmax, _float_view(rows, name), int(k), get_num_threads())
+    idx, _ = _wrap(name, _native.topk_softmax, _float_view(rows, name), int(k), get_num_threads())
+    indices = torch.from_numpy(idx)
+    weights = torch.softmax(torch.gather(rows.detach(), -1, indices).float(), dim=-1)
     shape = (*logits.shape[:-1], int(k))
-    return torch.from_numpy(idx).reshape(shape), torch.from_numpy(w).reshape(shape)
+    return indices.reshape(shape), weights.reshape(shape)
 
 
 def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name: str = "logits") -> torch.Tensor:
-    """``softmax(topk(logits)) @ bank[indices]`` per row, fused: shape ``logits.shape[:-1] + (L,)``, float32."""
+    """``softmax(topk(logits)) @ bank[indices]`` per row: shape ``logits.shape[:-1] + (L,)``, float32, bit for
+    bit PEFT's ``(weights.unsqueeze(-1) * bank[indices]).sum(-2)`` on float32 inputs. Nothing of size
+    ``rows * num_vectors`` is allocated."""
     _check_bank(bank, "vector bank")
     if logits.shape[-1] != bank.shape[0]:
         raise VBLoRAError(f"{name} has {logits.shape[-1]} logits per row but the bank holds {bank.shape[0]} vectors")
-    rows = _rows(logits, name)
-    out = _wrap(
-        name,
-        _native.low_rank_from_logits,
-        _float_view(rows, name),
-        _float_view(bank, "vector bank"),
-        int(topk),
-        get_num_threads(),
-    )
-    return torch.from_numpy(out).reshape(*logits.shape[:-1], bank.shape[1])
+    indices, weights = topk_softmax(logits, topk, name=name)
+    return low_rank_from_topk(indices, weights, bank, name=name)
 
 
 def low_rank_from_topk(
