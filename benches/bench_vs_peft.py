@@ -113,6 +113,8 @@ def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, s
         for holder in (theirs.vblora_logits_A, theirs.vblora_logits_B, bank_t):
             for param in holder.values():
                 param.data = param.data.float()
+        for name in names:  # the bf16 round trip rounded PEFT's bank: give it ours again
+            bank_t[name].copy_(bank_o[name])
     with torch.no_grad():
         for name in names:
             for attr in ("vblora_logits_A", "vblora_logits_B"):

@@ -52,6 +52,17 @@
 //! * threads (`threads`): every kernel runs in its own rayon pool of the requested size, cached
 //!   by size and rebuilt after `fork`; rayon's global pool is never used. Handing a call to the
 //!   pool costs ~20-40 us on this VM, visible on tiny calls (64-row low-rank factors).
+//!   torch's OpenMP workers (GNU libgomp) spin for a while after every parallel torch op; on 2
+//!   cores they take a core from our pool: `rank_update_` at 4096x4096 f32 right after a
+//!   parallel `copy_` took ~9 ms against ~4.5 ms back to back, and 4.2 ms after the same copy
+//!   with `OMP_WAIT_POLICY=PASSIVE` (torch's `addmm_` ~5.3 ms either way: it runs on those very
+//!   threads). Tried: one row at a time for small R instead of 6-row tiles (fewer prefetch
+//!   streams): no better, dropped. Documented in the README; not worked around here.
+//! * softmax: Rust's `expf` differs from torch's vectorised `exp` in the last bit on ~22% of
+//!   rows, so the Python layer takes the top-K *indices* from here and lets torch compute the
+//!   softmax of the k kept logits (a `(rows, k)` op); with that, merged weights equal PEFT's bit
+//!   for bit. `low_rank_from_logits` keeps its own softmax (within 2 ulp) for callers who do
+//!   not need bit parity.
 //!
 //! From Python, same run, medians of 7, 2 threads (torch 2.15 MKL, noisy 2-core VM; ranges
 //! over three runs): top-k+softmax 20-25 ms vs torch.topk+softmax 100-135 ms (5.2-6.1x) and
