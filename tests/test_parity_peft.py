@@ -147,10 +147,8 @@ def test_checkpoint_files_match_peft(tmp_path, topk_only: bool) -> None:
     for key in t_sd:
         assert o_sd[key].dtype == t_sd[key].dtype, key
         assert o_sd[key].shape == t_sd[key].shape, key
-        if key.endswith("_topk_weights"):
-            torch.testing.assert_close(o_sd[key], t_sd[key], atol=1e-6, rtol=1e-6)
-        else:
-            assert torch.equal(o_sd[key], t_sd[key]), key
+        # top-K weights too: the softmax of the kept logits is torch's own
+        assert torch.equal(o_sd[key], t_sd[key]), key
     t_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     o_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     for key, value in o_cfg.items():
