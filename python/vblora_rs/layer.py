@@ -300,13 +300,12 @@ class Linear(nn.Linear, VBLoRALayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``B @ A`` of ``adapter`` (transposed for fan_in_fan_out), float32 on CPU as in PEFT."""
         logits_A = self.vblora_logits_A[adapter]
-        device, dtype = logits_A.device, logits_A.dtype
-        cast_to_fp32 = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
         params = (logits_A, self.vblora_logits_B[adapter], self.vblora_vector_bank[adapter])
-        if not self._needs_autograd(*params) and self._native_merge_ok(adapter):
+        if not self._needs_autograd(*params) and ops.native_ok(*params):
+            # CPU and float32/float16/bfloat16 here: PEFT's delta is float32 in all three cases
             A, B = self._get_lora_matrices(adapter, cast_to_fp32=True)
-            delta = ops.delta_weight(A, B, self.fan_in_fan_out)
-            return delta if cast_to_fp32 or dtype == torch.float32 else delta.to(dtype)
+            return ops.delta_weight(A, B, self.fan_in_fan_out)
+        cast_to_fp32 = logits_A.device.type == "cpu" and logits_A.dtype in (torch.float16, torch.bfloat16)
         A, B = self._get_lora_matrices(adapter, cast_to_fp32)
         return _transpose(B @ A, self.fan_in_fan_out)
 
