@@ -77,7 +77,9 @@ pub mod error;
 pub mod lowrank;
 pub mod matrix;
 pub mod merge;
+pub mod packed;
 mod simd;
+pub mod stream;
 pub mod threads;
 pub mod topk;
 

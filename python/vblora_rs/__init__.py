@@ -2,16 +2,40 @@
 
 from vblora_rs import VBLoRAConfig, get_peft_model
 model = get_peft_model(model, VBLoRAConfig(target_modules=["q_proj", "v_proj"], vector_length=64))
+
+The public names are imported lazily (PEP 562): ``import vblora_rs`` alone does not import torch, so the
+command line tools that need only numpy and the Rust extension (``vblora merge``) start fast and small.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._native import __version__
-from .config import VBLoRAConfig
 from .errors import VBLoRAError
-from .layer import Linear, VBLoRALayer
-from .model import PeftModel, VBLoRAModel, get_peft_model
-from .modules_to_save import ModulesToSaveWrapper
-from .ops import get_num_threads, set_num_threads
-from .tuner import VBLoRATuner
+
+if TYPE_CHECKING:
+    from .config import VBLoRAConfig
+    from .layer import Linear, VBLoRALayer
+    from .model import PeftModel, VBLoRAModel, get_peft_model
+    from .modules_to_save import ModulesToSaveWrapper
+    from .ops import get_num_threads, set_num_threads
+    from .tuner import VBLoRATuner
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "Linear": ".layer",
+    "ModulesToSaveWrapper": ".modules_to_save",
+    "PeftModel": ".model",
+    "VBLoRAConfig": ".config",
+    "VBLoRALayer": ".layer",
+    "VBLoRAModel": ".model",
+    "VBLoRATuner": ".tuner",
+    "get_num_threads": ".ops",
+    "get_peft_model": ".model",
+    "set_num_threads": ".ops",
+}
 
 __all__ = [
     "Linear",
@@ -27,3 +51,15 @@ __all__ = [
     "get_peft_model",
     "set_num_threads",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,11 +1,6 @@
-"""``python -m vblora_rs demo``: the built-in example (see :mod:`vblora_rs.demo`)."""
+"""``python -m vblora_rs COMMAND``: the same as the ``vblora`` console script."""
 
-import sys
-
-from .demo import main
+from .cli import console_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["demo"]:
-        args = args[1:]
-    main(args)
+    console_main()

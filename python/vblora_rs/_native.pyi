@@ -67,3 +67,7 @@ def simd_level() -> str:
     (baseline SSE2/NEON build, or forced with ``VBLORA_RS_SIMD=portable``). With ``"avx2+fma"`` each
     step of the float32 ``delta`` sum is one fused multiply-add, bit-identical to torch's ``u @ v`` on
     MKL; the portable path multiplies then adds, which may differ from torch in the last bit."""
+
+# --- packed adapter format (rust/packed, rust/py/packed.rs) ---
+
+# --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---

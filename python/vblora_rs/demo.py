@@ -6,7 +6,6 @@ Nothing is downloaded: the model is built from a config with a fixed seed and tr
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import copy
@@ -129,12 +128,3 @@ def run(steps: int = 150, out: Optional[str] = None, seed: int = 0) -> dict[str,
     elapsed = time.perf_counter() - start
     print(f"done in {elapsed:.1f} s")
     return {"before": before, "after": after, "max_diff": max_diff, "bytes": float(size)}
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vblora_rs demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=150, help="VB-LoRA training steps (default 150)")
-    parser.add_argument("--out", default=None, help="folder for the adapter (default: a temporary folder)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    run(args.steps, args.out, args.seed)

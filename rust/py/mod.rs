@@ -3,6 +3,8 @@
 //! `KernelError` into `VBLoRAError` (a `ValueError`). No kernel logic lives here.
 
 mod arrays;
+mod packed;
+mod stream;
 
 use numpy::{PyArray, PyArray2, PyArrayMethods};
 use pyo3::create_exception;
@@ -196,5 +198,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    packed::register(m)?;
+    stream::register(m)?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+//! Streaming merge of adapters into safetensors files, tensor by tensor.
