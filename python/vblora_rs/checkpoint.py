@@ -5,7 +5,8 @@ Keys and dtypes are PEFT's in both modes. Full mode stores ``<module>.vblora_log
 PEFT picks for ``num_vectors`` and ``..._topk_weights`` with the first k-1 softmax weights (the last one is
 1 minus their sum). Both store ``base_model.vblora_vector_bank``. Loading maps checkpoint keys back to model
 keys, checks every tensor against the model, and only then writes into the parameters, so a bad file
-leaves the model untouched.
+leaves the model untouched. A top-K checkpoint loads in compact form (see :mod:`vblora_rs.compact`): no dense
+logits are built.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import ops
+from . import compact
+from .compact import TOPK_INDICES, TOPK_WEIGHTS
 from .errors import VBLoRAError
 
 if TYPE_CHECKING:
@@ -27,19 +29,8 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 BANK_KEY = "base_model.vblora_vector_bank"
-TOPK_INDICES = "_topk_indices"
-TOPK_WEIGHTS = "_topk_weights"
-
-
-def indices_dtype(num_vectors: int) -> torch.dtype:
-    """The integer dtype PEFT stores top-K indices in."""
-    if num_vectors < 2**8:
-        return torch.uint8
-    if num_vectors < 2**15:
-        return torch.int16
-    if num_vectors < 2**31:
-        return torch.int32
-    return torch.int64
+MODEL_PREFIX = "base_model.model."
+indices_dtype = compact.indices_dtype
 
 
 def remove_adapter_name(key: str, adapter_name: str) -> str:
@@ -84,14 +75,26 @@ def _checkpoint_to_model_keys(model: VBLoRAModel, adapter_name: str) -> dict[str
 
 
 def _topk_encode(logits: torch.Tensor, k: int, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.detach()
-    if ops.native_ok(logits):
-        idx, weights = ops.topk_softmax(logits, k)
-        weights = weights.to(logits.dtype)
-    else:
-        top, idx = logits.topk(k)
-        weights = torch.softmax(top, dim=-1)
-    return idx.to(indices_dtype(num_vectors)), weights[..., :-1].contiguous()
+    return compact.encode(logits, k, num_vectors)
+
+
+def _compact_layer_tensors(model: VBLoRAModel, adapter_name: str, topk_form: bool) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of the layers holding ``adapter_name`` in compact form: the stored top-K tensors as
+    they are, or (full mode) the dense logits PEFT would hold."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in model.base_model.vblora_layers():
+        if not layer.is_compact(adapter_name):
+            continue
+        idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
+        num_vectors = layer.vblora_topk[adapter_name].num_vectors
+        for key, idx, w in (("vblora_logits_A", idx_A, w_A), ("vblora_logits_B", idx_B, w_B)):
+            ckpt = f"{MODEL_PREFIX}{name}.{key}"
+            if topk_form:
+                out[ckpt + TOPK_INDICES] = idx.to(indices_dtype(num_vectors))
+                out[ckpt + TOPK_WEIGHTS] = w
+            else:
+                out[ckpt] = compact.dense_logits(idx, w, num_vectors)
+    return out
 
 
 def adapter_state_dict(model: VBLoRAModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -109,6 +112,7 @@ def adapter_state_dict(model: VBLoRAModel, adapter_name: str = "default") -> dic
                 out[ckpt + TOPK_WEIGHTS] = weights
             else:
                 out[ckpt] = value
+    out.update(_compact_layer_tensors(model, adapter_name, config.save_only_topk_weights))
     out[BANK_KEY] = state[f"{BANK_KEY}.{adapter_name}"]
     if config.bias == "all":
         out.update({remove_adapter_name(k, adapter_name): v for k, v in state.items() if k.endswith(".bias")})
@@ -171,47 +175,54 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise VBLoRAError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
-def _decode_topk(
-    path: str, key: str, indices: torch.Tensor, weights: torch.Tensor, num_vectors: int, topk: int
-) -> torch.Tensor:
-    """Dense logits from top-K indices and k-1 weights, with the very ops PEFT uses (bit-identical logits)."""
-    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} has dtype {indices.dtype}, expected an integer dtype")
-    if not weights.dtype.is_floating_point:
-        raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} has dtype {weights.dtype}, expected a float dtype")
-    if indices.shape[-1:] != (topk,) or weights.shape != (*indices.shape[:-1], topk - 1):
-        raise VBLoRAError(
-            f"{path}: tensors {key}{TOPK_INDICES} {tuple(indices.shape)} and {key}{TOPK_WEIGHTS} "
-            f"{tuple(weights.shape)} do not hold topk={topk} entries per sub-vector"
-        )
-    idx = indices.to(torch.long)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_vectors):
-        raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} holds indices outside [0, {num_vectors})")
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} holds NaN, infinite or negative weights")
-    full = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
-    if (full[..., -1] < -1e-6).any():
-        raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} has weights summing above 1")
-    logits = torch.log(full)
-    return torch.zeros([*logits.shape[:-1], num_vectors]).fill_(float("-inf")).scatter(-1, idx, logits)
+def is_topk_checkpoint(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith((TOPK_INDICES, TOPK_WEIGHTS)) for k in tensors)
+
+
+def _take_topk_parts(
+    model: VBLoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str, path: str
+) -> tuple[list[tuple[str, Any]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Pop the top-K tensors of every layer of ``adapter_name`` out of ``tensors`` and check them; returns the
+    layers and their ``(indices, weights)`` pairs, A then B per layer."""
+    config = model.peft_config[adapter_name]
+    layers = [(n, layer) for n, layer in model.base_model.vblora_layers() if adapter_name in layer.r]
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, layer in layers:
+        for key, grid in zip(("vblora_logits_A", "vblora_logits_B"), layer.topk_grids(adapter_name)):
+            ckpt = f"{MODEL_PREFIX}{name}.{key}"
+            if ckpt in tensors:
+                raise VBLoRAError(f"{path}: tensor {ckpt} holds dense logits in a top-K checkpoint")
+            missing = [ckpt + s for s in (TOPK_INDICES, TOPK_WEIGHTS) if ckpt + s not in tensors]
+            if missing:
+                raise VBLoRAError(f"{path}: missing tensor {missing[0]}")
+            idx, w = tensors.pop(ckpt + TOPK_INDICES), tensors.pop(ckpt + TOPK_WEIGHTS)
+            if tuple(idx.shape[:-1]) != grid:
+                raise VBLoRAError(
+                    f"{path}: tensor {ckpt}{TOPK_INDICES} has shape {tuple(idx.shape)}, the model expects "
+                    f"{(*grid, config.topk)}"
+                )
+            compact.check_stored(path, ckpt, idx, w, config.num_vectors, config.topk)
+            if parts and w.dtype != parts[0][1].dtype:
+                raise VBLoRAError(
+                    f"{path}: tensor {ckpt}{TOPK_WEIGHTS} has dtype {w.dtype}, the others {parts[0][1].dtype}"
+                )
+            parts.append((idx, w))
+    stray = [k for k in tensors if k.endswith((TOPK_INDICES, TOPK_WEIGHTS))]
+    if stray:
+        raise VBLoRAError(f"{path}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
+    return layers, parts
 
 
 def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str, path: str) -> None:
-    """Check ``tensors`` (a checkpoint of PEFT's layout) against the model, then copy them into ``adapter_name``."""
-    config = model.peft_config[adapter_name]
+    """Check ``tensors`` (a checkpoint of PEFT's layout) against the model, then copy them into ``adapter_name``
+    (top-K tensors: into a compact table, see :mod:`vblora_rs.compact`)."""
     mapping = _checkpoint_to_model_keys(model, adapter_name)
     params = model.state_dict(keep_vars=True)
     tensors = dict(tensors)
-    for key in [k for k in tensors if k.endswith(TOPK_INDICES)]:
-        base = key[: -len(TOPK_INDICES)]
-        if base + TOPK_WEIGHTS not in tensors:
-            raise VBLoRAError(f"{path}: tensor {key} has no matching {base}{TOPK_WEIGHTS}")
-        tensors[base] = _decode_topk(
-            path, base, tensors.pop(key), tensors.pop(base + TOPK_WEIGHTS), config.num_vectors, config.topk
-        )
-    stray = [k for k in tensors if k.endswith(TOPK_WEIGHTS)]
-    if stray:
-        raise VBLoRAError(f"{path}: tensor {stray[0]} has no matching {TOPK_INDICES} tensor")
+    topk_layers: list[tuple[str, Any]] = []
+    topk_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if is_topk_checkpoint(tensors):
+        topk_layers, topk_parts = _take_topk_parts(model, tensors, adapter_name, path)
 
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, value in tensors.items():
@@ -238,3 +249,5 @@ def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], a
     with torch.no_grad():
         for target, value in plan:
             target.copy_(value)
+    if topk_layers:
+        model.base_model.set_compact_adapter(adapter_name, topk_layers, topk_parts)

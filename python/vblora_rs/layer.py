@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import ops
+from . import compact, ops
 from .ops import MergeTerm
 
 TOPK_TRAINING_ERROR = (
@@ -27,6 +27,21 @@ TOPK_TRAINING_ERROR = (
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
+
+
+class LogitsDict(nn.ParameterDict):
+    """``vblora_logits_A`` / ``_B``: a ParameterDict whose compact (top-K) adapters get their dense logits built
+    the first time someone asks for them by name, with the values PEFT would hold (log-weights at the kept
+    indices, -inf elsewhere). ``in``, ``keys()`` and iteration see only the adapters that have dense logits."""
+
+    def __init__(self, owner: VBLoRALayer) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # a plain attribute: not a submodule of the dict
+
+    def __getitem__(self, key: str) -> nn.Parameter:
+        if key not in self and key in self._owner.vblora_topk_rows:
+            self._owner._materialize_logits(key)
+        return super().__getitem__(key)
 
 
 def check_adapters_to_merge(layer: VBLoRALayer, adapter_names: Optional[list[str]]) -> list[str]:
@@ -54,17 +69,25 @@ class VBLoRALayer:
 
     # Attributes that hold adapter weights, keyed by adapter name.
     adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")
-    # Other per-adapter attributes.
-    other_param_names = ("r", "topk", "vblora_dropout")
+    # Other per-adapter attributes (``vblora_topk``: the shared compact top-K tables, keyed by adapter;
+    # ``vblora_topk_rows``: where this layer's rows start in them).
+    other_param_names = ("r", "topk", "vblora_dropout", "vblora_topk", "vblora_topk_rows")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.topk: dict[str, int] = {}
         self.vblora_dropout = nn.ModuleDict({})
-        self.vblora_logits_A = nn.ParameterDict({})
-        self.vblora_logits_B = nn.ParameterDict({})
+        self.vblora_logits_A = LogitsDict(self)
+        self.vblora_logits_B = LogitsDict(self)
         self.vblora_vector_bank = nn.ParameterDict({})
+        # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
+        # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
+        self.vblora_topk = nn.ModuleDict({})
+        self.vblora_topk_rows: dict[str, int] = {}
+        # Adapters whose logits come from top-K weights: they cannot be trained (PEFT's RuntimeError); a flag
+        # rather than PEFT's `isinf().any()` on every training forward, which syncs and breaks compiled graphs.
+        self.vblora_from_topk: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter: Union[str, list[str]] = "default"
@@ -134,6 +157,13 @@ class VBLoRALayer:
                 param.requires_grad_(key in names and not inference_mode)
         self._active_adapter = adapter_names
 
+    def has_adapter(self, adapter_name: str) -> bool:
+        """Whether this layer holds ``adapter_name``, with dense logits or in compact top-K form."""
+        return adapter_name in self.vblora_logits_A or adapter_name in self.vblora_topk_rows
+
+    def is_compact(self, adapter_name: str) -> bool:
+        return adapter_name in self.vblora_topk_rows
+
     def _all_available_adapter_names(self) -> list[str]:
         names: set[str] = set()
         for attr in self.adapter_layer_names + self.other_param_names:
@@ -147,10 +177,11 @@ class VBLoRALayer:
             holder = getattr(self, attr)
             if adapter_name in holder:
                 del holder[adapter_name]
+        self.vblora_from_topk.discard(adapter_name)
         if adapter_name in self.active_adapters:
             remaining = [a for a in self.active_adapters if a != adapter_name]
             if not remaining:
-                others = [a for a in self._all_available_adapter_names() if a in self.vblora_logits_A]
+                others = [a for a in self._all_available_adapter_names() if self.has_adapter(a)]
                 remaining = others[:1]
             if remaining:
                 self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
@@ -168,9 +199,12 @@ class VBLoRALayer:
         vblora_dropout: float = 0.0,
         init_logits_std: float = 0.01,
         inference_mode: bool = False,
+        init_logits: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Add adapter ``adapter_name``: logits ``A (r, in/L, num_vectors)`` and ``B (out/L, r, num_vectors)``."""
+        """Add adapter ``adapter_name``: logits ``A (r, in/L, num_vectors)`` and ``B (out/L, r, num_vectors)``.
+        With ``init_logits=False`` no logits are allocated: the adapter is about to be filled in compact top-K
+        form (see :meth:`set_compact`)."""
         if r <= 0:
             raise ValueError(f"`r` {r} should be a positive integer value")
         if topk <= 0:
@@ -195,15 +229,16 @@ class VBLoRALayer:
         self.topk[adapter_name] = topk
         dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else nn.Identity()
         self.vblora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
-        device = self._base_device()
-        self.vblora_logits_A[adapter_name] = nn.Parameter(
-            torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
-        )
-        self.vblora_logits_B[adapter_name] = nn.Parameter(
-            torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
-        )
         self.vblora_vector_bank = vblora_vector_bank
-        self.reset_vblora_logits(adapter_name, init_logits_std)
+        if init_logits:
+            device = self._base_device()
+            self.vblora_logits_A[adapter_name] = nn.Parameter(
+                torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
+            )
+            self.vblora_logits_B[adapter_name] = nn.Parameter(
+                torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
+            )
+            self.reset_vblora_logits(adapter_name, init_logits_std)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _base_device(self) -> torch.device:
@@ -217,6 +252,44 @@ class VBLoRALayer:
             with torch.no_grad():
                 nn.init.normal_(self.vblora_logits_A[adapter_name], 0, init_logits_std)
                 nn.init.normal_(self.vblora_logits_B[adapter_name], 0, init_logits_std)
+
+    # --- compact top-K form ---------------------------------------------------------------------
+
+    def topk_grids(self, adapter_name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Sub-vector grids of A ``(r, in/L)`` and B ``(out/L, r)``: the leading shapes of their top-K tensors."""
+        r = self.r[adapter_name]
+        length = self.vblora_vector_bank[adapter_name].shape[1]
+        return (r, self.in_features // length), (self.out_features // length, r)
+
+    def set_compact(self, adapter_name: str, tables: nn.ModuleDict, first_row: int) -> None:
+        """Make ``adapter_name`` compact: its top-K rows start at ``first_row`` of ``tables[adapter_name]`` (A's
+        rows then B's); dense logits, if any, are dropped."""
+        self.vblora_topk = tables
+        self.vblora_topk_rows[adapter_name] = first_row
+        self.vblora_from_topk.add(adapter_name)
+        for holder in (self.vblora_logits_A, self.vblora_logits_B):
+            if adapter_name in holder:
+                del holder[adapter_name]
+
+    def stored_topk(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(indices_A, weights_A, indices_B, weights_B)`` of a compact adapter as stored (PEFT's checkpoint
+        tensors: indices ``(..., K)``, the first K-1 weights ``(..., K-1)``), views of the shared table."""
+        table = self.vblora_topk[adapter_name]
+        start = self.vblora_topk_rows[adapter_name]
+        grid_A, grid_B = self.topk_grids(adapter_name)
+        idx_A, w_A = compact.rows_of(table, start, grid_A)
+        idx_B, w_B = compact.rows_of(table, start + grid_A[0] * grid_A[1], grid_B)
+        return idx_A, w_A, idx_B, w_B
+
+    def _materialize_logits(self, adapter_name: str) -> None:
+        """Turn a compact adapter back into dense (frozen) logits, as PEFT loads a top-K checkpoint."""
+        idx_A, w_A, idx_B, w_B = self.stored_topk(adapter_name)
+        num_vectors = self.vblora_topk[adapter_name].num_vectors
+        logits_A = compact.dense_logits(idx_A, w_A, num_vectors)
+        logits_B = compact.dense_logits(idx_B, w_B, num_vectors)
+        del self.vblora_topk_rows[adapter_name]
+        self.vblora_logits_A[adapter_name] = nn.Parameter(logits_A, requires_grad=False)
+        self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
 
 
 class Linear(nn.Linear, VBLoRALayer):
@@ -235,6 +308,7 @@ class Linear(nn.Linear, VBLoRALayer):
         init_logits_std: float = 0.01,
         fan_in_fan_out: bool = False,
         is_target_conv_1d_layer: bool = False,
+        init_logits: bool = True,
         **kwargs: Any,
     ) -> None:
         # nn.Module.__init__ only: the weights live in base_layer, not in this nn.Linear.
@@ -251,6 +325,7 @@ class Linear(nn.Linear, VBLoRALayer):
             vector_length=vector_length,
             vblora_dropout=vblora_dropout,
             init_logits_std=init_logits_std,
+            init_logits=init_logits,
         )
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
 
@@ -268,17 +343,35 @@ class Linear(nn.Linear, VBLoRALayer):
         topk_weights = F.softmax(top_k_logits, dim=-1)
         return (topk_weights.unsqueeze(-1) * vblora_vector_bank[indices]).sum(-2)
 
-    def _check_trainable_logits(self, adapter: str) -> None:
-        logits_A = self.vblora_logits_A[adapter]
-        # A top-K checkpoint reconstructs logits as -inf outside the kept entries; training those is wrong.
-        if self.training and logits_A[0, 0].isinf().any():
+    def _check_trainable(self, adapter: str) -> None:
+        # Logits rebuilt from top-K weights are -inf outside the kept entries; training those is wrong.
+        if self.training and adapter in self.vblora_from_topk:
             raise RuntimeError(TOPK_TRAINING_ERROR)
+
+    def _lora_matrices_from_topk(self, adapter: str, cast_to_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of a compact adapter, with the indices and weights PEFT's forward would see (see ``compact``)."""
+        idx_A, w_A, idx_B, w_B = self.stored_topk(adapter)
+        num_vectors = self.vblora_topk[adapter].num_vectors
+        idx_A, w_A = compact.compute_form(idx_A, w_A, num_vectors)
+        idx_B, w_B = compact.compute_form(idx_B, w_B, num_vectors)
+        bank = self.vblora_vector_bank[adapter].to(idx_A.device)
+        if cast_to_fp32:
+            bank = bank.float()
+        if not self._needs_autograd(bank) and ops.native_ok(bank):
+            A, B = ops.low_rank_matrices_from_topk(idx_A, w_A, idx_B, w_B, bank)
+            return (A, B) if bank.dtype == torch.float32 else (A.to(bank.dtype), B.to(bank.dtype))
+        w_A, w_B = w_A.to(bank.dtype), w_B.to(bank.dtype)
+        A = (w_A.unsqueeze(-1) * bank[idx_A]).sum(-2).reshape(idx_A.shape[0], -1)
+        B = (w_B.unsqueeze(-1) * bank[idx_B]).sum(-2).transpose(1, 2).reshape(-1, idx_B.shape[1])
+        return A, B
 
     def _get_lora_matrices(self, adapter: str, cast_to_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``A (r, in)`` and ``B (out, r)`` of ``adapter``."""
+        self._check_trainable(adapter)
+        if self.is_compact(adapter):
+            return self._lora_matrices_from_topk(adapter, cast_to_fp32)
         logits_A = self.vblora_logits_A[adapter]
         logits_B = self.vblora_logits_B[adapter]
-        self._check_trainable_logits(adapter)
         bank = self.vblora_vector_bank[adapter].to(logits_A.device)
         topk = self.topk[adapter]
         if not self._needs_autograd(logits_A, logits_B, bank) and ops.native_ok(logits_A, logits_B, bank):
@@ -293,19 +386,24 @@ class Linear(nn.Linear, VBLoRALayer):
         B = self._get_low_rank_matrix(logits_B, bank, topk).transpose(1, 2).reshape(-1, logits_B.shape[1])
         return A, B
 
+    def _adapter_tensors(self, adapter: str) -> tuple[torch.Tensor, ...]:
+        """The tensors A and B are built from: logits and bank, or (compact) the bank alone."""
+        bank = self.vblora_vector_bank[adapter]
+        if self.is_compact(adapter):
+            return (bank,)
+        return (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter], bank)
+
     def _native_merge_ok(self, adapter: str) -> bool:
-        params = (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter], self.vblora_vector_bank[adapter])
-        return ops.native_ok(*params)
+        return ops.native_ok(*self._adapter_tensors(adapter))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``B @ A`` of ``adapter`` (transposed for fan_in_fan_out), float32 on CPU as in PEFT."""
-        logits_A = self.vblora_logits_A[adapter]
-        params = (logits_A, self.vblora_logits_B[adapter], self.vblora_vector_bank[adapter])
+        params = self._adapter_tensors(adapter)
         if not self._needs_autograd(*params) and ops.native_ok(*params):
             # CPU and float32/float16/bfloat16 here: PEFT's delta is float32 in all three cases
             A, B = self._get_lora_matrices(adapter, cast_to_fp32=True)
             return ops.delta_weight(A, B, self.fan_in_fan_out)
-        cast_to_fp32 = logits_A.device.type == "cpu" and logits_A.dtype in (torch.float16, torch.bfloat16)
+        cast_to_fp32 = params[0].device.type == "cpu" and params[0].dtype in (torch.float16, torch.bfloat16)
         A, B = self._get_lora_matrices(adapter, cast_to_fp32)
         return _transpose(B @ A, self.fan_in_fan_out)
 
@@ -349,7 +447,7 @@ class Linear(nn.Linear, VBLoRALayer):
         With ``safe_merge`` the merge runs on a copy that is checked for non-finite values first; on failure
         a ValueError is raised and the weight is left as it was.
         """
-        adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.vblora_logits_A]
+        adapters = [a for a in check_adapters_to_merge(self, adapter_names) if self.has_adapter(a)]
         if not adapters:
             return
         self._apply_delta(adapters, 1.0, safe_merge=safe_merge)
@@ -360,7 +458,7 @@ class Linear(nn.Linear, VBLoRALayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        adapters = [a for a in reversed(self.merged_adapters) if a in self.vblora_logits_A]
+        adapters = [a for a in reversed(self.merged_adapters) if self.has_adapter(a)]
         self.merged_adapters = []
         if adapters:
             self._apply_delta(adapters, -1.0)
@@ -378,7 +476,7 @@ class Linear(nn.Linear, VBLoRALayer):
         else:
             result = self.base_layer(x, *args, **kwargs)
             for active_adapter in self.active_adapters:
-                if active_adapter not in self.vblora_logits_A:
+                if not self.has_adapter(active_adapter):
                     continue
                 A, B = self._get_lora_matrices(active_adapter)
                 x = x.to(self.vblora_vector_bank[active_adapter].dtype)

@@ -22,11 +22,13 @@ from .tuner import VBLoRATuner
 class VBLoRAModel(nn.Module):
     """A model with VB-LoRA adapters. Attributes it does not have fall through to the tuner, then to the model."""
 
-    def __init__(self, model: nn.Module, peft_config: VBLoRAConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: VBLoRAConfig, adapter_name: str = "default", *, init_logits: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(peft_config, VBLoRAConfig):
             raise TypeError(f"expected a VBLoRAConfig, got {type(peft_config).__name__}")
-        self.base_model = VBLoRATuner(model, peft_config, adapter_name)
+        self.base_model = VBLoRATuner(model, peft_config, adapter_name, init_logits=init_logits)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -97,6 +99,10 @@ class VBLoRAModel(nn.Module):
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
+    def compact_(self, adapter_name: str = "default") -> None:
+        """Keep only the top-K indices and weights of ``adapter_name`` (see ``VBLoRATuner.compact_``)."""
+        self.base_model.compact_(adapter_name)
+
     # --- parameter counts -----------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -147,7 +153,7 @@ class VBLoRAModel(nn.Module):
         keep their trainability; on a bad file nothing changes."""
         config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
         requires_grad = {id(p): p.requires_grad for p in self.parameters()}
-        self.base_model.add_adapter(adapter_name, config)
+        self.base_model.add_adapter(adapter_name, config, init_logits=not checkpoint.is_topk_checkpoint(tensors))
         try:
             checkpoint.load_adapter_weights(self, tensors, adapter_name, weights)
         except Exception:
@@ -174,7 +180,8 @@ class VBLoRAModel(nn.Module):
     ) -> VBLoRAModel:
         """Load an adapter checkpoint folder (written by PEFT or by us) onto ``model``."""
         config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
-        wrapper = cls(model, config, adapter_name)
+        # a top-K checkpoint loads in compact form: no dense logits are ever allocated
+        wrapper = cls(model, config, adapter_name, init_logits=not checkpoint.is_topk_checkpoint(tensors))
         try:
             checkpoint.load_adapter_weights(wrapper, tensors, adapter_name, weights)
         except Exception:

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from . import compact
 from .config import VBLoRAConfig
 from .layer import Linear, VBLoRALayer
 from .modules_to_save import ModulesToSaveWrapper, unwrap_modules_to_save, wrap_modules_to_save
@@ -21,13 +22,17 @@ from .targets import is_target, resolve_target_modules
 class VBLoRATuner(nn.Module):
     prefix = "vblora_"
 
-    def __init__(self, model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, config: VBLoRAConfig, adapter_name: str = "default", *, init_logits: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, VBLoRAConfig] = {}
         self.active_adapter: Union[str, list[str]] = adapter_name
         self.vblora_vector_bank = nn.ParameterDict({})
-        self.inject_adapter(config, adapter_name)
+        # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
+        self.vblora_topk = nn.ModuleDict({})
+        self.inject_adapter(config, adapter_name, init_logits=init_logits)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -62,7 +67,9 @@ class VBLoRATuner(nn.Module):
                 "bias to 'none' for all adapters."
             )
 
-    def inject_adapter(self, config: VBLoRAConfig, adapter_name: str) -> None:
+    def inject_adapter(self, config: VBLoRAConfig, adapter_name: str, *, init_logits: bool = True) -> None:
+        """Add adapter ``adapter_name`` to every target module. ``init_logits=False`` allocates no logits: the
+        caller fills the adapter in compact top-K form (loading a top-K checkpoint)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         config = copy.deepcopy(config)
@@ -71,7 +78,7 @@ class VBLoRATuner(nn.Module):
         self.peft_config[adapter_name] = config
         self._init_vector_bank(config, adapter_name)
         try:
-            matched = self._replace_targets(config, adapter_name)
+            matched = self._replace_targets(config, adapter_name, init_logits)
             if not matched:
                 raise ValueError(
                     f"Target modules {config.target_modules} not found in the base model. Please check the target "
@@ -91,10 +98,12 @@ class VBLoRATuner(nn.Module):
         self.peft_config.pop(adapter_name, None)
         for key, layer in self.vblora_layers():
             layer.delete_adapter(adapter_name)
-            if not layer.vblora_logits_A:
+            if not any(layer.has_adapter(a) for a in layer._all_available_adapter_names()):
                 self._replace_with_base(key, layer)
         if adapter_name in self.vblora_vector_bank:
             del self.vblora_vector_bank[adapter_name]
+        if adapter_name in self.vblora_topk:
+            del self.vblora_topk[adapter_name]
 
     def _replace_with_base(self, key: str, layer: VBLoRALayer) -> None:
         parent_name, _, child_name = key.rpartition(".")
@@ -113,7 +122,7 @@ class VBLoRATuner(nn.Module):
                 inside.append(key + ".")
         return keys
 
-    def _replace_targets(self, config: VBLoRAConfig, adapter_name: str) -> list[str]:
+    def _replace_targets(self, config: VBLoRAConfig, adapter_name: str, init_logits: bool = True) -> list[str]:
         matched = []
         for key in self._candidate_keys():
             if not is_target(config, key):
@@ -122,16 +131,23 @@ class VBLoRATuner(nn.Module):
             parent_name, _, child_name = key.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             try:
-                self._create_and_replace(config, adapter_name, target, child_name, parent)
+                self._create_and_replace(config, adapter_name, target, child_name, parent, init_logits)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"module {key!r}: {exc}") from exc
             matched.append(key)
         return matched
 
     def _create_and_replace(
-        self, config: VBLoRAConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
+        self,
+        config: VBLoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        init_logits: bool = True,
     ) -> None:
         layer_args = {
+            "init_logits": init_logits,
             "r": config.r,
             "topk": config.topk,
             "num_vectors": config.num_vectors,
@@ -207,8 +223,8 @@ class VBLoRATuner(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: VBLoRAConfig) -> None:
-        self.inject_adapter(config, adapter_name)
+    def add_adapter(self, adapter_name: str, config: VBLoRAConfig, *, init_logits: bool = True) -> None:
+        self.inject_adapter(config, adapter_name, init_logits=init_logits)
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -240,6 +256,8 @@ class VBLoRATuner(nn.Module):
             layer.delete_adapter(adapter_name)
         if adapter_name in self.vblora_vector_bank:
             del self.vblora_vector_bank[adapter_name]
+        if adapter_name in self.vblora_topk:
+            del self.vblora_topk[adapter_name]
         for _, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module.delete_adapter(adapter_name)
@@ -262,6 +280,43 @@ class VBLoRATuner(nn.Module):
         for _, layer in self.vblora_layers():
             if layer.merged:
                 layer.unmerge()
+
+    # --- compact top-K form ---------------------------------------------------------------------
+
+    def set_compact_adapter(
+        self, adapter_name: str, layers: list[tuple[str, Linear]], parts: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Store ``adapter_name`` in compact form: ``parts`` holds the stored top-K ``(indices, weights)`` of A then
+        B of each of ``layers``, in order (already checked). One table holds them all."""
+        config = self.peft_config[adapter_name]
+        table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+        self.vblora_topk[adapter_name] = table
+        for i, (_, layer) in enumerate(layers):
+            layer.set_compact(adapter_name, self.vblora_topk, starts[2 * i])
+
+    def compact_(self, adapter_name: str = "default") -> None:
+        """Convert ``adapter_name`` in place to compact top-K form for deployment: per sub-vector only the top-K
+        indices and weights PEFT's ``save_only_topk_weights`` would save are kept, the dense logits are freed,
+        and forward / merge / ``get_delta_weight`` give what PEFT gives after loading that top-K checkpoint.
+        The adapter can no longer be trained, and saves in top-K form from now on."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found in {sorted(self.peft_config)}")
+        layers = [(key, layer) for key, layer in self.vblora_layers() if layer.has_adapter(adapter_name)]
+        merged = [key for key, layer in layers if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before compact_")
+        config = self.peft_config[adapter_name]
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for _, layer in layers:
+                if layer.is_compact(adapter_name):
+                    idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
+                    parts += [(idx_A, w_A), (idx_B, w_B)]
+                else:
+                    for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name]):
+                        parts.append(compact.encode(logits, config.topk, config.num_vectors))
+        self.set_compact_adapter(adapter_name, layers, parts)
+        config.save_only_topk_weights = True
 
     def _unload(
         self,
@@ -294,6 +349,11 @@ class VBLoRATuner(nn.Module):
     def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
         """(VB-LoRA parameters to be saved, in float32 equivalents; other savable parameters), as PEFT counts."""
         logits_params = vector_bank_params = other_params = 0
+        for _, layer in self.vblora_layers():  # compact adapters count as the dense logits PEFT would hold
+            for name in layer.vblora_topk_rows:
+                grid_A, grid_B = layer.topk_grids(name)
+                rows = grid_A[0] * grid_A[1] + grid_B[0] * grid_B[1]
+                logits_params += rows * self.vblora_topk[name].num_vectors
         for name, param in self.named_parameters():
             if "vblora_logits" in name:
                 logits_params += param.numel()

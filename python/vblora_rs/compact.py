@@ -1,0 +1,152 @@
+"""Compact top-K adapters: the top-K indices and weights of every sub-vector, without the dense logits.
+
+A ``save_only_topk_weights`` checkpoint stores, per sub-vector, the indices of the K kept bank vectors and the
+first K-1 softmax weights (the last is 1 minus their sum). PEFT turns that back into dense logits
+(``log(weight)`` at the kept indices, ``-inf`` elsewhere: ``num_vectors`` floats per sub-vector, hundreds of MB
+for a 7B model). Here the stored form is kept as it is, in one :class:`TopKTable` per adapter (all layers'
+sub-vectors in a few large tensors, as the packed file holds them), and A and B are built straight from it.
+
+Bit parity with PEFT: PEFT's forward runs ``topk`` + ``softmax`` over those dense logits. On a row that is
+``-inf`` except at the K kept entries, ``topk`` returns the kept entries sorted by logit, largest first, and
+``softmax`` of those K logits gives the weights; :func:`compute_form` reproduces exactly that from the stored
+form (sort + the very same ``softmax`` on a ``(rows, K)`` tensor). Only rows where the order is not decided by
+the values (two equal kept logits, or a zero weight whose ``-inf`` ties with the fill) go through ``torch.topk``
+on a rebuilt dense row, so those few rows get torch's own tie order too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import VBLoRAError
+
+TOPK_INDICES = "_topk_indices"
+TOPK_WEIGHTS = "_topk_weights"
+
+
+def indices_dtype(num_vectors: int) -> torch.dtype:
+    """The integer dtype PEFT stores top-K indices in."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    if num_vectors < 2**15:
+        return torch.int16
+    if num_vectors < 2**31:
+        return torch.int32
+    return torch.int64
+
+
+class TopKTable(nn.Module):
+    """One adapter's stored top-K form for all its layers: ``indices (S, K)`` in PEFT's integer dtype and
+    ``weights (S, K-1)`` as stored, one row per sub-vector. Layers know their rows (see ``Linear``)."""
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> None:
+        super().__init__()
+        self.num_vectors = num_vectors
+        self.register_buffer("indices", indices)
+        self.register_buffer("weights", weights)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.indices.shape[0]}, topk={self.indices.shape[1]}, num_vectors={self.num_vectors}"
+
+
+# --- stored form <-> logits ---------------------------------------------------------------------------
+
+
+def encode(logits: torch.Tensor, k: int, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored form of dense logits, bit for bit what PEFT saves: ``topk`` indices in PEFT's integer dtype and the
+    first ``k-1`` softmax weights in the logits' dtype (the selection runs in Rust on CPU)."""
+    logits = logits.detach()
+    if ops.native_ok(logits):
+        idx, weights = ops.topk_softmax(logits, k)
+        weights = weights.to(logits.dtype)
+    else:
+        top, idx = logits.topk(k)
+        weights = torch.softmax(top, dim=-1)
+    return idx.to(indices_dtype(num_vectors)), weights[..., :-1].contiguous()
+
+
+def _log_weights(weights: torch.Tensor) -> torch.Tensor:
+    """``log([w, 1 - sum(w)])`` in float32: the logits PEFT scatters at the kept indices."""
+    w = weights.float()
+    return torch.log(torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1))
+
+
+def dense_logits(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """The dense float32 logits PEFT builds from the stored form: log-weights at the kept indices, -inf elsewhere."""
+    logits = _log_weights(weights)
+    dense = torch.full((*logits.shape[:-1], num_vectors), float("-inf"), device=logits.device)
+    return dense.scatter(-1, indices.to(torch.long), logits)
+
+
+def compute_form(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64, weights float32)`` with ``(..., K)`` entries as PEFT's forward sees them: ordered as
+    ``torch.topk`` orders the dense logits, weights the ``softmax`` of the kept logits."""
+    logits = _log_weights(weights)
+    idx = indices.to(torch.long)
+    order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+    top = torch.gather(logits, -1, order)
+    idx = torch.gather(idx, -1, order)
+    # rows whose order the values do not decide: a tie between kept logits, or a -inf (zero weight)
+    undecided = (top[..., 1:] == top[..., :-1]).any(-1) | torch.isinf(top[..., -1])
+    if bool(undecided.any()):
+        rows = undecided.nonzero(as_tuple=True)
+        dense = dense_logits(indices[rows], weights[rows], num_vectors)
+        top[rows], idx[rows] = dense.topk(top.shape[-1], dim=-1)
+    return idx, torch.softmax(top, dim=-1)
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def check_stored(
+    path: str, key: str, indices: torch.Tensor, weights: torch.Tensor, num_vectors: int, topk: int
+) -> None:
+    """Reject a stored top-K pair that PEFT would turn into wrong logits; messages name file and tensor."""
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} has dtype {indices.dtype}, expected an integer dtype")
+    if not weights.dtype.is_floating_point:
+        raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} has dtype {weights.dtype}, expected a float dtype")
+    if indices.shape[-1:] != (topk,) or weights.shape != (*indices.shape[:-1], topk - 1):
+        raise VBLoRAError(
+            f"{path}: tensors {key}{TOPK_INDICES} {tuple(indices.shape)} and {key}{TOPK_WEIGHTS} "
+            f"{tuple(weights.shape)} do not hold topk={topk} entries per sub-vector"
+        )
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= num_vectors:
+            raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} holds indices outside [0, {num_vectors})")
+    if weights.numel():
+        w = weights.float()
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} holds NaN, infinite or negative weights")
+        if bool((w.sum(-1) > 1 + 1e-6).any()):
+            raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} has weights summing above 1")
+
+
+def table_from_layers(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], num_vectors: int, topk: int
+) -> tuple[TopKTable, list[int]]:
+    """One table from per-matrix ``(indices, weights)`` pairs (any leading shape); returns it and each pair's
+    first row."""
+    starts, rows = [], 0
+    for idx, _ in parts:
+        starts.append(rows)
+        rows += idx.numel() // topk
+    dtype = indices_dtype(num_vectors)
+    if parts:
+        indices = torch.cat([idx.reshape(-1, topk).to(dtype) for idx, _ in parts])
+        wdtype = parts[0][1].dtype
+        weights = torch.cat([w.reshape(-1, topk - 1).to(wdtype) for _, w in parts])
+    else:
+        indices = torch.empty(0, topk, dtype=dtype)
+        weights = torch.empty(0, topk - 1)
+    return TopKTable(indices, weights, num_vectors), starts
+
+
+def rows_of(table: TopKTable, start: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored ``(indices (*shape, K), weights (*shape, K-1))`` of one matrix, as views of the table."""
+    k = table.indices.shape[1]
+    end = start + shape[0] * shape[1]
+    return table.indices[start:end].reshape(*shape, k), table.weights[start:end].reshape(*shape, k - 1)
