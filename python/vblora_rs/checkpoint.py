@@ -183,10 +183,12 @@ def _take_topk_parts(
     model: VBLoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str, path: str
 ) -> tuple[list[tuple[str, Any]], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Pop the top-K tensors of every layer of ``adapter_name`` out of ``tensors`` and check them; returns the
-    layers and their ``(indices, weights)`` pairs, A then B per layer."""
+    layers and their ``(indices, weights)`` pairs, A then B per layer. Values are checked all at once (one pass
+    over every layer's tensors together), then tensor by tensor only to name the one at fault."""
     config = model.peft_config[adapter_name]
     layers = [(n, layer) for n, layer in model.base_model.vblora_layers() if adapter_name in layer.r]
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    keys: list[str] = []
     for name, layer in layers:
         for key, grid in zip(("vblora_logits_A", "vblora_logits_B"), layer.topk_grids(adapter_name)):
             ckpt = f"{MODEL_PREFIX}{name}.{key}"
@@ -201,7 +203,8 @@ def _take_topk_parts(
                     f"{path}: tensor {ckpt}{TOPK_INDICES} has shape {tuple(idx.shape)}, the model expects "
                     f"{(*grid, config.topk)}"
                 )
-            compact.check_stored(path, ckpt, idx, w, config.num_vectors, config.topk)
+            compact.check_layout(path, ckpt, idx, w, config.topk)
+            keys.append(ckpt)
             if parts and w.dtype != parts[0][1].dtype:
                 raise VBLoRAError(
                     f"{path}: tensor {ckpt}{TOPK_WEIGHTS} has dtype {w.dtype}, the others {parts[0][1].dtype}"
@@ -210,42 +213,60 @@ def _take_topk_parts(
     stray = [k for k in tensors if k.endswith((TOPK_INDICES, TOPK_WEIGHTS))]
     if stray:
         raise VBLoRAError(f"{path}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
+    if parts:
+        all_indices = torch.cat([i.reshape(-1) for i, _ in parts])
+        all_weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w in parts])
+        if compact.value_problem(all_indices, all_weights, config.num_vectors):
+            for key, (idx, w) in zip(keys, parts):
+                compact.check_stored(path, key, idx, w, config.num_vectors, config.topk)
     return layers, parts
+
+
+def _planned_copy(path: str, key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if tuple(value.shape) != tuple(target.shape):
+        raise VBLoRAError(
+            f"{path}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+        )
+    if value.dtype.is_floating_point != target.dtype.is_floating_point:
+        raise VBLoRAError(f"{path}: tensor {key} has dtype {value.dtype}, the model expects {target.dtype}")
+    return target, value
 
 
 def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str, path: str) -> None:
     """Check ``tensors`` (a checkpoint of PEFT's layout) against the model, then copy them into ``adapter_name``
     (top-K tensors: into a compact table, see :mod:`vblora_rs.compact`)."""
-    mapping = _checkpoint_to_model_keys(model, adapter_name)
-    params = model.state_dict(keep_vars=True)
     tensors = dict(tensors)
     topk_layers: list[tuple[str, Any]] = []
     topk_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     if is_topk_checkpoint(tensors):
         topk_layers, topk_parts = _take_topk_parts(model, tensors, adapter_name, path)
+    if BANK_KEY not in tensors:
+        raise VBLoRAError(f"{path}: missing tensor {BANK_KEY}")
+    plan = [_planned_copy(path, BANK_KEY, tensors.pop(BANK_KEY), model.base_model.vblora_vector_bank[adapter_name])]
 
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for key, value in tensors.items():
-        model_key = mapping.get(key)
-        if model_key is None:
-            raise VBLoRAError(f"{path}: tensor {key} matches no parameter of adapter {adapter_name!r} in this model")
-        target = params[model_key]
-        if tuple(value.shape) != tuple(target.shape):
+    if tensors or not topk_layers:
+        # Dense logits, biases, modules_to_save: found through the state dict (skipped for a bare top-K
+        # checkpoint, whose cost would otherwise grow with the number of adapters already loaded).
+        mapping = _checkpoint_to_model_keys(model, adapter_name)
+        params = model.state_dict(keep_vars=True)
+        for key, value in tensors.items():
+            model_key = mapping.get(key)
+            if model_key is None:
+                raise VBLoRAError(
+                    f"{path}: tensor {key} matches no parameter of adapter {adapter_name!r} in this model"
+                )
+            plan.append(_planned_copy(path, key, value, params[model_key]))
+        required = [
+            remove_adapter_name(k, adapter_name)
+            for k in params
+            if "vblora_logits" in k and k.endswith(f".{adapter_name}")
+        ]
+        missing = [k for k in required if k not in tensors]
+        if missing:
             raise VBLoRAError(
-                f"{path}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+                f"{path}: missing tensor {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
-        if value.dtype.is_floating_point != target.dtype.is_floating_point:
-            raise VBLoRAError(f"{path}: tensor {key} has dtype {value.dtype}, the model expects {target.dtype}")
-        plan.append((target, value))
-
-    required = [BANK_KEY] + [
-        remove_adapter_name(k, adapter_name) for k in params if "vblora_logits" in k and k.endswith(f".{adapter_name}")
-    ]
-    missing = [k for k in required if k not in tensors]
-    if missing:
-        raise VBLoRAError(
-            f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
     with torch.no_grad():
         for target, value in plan:
             target.copy_(value)

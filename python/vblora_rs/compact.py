@@ -104,6 +104,14 @@ def check_stored(
     path: str, key: str, indices: torch.Tensor, weights: torch.Tensor, num_vectors: int, topk: int
 ) -> None:
     """Reject a stored top-K pair that PEFT would turn into wrong logits; messages name file and tensor."""
+    check_layout(path, key, indices, weights, topk)
+    problem = value_problem(indices, weights, num_vectors)
+    if problem:
+        raise VBLoRAError(f"{path}: tensor {key}{problem}")
+
+
+def check_layout(path: str, key: str, indices: torch.Tensor, weights: torch.Tensor, topk: int) -> None:
+    """Dtypes and shapes of a stored top-K pair (cheap: no pass over the values)."""
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} has dtype {indices.dtype}, expected an integer dtype")
     if not weights.dtype.is_floating_point:
@@ -113,16 +121,21 @@ def check_stored(
             f"{path}: tensors {key}{TOPK_INDICES} {tuple(indices.shape)} and {key}{TOPK_WEIGHTS} "
             f"{tuple(weights.shape)} do not hold topk={topk} entries per sub-vector"
         )
+
+
+def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> str:
+    """What is wrong with the values of a stored top-K pair (``"<suffix> holds ..."``), or ``""``."""
     if indices.numel():
         low, high = torch.aminmax(indices)
         if int(low) < 0 or int(high) >= num_vectors:
-            raise VBLoRAError(f"{path}: tensor {key}{TOPK_INDICES} holds indices outside [0, {num_vectors})")
+            return f"{TOPK_INDICES} holds indices outside [0, {num_vectors})"
     if weights.numel():
         w = weights.float()
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} holds NaN, infinite or negative weights")
+            return f"{TOPK_WEIGHTS} holds NaN, infinite or negative weights"
         if bool((w.sum(-1) > 1 + 1e-6).any()):
-            raise VBLoRAError(f"{path}: tensor {key}{TOPK_WEIGHTS} has weights summing above 1")
+            return f"{TOPK_WEIGHTS} has weights summing above 1"
+    return ""
 
 
 def table_from_layers(

@@ -29,6 +29,11 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+# One stateless Identity for every adapter without dropout (PEFT makes one per adapter per layer: a thousand
+# adapters on a 7B model would be 224,000 modules).
+_NO_DROPOUT = nn.Identity()
+
+
 class LogitsDict(nn.ParameterDict):
     """``vblora_logits_A`` / ``_B``: a ParameterDict whose compact (top-K) adapters get their dense logits built
     the first time someone asks for them by name, with the values PEFT would hold (log-weights at the kept
@@ -83,7 +88,9 @@ class VBLoRALayer:
         self.vblora_vector_bank = nn.ParameterDict({})
         # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
         # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
-        self.vblora_topk = nn.ModuleDict({})
+        # The tables are held, not registered: a process may hold a thousand adapters, and registering them in
+        # every layer would make state_dict() and module walks grow with layers x adapters.
+        self.__dict__["vblora_topk"] = {}
         self.vblora_topk_rows: dict[str, int] = {}
         # Adapters whose logits come from top-K weights: they cannot be trained (PEFT's RuntimeError); a flag
         # rather than PEFT's `isinf().any()` on every training forward, which syncs and breaks compiled graphs.
@@ -227,7 +234,7 @@ class VBLoRALayer:
 
         self.r[adapter_name] = r
         self.topk[adapter_name] = topk
-        dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else nn.Identity()
+        dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else _NO_DROPOUT
         self.vblora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
         self.vblora_vector_bank = vblora_vector_bank
         if init_logits:
@@ -264,7 +271,7 @@ class VBLoRALayer:
     def set_compact(self, adapter_name: str, tables: nn.ModuleDict, first_row: int) -> None:
         """Make ``adapter_name`` compact: its top-K rows start at ``first_row`` of ``tables[adapter_name]`` (A's
         rows then B's); dense logits, if any, are dropped."""
-        self.vblora_topk = tables
+        self.__dict__["vblora_topk"] = tables
         self.vblora_topk_rows[adapter_name] = first_row
         self.vblora_from_topk.add(adapter_name)
         for holder in (self.vblora_logits_A, self.vblora_logits_B):

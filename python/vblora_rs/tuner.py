@@ -112,14 +112,17 @@ class VBLoRATuner(nn.Module):
 
     def _candidate_keys(self) -> list[str]:
         """Module names that may be targets: not the root, nothing inside an adapter layer or wrapper."""
-        inside: list[str] = []
+        inside: set[str] = set()  # adapter layers and wrappers, and everything under them
         keys = []
-        for key, module in self.model.named_modules():
-            if not key or any(key.startswith(p) for p in inside):
+        for key, module in self.model.named_modules():  # pre-order: a parent comes before its children
+            if not key:
+                continue
+            if key.rpartition(".")[0] in inside:
+                inside.add(key)
                 continue
             keys.append(key)
             if isinstance(module, (VBLoRALayer, ModulesToSaveWrapper)):
-                inside.append(key + ".")
+                inside.add(key)
         return keys
 
     def _replace_targets(self, config: VBLoRAConfig, adapter_name: str, init_logits: bool = True) -> list[str]:
