@@ -1,0 +1,312 @@
+"""A VB-LoRA adapter as it is stored, for tools that read adapters without building a model.
+
+:func:`read_adapter` reads a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, full
+logits or top-K), checks every VB-LoRA tensor against the config, and groups the tensors by module.
+:func:`module_factors` turns each module into plain LoRA factors ``A (r, in)`` and ``B (out, r)``.
+
+Weight files are found by name (:data:`WEIGHT_READERS`): a new file format is one more entry there, whose
+reader returns the config and the tensors under PEFT's checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import ops
+from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME, read_safetensors
+from .config import CONFIG_NAME, VBLoRAConfig
+from .errors import VBLoRAError
+
+__all__ = ["AdapterFile", "ModuleEntry", "module_factors", "read_adapter"]
+
+MODULE_PREFIX = "base_model.model."
+LOGITS_A = ".vblora_logits_A"
+LOGITS_B = ".vblora_logits_B"
+FULL = "full"
+TOPK = "topk"
+# A weight of 1 - sum(stored k-1 weights) this far below 0 is float rounding (PEFT's softmax in float32);
+# further below, the weights were not a softmax.
+_SUM_SLACK = 1e-6
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One adapted module: its path in the model, the shape of its weight and the checkpoint keys it owns."""
+
+    name: str
+    out_features: int
+    in_features: int
+    sub_vectors_A: int  # r * in_features / vector_length
+    sub_vectors_B: int  # out_features / vector_length * r
+    keys: tuple[str, ...]
+
+    @property
+    def sub_vectors(self) -> int:
+        return self.sub_vectors_A + self.sub_vectors_B
+
+
+@dataclass
+class AdapterFile:
+    """A VB-LoRA adapter read from disk; ``tensors`` keeps PEFT's checkpoint keys.
+
+    ``storage`` is how the logits are held: ``"full"`` (``<module>.vblora_logits_A`` / ``_B``) or ``"topk"``
+    (``..._topk_indices`` and ``..._topk_weights``, the first k-1 softmax weights of every sub-vector).
+    """
+
+    config: VBLoRAConfig
+    tensors: dict[str, torch.Tensor]
+    weights_path: str
+    storage: str
+    modules: dict[str, ModuleEntry]
+
+    @property
+    def bank(self) -> torch.Tensor:
+        return self.tensors[BANK_KEY]
+
+    @property
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Tensors that are not VB-LoRA's (modules_to_save weights, biases), under their checkpoint keys."""
+        owned = {BANK_KEY}.union(*(m.keys for m in self.modules.values()))
+        return {k: v for k, v in self.tensors.items() if k not in owned}
+
+    def logits(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full logits ``(r, in/L, num_vectors)`` and ``(out/L, r, num_vectors)`` of a module (full storage)."""
+        base = MODULE_PREFIX + module
+        return self.tensors[base + LOGITS_A], self.tensors[base + LOGITS_B]
+
+    def topk(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stored top-K ``(indices_A, weights_A, indices_B, weights_B)`` of a module (top-K storage); the weights
+        hold k-1 values per sub-vector, as PEFT saves them."""
+        base = MODULE_PREFIX + module
+        t = self.tensors
+        return (
+            t[base + LOGITS_A + TOPK_INDICES],
+            t[base + LOGITS_A + TOPK_WEIGHTS],
+            t[base + LOGITS_B + TOPK_INDICES],
+            t[base + LOGITS_B + TOPK_WEIGHTS],
+        )
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def _read_peft(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+    return VBLoRAConfig.from_pretrained(folder), read_safetensors(weights_path)
+
+
+# Weight file name -> reader of (config, tensors under PEFT's keys), tried in this order.
+WEIGHT_READERS: dict[str, Callable[[str, str], tuple[VBLoRAConfig, dict[str, torch.Tensor]]]] = {
+    WEIGHTS_NAME: _read_peft,
+}
+
+
+def _locate(path: str) -> tuple[str, str]:
+    """The adapter folder and its weights file, from the folder or from one of its files."""
+    if os.path.isdir(path):
+        for name in WEIGHT_READERS:
+            if os.path.isfile(os.path.join(path, name)):
+                return path, os.path.join(path, name)
+        names = " or ".join(WEIGHT_READERS)
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise VBLoRAError(f"{path}: not an adapter folder (no {CONFIG_NAME}, no {names})")
+        raise VBLoRAError(f"{path}: no {names} found")
+    if os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) in WEIGHT_READERS:
+            return folder, path
+        if os.path.basename(path) == CONFIG_NAME:
+            return _locate(folder)
+        raise VBLoRAError(f"{path}: expected an adapter folder or its {' or '.join(WEIGHT_READERS)}")
+    raise VBLoRAError(f"{path}: no such adapter folder")
+
+
+def read_adapter(path: Union[str, os.PathLike]) -> AdapterFile:
+    """Read and check a VB-LoRA adapter folder (or its weights file). Bad input raises VBLoRAError naming the
+    file and the tensor at fault."""
+    folder, weights_path = _locate(os.fspath(path))
+    config, tensors = WEIGHT_READERS[os.path.basename(weights_path)](folder, weights_path)
+    storage, modules = _index(config, tensors, weights_path)
+    return AdapterFile(config, tensors, weights_path, storage, modules)
+
+
+# --- checking -----------------------------------------------------------------------------------------
+
+
+def _split_key(key: str) -> Optional[tuple[str, str, str]]:
+    """``(module, "A"|"B", "" | TOPK_INDICES | TOPK_WEIGHTS)`` of a VB-LoRA logits key, None for other keys."""
+    for part, marker in (("A", LOGITS_A), ("B", LOGITS_B)):
+        for tail in ("", TOPK_INDICES, TOPK_WEIGHTS):
+            if key.endswith(marker + tail) and key.startswith(MODULE_PREFIX):
+                return key[len(MODULE_PREFIX) : -len(marker + tail)], part, tail
+    return None
+
+
+def _index(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str) -> tuple[str, dict[str, ModuleEntry]]:
+    """Storage kind and per-module entries, after checking every VB-LoRA tensor against the config."""
+    _check_bank(config, tensors, path)
+    found: dict[str, dict[tuple[str, str], str]] = {}
+    for key in tensors:
+        parts = _split_key(key)
+        if parts is None:
+            if "vblora" in key and key != BANK_KEY:
+                raise VBLoRAError(f"{path}: tensor {key} is not a VB-LoRA tensor of PEFT's layout")
+            continue
+        module, part, tail = parts
+        found.setdefault(module, {})[(part, tail)] = key
+    if not found:
+        raise VBLoRAError(f"{path}: holds no VB-LoRA logits (no *.vblora_logits_A / _B tensors)")
+    layouts = {frozenset(keys) for keys in found.values()}
+    full = frozenset({("A", ""), ("B", "")})
+    topk = frozenset((p, t) for p in "AB" for t in (TOPK_INDICES, TOPK_WEIGHTS))
+    storage = FULL if layouts == {full} else TOPK if layouts == {topk} else None
+    if storage is None:
+        for module, keys in sorted(found.items()):
+            if frozenset(keys) not in (full, topk):
+                raise VBLoRAError(
+                    f"{path}: module {module} holds {sorted(keys.values())}; expected vblora_logits_A and _B, "
+                    "or their _topk_indices and _topk_weights"
+                )
+        raise VBLoRAError(f"{path}: mixes full logits and top-K tensors; PEFT saves one or the other")
+    check = _check_full if storage == FULL else _check_topk
+    modules = {module: check(config, tensors, path, module, found[module]) for module in sorted(found)}
+    return storage, modules
+
+
+def _check_bank(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str) -> None:
+    bank = tensors.get(BANK_KEY)
+    if bank is None:
+        raise VBLoRAError(f"{path}: missing tensor {BANK_KEY}")
+    want = (config.num_vectors, config.vector_length)
+    if tuple(bank.shape) != want:
+        raise VBLoRAError(
+            f"{path}: tensor {BANK_KEY} has shape {tuple(bank.shape)}, the config says "
+            f"(num_vectors, vector_length) = {want}"
+        )
+    _check_float(bank, path, BANK_KEY)
+    if not torch.isfinite(bank).all():
+        raise VBLoRAError(f"{path}: tensor {BANK_KEY} holds NaN or infinite values")
+
+
+def _check_float(t: torch.Tensor, path: str, key: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise VBLoRAError(f"{path}: tensor {key} has dtype {t.dtype}, expected float32, float16 or bfloat16")
+
+
+def _entry(
+    config: VBLoRAConfig,
+    tensors: dict[str, torch.Tensor],
+    path: str,
+    module: str,
+    keys: dict[tuple[str, str], str],
+    tail: str,
+) -> ModuleEntry:
+    """Check ``(r, in/L)`` and ``(out/L, r)``, the leading dims of the module's ``tail`` tensors, and build its
+    entry."""
+    key_A, key_B = keys[("A", tail)], keys[("B", tail)]
+    shape_A, shape_B = tuple(tensors[key_A].shape), tuple(tensors[key_B].shape)
+    if len(shape_A) != 3 or shape_A[0] != config.r or shape_A[1] == 0:
+        raise VBLoRAError(f"{path}: tensor {key_A} has shape {shape_A}, expected (r={config.r}, in/L, ...)")
+    if len(shape_B) != 3 or shape_B[1] != config.r or shape_B[0] == 0:
+        raise VBLoRAError(f"{path}: tensor {key_B} has shape {shape_B}, expected (out/L, r={config.r}, ...)")
+    L = config.vector_length
+    return ModuleEntry(
+        name=module,
+        out_features=shape_B[0] * L,
+        in_features=shape_A[1] * L,
+        sub_vectors_A=shape_A[0] * shape_A[1],
+        sub_vectors_B=shape_B[0] * shape_B[1],
+        keys=tuple(sorted(keys.values())),
+    )
+
+
+def _check_full(
+    config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
+) -> ModuleEntry:
+    for part in "AB":
+        key = keys[(part, "")]
+        logits = tensors[key]
+        _check_float(logits, path, key)
+        if logits.dim() != 3 or logits.shape[-1] != config.num_vectors:
+            raise VBLoRAError(
+                f"{path}: tensor {key} has shape {tuple(logits.shape)}, expected 3 dims ending in "
+                f"num_vectors={config.num_vectors}"
+            )
+        if torch.isnan(logits).any():
+            raise VBLoRAError(f"{path}: tensor {key} holds NaN logits")
+        if logits.numel() and not (logits.amax(-1) > float("-inf")).all():
+            raise VBLoRAError(f"{path}: tensor {key} has a sub-vector whose logits are all -inf")
+    return _entry(config, tensors, path, module, keys, "")
+
+
+def _check_topk(
+    config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
+) -> ModuleEntry:
+    k = config.topk
+    for part in "AB":
+        ikey, wkey = keys[(part, TOPK_INDICES)], keys[(part, TOPK_WEIGHTS)]
+        indices, weights = tensors[ikey], tensors[wkey]
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise VBLoRAError(f"{path}: tensor {ikey} has dtype {indices.dtype}, expected an integer dtype")
+        _check_float(weights, path, wkey)
+        if indices.dim() != 3 or indices.shape[-1] != k:
+            raise VBLoRAError(
+                f"{path}: tensor {ikey} has shape {tuple(indices.shape)}, expected 3 dims ending in topk={k}"
+            )
+        if tuple(weights.shape) != (*indices.shape[:-1], k - 1):
+            raise VBLoRAError(
+                f"{path}: tensor {wkey} has shape {tuple(weights.shape)}, expected "
+                f"{(*indices.shape[:-1], k - 1)} (the first topk-1 weights of each sub-vector of {ikey})"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= config.num_vectors):
+            raise VBLoRAError(f"{path}: tensor {ikey} holds indices outside [0, num_vectors={config.num_vectors})")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise VBLoRAError(f"{path}: tensor {wkey} holds NaN, infinite or negative weights")
+        if (weights.float().sum(-1) > 1 + _SUM_SLACK).any():
+            raise VBLoRAError(f"{path}: tensor {wkey} has sub-vectors whose weights sum above 1")
+    return _entry(config, tensors, path, module, keys, TOPK_INDICES)
+
+
+# --- LoRA factors -------------------------------------------------------------------------------------
+
+
+def full_topk_weights(weights: torch.Tensor) -> torch.Tensor:
+    """All k weights of every sub-vector from the k-1 stored ones, as PEFT rebuilds them: ``[w, 1 - sum(w)]``
+    (a last weight a rounding error below zero becomes zero)."""
+    last = (1 - weights.sum(-1, keepdim=True)).clamp_min(0)
+    return torch.cat([weights, last], dim=-1)
+
+
+def dense_logits(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """PEFT's decoding of stored top-K: ``log`` of the k weights scattered into a row of ``-inf`` (float32).
+
+    Rebuilding the dense row, rather than feeding the stored weights to the gather directly, keeps what PEFT
+    computes from it bit for bit: which index wins among tied logits, the order of the weighted sum, and
+    softmax(log w) renormalising weights whose float sum is not exactly 1. It costs one float32 row of
+    ``num_vectors`` per sub-vector of one module at a time, the size of that module in a full-logits file."""
+    logits = torch.log(full_topk_weights(weights)).float()
+    rows = torch.full((*logits.shape[:-1], num_vectors), float("-inf"))
+    return rows.scatter(-1, indices.to(torch.long), logits)
+
+
+def module_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A (r, in), B (out, r))}`` in float32, equal to PEFT's ``_get_lora_matrices`` of the adapter."""
+    config, bank = adapter.config, adapter.bank
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in adapter.modules:
+        if adapter.storage == FULL:
+            logits_A, logits_B = adapter.logits(name)
+        else:
+            idx_A, w_A, idx_B, w_B = adapter.topk(name)
+            logits_A = dense_logits(idx_A, w_A, config.num_vectors)
+            logits_B = dense_logits(idx_B, w_B, config.num_vectors)
+        try:
+            A, B = ops.low_rank_matrices(logits_A.contiguous(), logits_B.contiguous(), bank, config.topk)
+        except VBLoRAError as exc:
+            raise VBLoRAError(f"{adapter.weights_path}: module {name}: {exc}") from None
+        out[name] = (A.contiguous(), B.contiguous())
+    return out
