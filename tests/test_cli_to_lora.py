@@ -181,7 +181,7 @@ BAD_INPUTS = {
     "index out of range": (
         lambda src: _edit_tensors(src, lambda t: t[Q_PROJ + "_topk_indices"].view(-1)[5].fill_(300)),
         "",
-        f"tensor {Q_PROJ}_topk_indices holds indices outside [0, num_vectors=300)",
+        f"tensor {Q_PROJ}_topk_indices holds indices outside [0, 300)",
     ),
     "nan weight": (
         lambda src: _edit_tensors(src, lambda t: t[Q_PROJ + "_topk_weights"].view(-1)[0].fill_(float("nan"))),
@@ -191,14 +191,14 @@ BAD_INPUTS = {
     "weights above 1": (
         lambda src: _edit_tensors(src, lambda t: t[Q_PROJ + "_topk_weights"].view(-1)[:2].fill_(0.9)),
         "",
-        f"tensor {Q_PROJ}_topk_weights has sub-vectors whose weights sum above 1",
+        f"tensor {Q_PROJ}_topk_weights has weights summing above 1",
     ),
     "weights shape": (
         lambda src: _edit_tensors(
             src, lambda t: t.update({Q_PROJ + "_topk_weights": t[Q_PROJ + "_topk_weights"][:, :2].contiguous()})
         ),
         "",
-        f"tensor {Q_PROJ}_topk_weights has shape (3, 2, 2)",
+        f"{Q_PROJ}_topk_weights (3, 2, 2) do not hold topk=3 entries",
     ),
     "missing half": (
         lambda src: _edit_tensors(src, lambda t: t.pop(Q_PROJ + "_topk_weights")),

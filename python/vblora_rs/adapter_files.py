@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import ops
+from . import compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME, read_safetensors
 from .config import CONFIG_NAME, VBLoRAConfig
 from .errors import VBLoRAError
@@ -28,9 +28,6 @@ LOGITS_A = ".vblora_logits_A"
 LOGITS_B = ".vblora_logits_B"
 FULL = "full"
 TOPK = "topk"
-# A weight of 1 - sum(stored k-1 weights) this far below 0 is float rounding (PEFT's softmax in float32);
-# further below, the weights were not a softmax.
-_SUM_SLACK = 1e-6
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -246,51 +243,17 @@ def _check_full(
 def _check_topk(
     config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
 ) -> ModuleEntry:
-    k = config.topk
     for part in "AB":
         ikey, wkey = keys[(part, TOPK_INDICES)], keys[(part, TOPK_WEIGHTS)]
-        indices, weights = tensors[ikey], tensors[wkey]
-        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-            raise VBLoRAError(f"{path}: tensor {ikey} has dtype {indices.dtype}, expected an integer dtype")
-        _check_float(weights, path, wkey)
-        if indices.dim() != 3 or indices.shape[-1] != k:
-            raise VBLoRAError(
-                f"{path}: tensor {ikey} has shape {tuple(indices.shape)}, expected 3 dims ending in topk={k}"
-            )
-        if tuple(weights.shape) != (*indices.shape[:-1], k - 1):
-            raise VBLoRAError(
-                f"{path}: tensor {wkey} has shape {tuple(weights.shape)}, expected "
-                f"{(*indices.shape[:-1], k - 1)} (the first topk-1 weights of each sub-vector of {ikey})"
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= config.num_vectors):
-            raise VBLoRAError(f"{path}: tensor {ikey} holds indices outside [0, num_vectors={config.num_vectors})")
-        if not torch.isfinite(weights).all() or (weights < 0).any():
-            raise VBLoRAError(f"{path}: tensor {wkey} holds NaN, infinite or negative weights")
-        if (weights.float().sum(-1) > 1 + _SUM_SLACK).any():
-            raise VBLoRAError(f"{path}: tensor {wkey} has sub-vectors whose weights sum above 1")
+        indices = tensors[ikey]
+        if indices.dim() != 3:
+            raise VBLoRAError(f"{path}: tensor {ikey} has shape {tuple(indices.shape)}, expected 3 dims")
+        key = ikey.removesuffix(TOPK_INDICES)
+        compact.check_stored(path, key, indices, tensors[wkey], config.num_vectors, config.topk)
     return _entry(config, tensors, path, module, keys, TOPK_INDICES)
 
 
 # --- LoRA factors -------------------------------------------------------------------------------------
-
-
-def full_topk_weights(weights: torch.Tensor) -> torch.Tensor:
-    """All k weights of every sub-vector from the k-1 stored ones, as PEFT rebuilds them: ``[w, 1 - sum(w)]``
-    (a last weight a rounding error below zero becomes zero)."""
-    last = (1 - weights.sum(-1, keepdim=True)).clamp_min(0)
-    return torch.cat([weights, last], dim=-1)
-
-
-def dense_logits(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:
-    """PEFT's decoding of stored top-K: ``log`` of the k weights scattered into a row of ``-inf`` (float32).
-
-    Rebuilding the dense row, rather than feeding the stored weights to the gather directly, keeps what PEFT
-    computes from it bit for bit: which index wins among tied logits, the order of the weighted sum, and
-    softmax(log w) renormalising weights whose float sum is not exactly 1. It costs one float32 row of
-    ``num_vectors`` per sub-vector of one module at a time, the size of that module in a full-logits file."""
-    logits = torch.log(full_topk_weights(weights)).float()
-    rows = torch.full((*logits.shape[:-1], num_vectors), float("-inf"))
-    return rows.scatter(-1, indices.to(torch.long), logits)
 
 
 def module_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -298,14 +261,15 @@ def module_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.
     config, bank = adapter.config, adapter.bank
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in adapter.modules:
-        if adapter.storage == FULL:
-            logits_A, logits_B = adapter.logits(name)
-        else:
-            idx_A, w_A, idx_B, w_B = adapter.topk(name)
-            logits_A = dense_logits(idx_A, w_A, config.num_vectors)
-            logits_B = dense_logits(idx_B, w_B, config.num_vectors)
         try:
-            A, B = ops.low_rank_matrices(logits_A.contiguous(), logits_B.contiguous(), bank, config.topk)
+            if adapter.storage == FULL:
+                logits_A, logits_B = adapter.logits(name)
+                A, B = ops.low_rank_matrices(logits_A.contiguous(), logits_B.contiguous(), bank, config.topk)
+            else:  # what PEFT's forward computes from the dense -inf logits it would rebuild (see compact)
+                idx_A, w_A, idx_B, w_B = adapter.topk(name)
+                idx_A, w_A = compact.compute_form(idx_A, w_A, config.num_vectors)
+                idx_B, w_B = compact.compute_form(idx_B, w_B, config.num_vectors)
+                A, B = ops.low_rank_matrices_from_topk(idx_A, w_A, idx_B, w_B, bank)
         except VBLoRAError as exc:
             raise VBLoRAError(f"{adapter.weights_path}: module {name}: {exc}") from None
         out[name] = (A.contiguous(), B.contiguous())

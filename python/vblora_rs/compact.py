@@ -67,10 +67,16 @@ def encode(logits: torch.Tensor, k: int, num_vectors: int) -> tuple[torch.Tensor
     return idx.to(indices_dtype(num_vectors)), weights[..., :-1].contiguous()
 
 
+def full_weights(weights: torch.Tensor) -> torch.Tensor:
+    """All K float32 weights from the K-1 stored: ``[w, 1 - sum(w)]``. A last weight that rounding leaves a hair
+    below zero (sums up to 1 + 1e-6 are accepted) counts as 0, where PEFT's ``log`` would then give NaN."""
+    w = weights.float()
+    return torch.cat([w, (1 - w.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+
+
 def _log_weights(weights: torch.Tensor) -> torch.Tensor:
     """``log([w, 1 - sum(w)])`` in float32: the logits PEFT scatters at the kept indices."""
-    w = weights.float()
-    return torch.log(torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1))
+    return torch.log(full_weights(weights))
 
 
 def dense_logits(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> torch.Tensor:

@@ -212,8 +212,7 @@ def bank_usage(adapter: AdapterFile) -> BankUsage:
     """Selections per bank vector: the stored indices (top-K), or the top-k of the logits as PEFT picks them."""
     import torch
 
-    from .. import ops
-    from ..adapter_files import full_topk_weights
+    from .. import compact, ops
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0
@@ -222,7 +221,7 @@ def bank_usage(adapter: AdapterFile) -> BankUsage:
             pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
         else:
             idx_A, w_A, idx_B, w_B = adapter.topk(name)
-            pairs = [(idx_A, full_topk_weights(w_A)), (idx_B, full_topk_weights(w_B))]
+            pairs = [(idx_A, compact.full_weights(w_A)), (idx_B, compact.full_weights(w_B))]
         for indices, weights in pairs:
             counts += torch.bincount(indices.reshape(-1).long(), minlength=counts.numel())
             top1_sum += float(weights.float().amax(-1).double().sum())
