@@ -125,9 +125,12 @@ pub fn check_indices_dtype(dtype: &str, num_vectors: u64) -> Result<(), String> 
     }
 }
 
-/// Checks the modules (dims >= 1, non-empty unique paths) and returns `S`, the total number of
+/// Checks the modules (at least one; dims >= 1; non-empty, unique paths) and returns `S`, the total number of
 /// sub-vectors, without overflow.
 pub fn sub_vector_count(modules: &[Module]) -> Result<usize, String> {
+    if modules.is_empty() {
+        return Err("lists no modules".into());
+    }
     let mut seen = std::collections::HashSet::with_capacity(modules.len());
     let mut total = 0_usize;
     for (i, m) in modules.iter().enumerate() {
@@ -265,6 +268,7 @@ mod tests {
             assert!(parse_modules(bad).is_err(), "{bad}");
         }
         assert!(sub_vector_count(&[module("a", 0, 1, 1)]).is_err());
+        assert_eq!(sub_vector_count(&[]), Err("lists no modules".into()));
         assert!(sub_vector_count(&[module("", 1, 1, 1)]).is_err());
         assert!(sub_vector_count(&[module("a", 1, 1, 1), module("a", 1, 1, 1)]).is_err());
         let huge = module("a", 1 << 40, 1 << 40, 1);
