@@ -230,14 +230,22 @@ def write_packed(
     tensors: dict[str, torch.Tensor],
     config: VBLoRAConfig,
     half: Optional[torch.dtype] = None,
+    *,
+    source: Optional[str] = None,
 ) -> PackReport:
     """Write a PEFT top-K checkpoint dict (as :func:`vblora_rs.checkpoint.adapter_state_dict` returns for a
     ``save_only_topk_weights`` config) as one packed file, atomically. ``half`` (torch.float16 or torch.bfloat16)
-    stores the bank and weights in that dtype; the report then gives each layer's max delta-weight error."""
+    stores the bank and weights in that dtype; the report then gives each layer's max delta-weight error. ``source``
+    (e.g. the checkpoint file the tensors came from) prefixes messages about bad input tensors."""
     path = os.fspath(path)
     if half not in (None, torch.float16, torch.bfloat16):
         raise VBLoRAError(f"half must be None, torch.float16 or torch.bfloat16, got {half}")
-    layout = _layout(tensors, config)
+    try:
+        layout = _layout(tensors, config)
+    except VBLoRAError as exc:
+        if source is None:
+            raise
+        raise VBLoRAError(f"{source}: {exc}") from None
     bank, weights = layout.bank.detach().cpu().contiguous(), layout.weights.detach().cpu().contiguous()
     layout.bank, layout.weights = bank, weights
     errors: dict[str, float] = {}
