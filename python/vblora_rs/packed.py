@@ -198,6 +198,15 @@ def _full_weights(weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
 
 
+def _max_delta_difference(A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor) -> float:
+    """max |B@A - B2@A2| as one rank-2r product ``[B, -B2] @ [A; A2]`` (float32): one (out, in) pass instead of two
+    deltas and a subtraction, about half the time (at 4096x11008: ~45-60 ms vs ~70-125 ms on a busy 2-core VM; a
+    row-blocked torch.mm variant was no faster). float32 rounding of the stacked sum is far below the 16-bit error."""
+    delta = ops.delta_weight(torch.cat([A, A2], dim=0), torch.cat([B, -B2], dim=1))
+    lo, hi = torch.aminmax(delta)
+    return max(-float(lo), float(hi))
+
+
 def _layer_errors(layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor) -> dict[str, float]:
     """Per module, max |B@A - B'@A'| (float32) between the original and the half-stored adapter."""
     errors: dict[str, float] = {}
@@ -207,14 +216,16 @@ def _layer_errors(layout: _Layout, weights_half: torch.Tensor, bank_half: torch.
         n_a, n_b = r * in_sub, out_sub * r
         idx_a = layout.indices[at : at + n_a].reshape(r, in_sub, k)
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
-        deltas = []
+        factors = []
         for weights, bank in ((layout.weights, layout.bank), (weights_half, bank_half)):
             full = _full_weights(weights[at : at + n_a + n_b])
-            A, B = ops.low_rank_matrices_from_topk(
-                idx_a, full[:n_a].reshape(r, in_sub, k), idx_b, full[n_a:].reshape(out_sub, r, k), bank
+            factors.append(
+                ops.low_rank_matrices_from_topk(
+                    idx_a, full[:n_a].reshape(r, in_sub, k), idx_b, full[n_a:].reshape(out_sub, r, k), bank
+                )
             )
-            deltas.append(ops.delta_weight(A, B))
-        errors[path] = float(deltas[0].sub_(deltas[1]).abs_().max())
+        (A, B), (A2, B2) = factors
+        errors[path] = _max_delta_difference(A, B, A2, B2)
         at += n_a + n_b
     return errors
 
@@ -262,15 +273,22 @@ def write_packed(
         "config": _stored_config(config),
     }
     extras = [_extra_bytes(key, t) for key, t in layout.extras.items()]
-    total = _native.encode_packed(
-        path,
-        metadata,
-        layout.modules,
-        layout.indices.contiguous().numpy(),
-        ops._float_view(weights, "topk weights"),
-        ops._float_view(bank, "vector bank"),
-        extras,
-    )
+    try:
+        total = _native.encode_packed(
+            path,
+            metadata,
+            layout.modules,
+            layout.indices.contiguous().numpy(),
+            ops._float_view(weights, "topk weights"),
+            ops._float_view(bank, "vector bank"),
+            extras,
+        )
+    except VBLoRAError as exc:
+        # "<path>: argument ..." is a bad value in the input (an index, a weight row, the bank): name the source
+        message = str(exc)
+        if source is None or not message.startswith(f"{path}: argument "):
+            raise
+        raise VBLoRAError(f"{source}: {message[len(path) + 2 :]}") from None
     bank_bytes = bank.numel() * bank.element_size()
     indices_bytes = (layout.indices.numel() * _index_bits(config.num_vectors) + 7) // 8
     weights_bytes = weights.numel() * weights.element_size()
