@@ -70,4 +70,32 @@ def simd_level() -> str:
 
 # --- packed adapter format (rust/packed, rust/py/packed.rs) ---
 
+def encode_packed(
+    path: str,
+    metadata: dict[str, str],
+    modules: list[tuple[str, int, int, int]],
+    indices: npt.NDArray[np.int64],
+    weights: FloatArray,
+    bank: FloatArray,
+    extras: list[tuple[str, str, list[int], bytes]],
+) -> int:
+    """Write a packed adapter file (docs/packed-format.md) atomically; returns the bytes written.
+
+    ``metadata`` must hold ``indices_dtype``, ``key_prefix`` and ``config``; the entries the encoder computes
+    (``format``, ``vblora_packed``, ``num_vectors``, ``vector_length``, ``topk``, ``index_bits``, ``modules``) may be
+    present only with the computed value. ``modules``: ``(path, r, in_sub, out_sub)`` in file order;
+    ``indices (S, k)`` sub-vector-major (each module's A grid then its B grid, C order), every index in
+    ``[0, num_vectors)``; ``weights (S, k-1)`` finite, ``>= 0``, each row summing to at most ``1 + 1e-6``;
+    ``bank (num_vectors, L)`` finite. ``extras``: ``(name, safetensors dtype such as "F32"/"BF16"/"I64", shape,
+    raw little-endian bytes)``. Errors name the argument and, for a bad index or weight row, its module and cell."""
+
+def decode_packed(path: str) -> dict[str, object]:
+    """Read and validate a packed adapter file. Returns a dict with ``metadata`` (dict[str, str], every entry),
+    ``modules`` (list of ``(path, r, in_sub, out_sub)``), ``num_vectors``, ``vector_length``, ``topk``,
+    ``index_bits`` (ints), ``indices`` (int64 ``(S, k)``), ``weights`` ``(S, k-1)`` and ``bank``
+    ``(num_vectors, L)`` (float32, float16, or uint16 holding bfloat16 bits) with ``weights_dtype`` /
+    ``bank_dtype`` ("float32", "float16", "bfloat16"), and ``extras`` (tuples as for :func:`encode_packed`, by name).
+    Any damage (truncation, lying offsets, bad metadata, out-of-range index, NaN, ...) raises :class:`VBLoRAError`
+    whose message starts with ``path`` and names the metadata field or tensor at fault."""
+
 # --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---

@@ -1,0 +1,469 @@
+//! Encoding and decoding a whole packed adapter (see `docs/packed-format.md`).
+//!
+//! The file is written by the `safetensors` crate (which writes a sibling temporary file and
+//! renames it, so a failed write never leaves a half-written file behind) and read whole into
+//! memory: it is small (a few MB at the Llama-2-7B shape), and a plain read needs no `unsafe`
+//! (`memmap2` would, and the crate denies it) and cannot fault if the file changes under us.
+//! `decode` trusts nothing: every number in the header is checked with checked arithmetic and
+//! compared with the tensor sizes the safetensors layer has already matched to the file size, so
+//! every allocation is bounded by the input.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors, View};
+
+use super::bits::{self, BitsError};
+use super::error::PackedError;
+use super::header::{self as h, Module};
+use super::values::FloatData;
+
+/// A packed adapter in memory: what `encode` writes and `decode` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed<'a> {
+    /// `__metadata__`. For `encode`: at least `indices_dtype`, `key_prefix` and `config`; the
+    /// fields the encoder computes (format, version, dims, `index_bits`, `modules`) may be present
+    /// only with the value it computes.
+    /// From `decode`: every entry of the file.
+    pub metadata: BTreeMap<String, String>,
+    pub modules: Vec<Module>,
+    pub num_vectors: usize,
+    pub vector_length: usize,
+    pub topk: usize,
+    /// `S * topk` indices, sub-vector-major.
+    pub indices: Cow<'a, [i64]>,
+    /// `S * (topk - 1)` weights.
+    pub weights: FloatData<'a>,
+    /// `num_vectors * vector_length` values.
+    pub bank: FloatData<'a>,
+    /// Other checkpoint tensors, stored unchanged (`decode` lists them by name).
+    pub extras: Vec<Extra<'a>>,
+}
+
+/// A tensor of the checkpoint outside the VB-LoRA parts (modules_to_save weights, biases).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extra<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl Packed<'_> {
+    /// Bits per stored index.
+    pub fn index_bits(&self) -> u32 {
+        bits::index_bits(self.num_vectors as u64)
+    }
+}
+
+/// A safetensors dtype from its name in headers ("F32", "BF16", "I64", ...).
+pub fn parse_dtype(name: &str) -> Result<Dtype, PackedError> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned()))
+        .map_err(|_| PackedError::argument("dtype", format!("{name:?} is not a safetensors dtype")))
+}
+
+/// The PEFT checkpoint keys a module's data becomes; extras must not reuse them.
+fn derived_keys(prefix: &str, modules: &[Module]) -> HashSet<String> {
+    let mut keys = HashSet::with_capacity(modules.len() * 4);
+    for m in modules {
+        for grid in ["A", "B"] {
+            for part in ["indices", "weights"] {
+                keys.insert(format!(
+                    "{prefix}{}.vblora_logits_{grid}_topk_{part}",
+                    m.path
+                ));
+            }
+        }
+    }
+    keys
+}
+
+/// Bytes of a tensor of `dtype` and `shape`, or `None` on overflow or a partial byte.
+fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
+    let bits = shape
+        .iter()
+        .try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d))?;
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// An index error, with the module, grid cell and slot of a bad index.
+fn index_message(e: &BitsError, topk: usize, modules: &[Module]) -> String {
+    match *e {
+        BitsError::OutOfRange {
+            position,
+            value,
+            bound,
+        } => {
+            let sub = position / topk;
+            format!(
+                "index {position} (sub-vector {sub}, {}, slot {}) is {value}, outside [0, {bound})",
+                h::locate(modules, sub),
+                position % topk
+            )
+        }
+        ref other => other.to_string(),
+    }
+}
+
+// --- encoding ---------------------------------------------------------------------------------
+
+struct Raw<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Cow<'a, [u8]>,
+}
+
+impl View for &Raw<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The `__metadata__` entries and the named tensors of a file about to be written.
+type Prepared<'p> = (HashMap<String, String>, Vec<(String, Raw<'p>)>);
+
+/// The header entries and tensors of `p`, after checking everything `decode` would check.
+fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
+    let (nv, len, k) = (p.num_vectors as u64, p.vector_length as u64, p.topk as u64);
+    h::check_dims(nv, len, k).map_err(|(field, reason)| PackedError::argument(field, reason))?;
+    let s = h::sub_vector_count(&p.modules)
+        .map_err(|reason| PackedError::argument("modules", reason))?;
+
+    let mut metadata: HashMap<String, String> = p.metadata.clone().into_iter().collect();
+    for field in h::SUPPLIED {
+        if !metadata.contains_key(field) {
+            return Err(PackedError::argument(
+                "metadata",
+                format!("lacks the `{field}` entry"),
+            ));
+        }
+    }
+    h::check_indices_dtype(&metadata[h::INDICES_DTYPE], nv).map_err(|reason| {
+        PackedError::argument(format!("metadata[{}]", h::INDICES_DTYPE), reason)
+    })?;
+    let bits = p.index_bits();
+    let computed = [
+        (h::FORMAT, "pt".to_owned()),
+        (h::VERSION, h::VERSION_1.to_owned()),
+        (h::NUM_VECTORS, nv.to_string()),
+        (h::VECTOR_LENGTH, len.to_string()),
+        (h::TOPK, k.to_string()),
+        (h::INDEX_BITS, bits.to_string()),
+        (h::MODULES, h::modules_json(&p.modules)),
+    ];
+    for (field, value) in computed {
+        if let Some(given) = metadata.insert(field.to_owned(), value.clone()) {
+            if given != value {
+                return Err(PackedError::argument(
+                    format!("metadata[{field}]"),
+                    format!("is {given:?} but the data gives {value:?}"),
+                ));
+            }
+        }
+    }
+
+    let expect_len = |name: &str, got: usize, rows: usize, cols: usize| {
+        let want = rows.checked_mul(cols);
+        if want == Some(got) {
+            Ok(())
+        } else {
+            Err(PackedError::argument(
+                name,
+                format!("holds {got} values, expected {rows} x {cols}"),
+            ))
+        }
+    };
+    expect_len("indices", p.indices.len(), s, p.topk)?;
+    expect_len("weights", p.weights.len(), s, p.topk - 1)?;
+    expect_len("bank", p.bank.len(), p.num_vectors, p.vector_length)?;
+    p.weights.check_weight_rows(p.topk - 1).map_err(|e| {
+        let at = h::locate(&p.modules, e.row());
+        PackedError::argument("weights", format!("row {} ({at}) {}", e.row(), e.reason()))
+    })?;
+    if let Some((i, v)) = p.bank.first_non_finite() {
+        return Err(PackedError::argument(
+            "bank",
+            format!(
+                "row {} holds {v}; the bank must be finite",
+                i / p.vector_length
+            ),
+        ));
+    }
+    let packed = bits::pack(&p.indices, bits, nv)
+        .map_err(|e| PackedError::argument("indices", index_message(&e, p.topk, &p.modules)))?;
+
+    let mut tensors = vec![
+        (
+            h::VECTOR_BANK.to_owned(),
+            Raw {
+                dtype: p.bank.dtype(),
+                shape: vec![p.num_vectors, p.vector_length],
+                data: p.bank.le_bytes(),
+            },
+        ),
+        (
+            h::TOPK_INDICES.to_owned(),
+            Raw {
+                dtype: Dtype::U8,
+                shape: vec![packed.len()],
+                data: Cow::Owned(packed),
+            },
+        ),
+        (
+            h::TOPK_WEIGHTS.to_owned(),
+            Raw {
+                dtype: p.weights.dtype(),
+                shape: vec![s, p.topk - 1],
+                data: p.weights.le_bytes(),
+            },
+        ),
+    ];
+    let derived = derived_keys(&metadata[h::KEY_PREFIX], &p.modules);
+    let mut names: HashSet<&str> = [h::VECTOR_BANK, h::TOPK_INDICES, h::TOPK_WEIGHTS].into();
+    for e in &p.extras {
+        if !names.insert(&e.name) || derived.contains(&e.name) {
+            return Err(PackedError::argument(
+                "extras",
+                format!("reuse the tensor name {:?}", e.name),
+            ));
+        }
+        if byte_len(e.dtype, &e.shape) != Some(e.data.len()) {
+            return Err(PackedError::argument(
+                "extras",
+                format!(
+                    "tensor {:?} has {} bytes, which do not fit {} {:?}",
+                    e.name,
+                    e.data.len(),
+                    e.dtype,
+                    e.shape
+                ),
+            ));
+        }
+        tensors.push((
+            e.name.clone(),
+            Raw {
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                data: Cow::Borrowed(&e.data),
+            },
+        ));
+    }
+    Ok((metadata, tensors))
+}
+
+fn write_error(e: &safetensors::SafeTensorError) -> PackedError {
+    PackedError::Io(e.to_string())
+}
+
+/// The packed file's bytes.
+pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
+    let (metadata, tensors) = prepare(p)?;
+    safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(metadata))
+        .map_err(|e| write_error(&e))
+}
+
+/// Writes the packed file atomically (a sibling temporary file renamed over `path`); returns its
+/// size in bytes.
+pub fn encode_to_file(p: &Packed<'_>, path: &Path) -> Result<u64, PackedError> {
+    let (metadata, tensors) = prepare(p)?;
+    // The crate makes its temporary file in `path.parent()`, which is "" for a bare file name.
+    let path = std::path::absolute(path).map_err(|e| PackedError::Io(e.to_string()))?;
+    safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (n, r)), Some(metadata), &path)
+        .map_err(|e| write_error(&e))?;
+    std::fs::metadata(&path)
+        .map(|m| m.len())
+        .map_err(|e| PackedError::Io(e.to_string()))
+}
+
+// --- decoding ---------------------------------------------------------------------------------
+
+/// The tensors of a file: info from the validated header, data sliced from the buffer.
+struct Tensors<'a> {
+    header: Metadata,
+    data: &'a [u8],
+}
+
+impl<'a> Tensors<'a> {
+    fn get(&self, name: &str) -> Result<(&TensorInfo, &'a [u8]), PackedError> {
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| PackedError::tensor(name, "is missing"))?;
+        // `read_metadata` has checked that the offsets tile the data exactly.
+        let (start, end) = info.data_offsets;
+        let bytes = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| PackedError::tensor(name, "has offsets outside the file"))?;
+        Ok((info, bytes))
+    }
+
+    fn float(&self, name: &str, shape: &[usize]) -> Result<FloatData<'static>, PackedError> {
+        let (info, bytes) = self.get(name)?;
+        if info.shape != shape {
+            return Err(PackedError::tensor(
+                name,
+                format!("has shape {:?}, expected {shape:?}", info.shape),
+            ));
+        }
+        FloatData::from_le_bytes(info.dtype, bytes).ok_or_else(|| {
+            PackedError::tensor(
+                name,
+                format!("has dtype {}, expected F32, F16 or BF16", info.dtype),
+            )
+        })
+    }
+}
+
+fn field<'m>(metadata: &'m BTreeMap<String, String>, name: &str) -> Result<&'m str, PackedError> {
+    metadata
+        .get(name)
+        .map(String::as_str)
+        .ok_or_else(|| PackedError::metadata(name, "is missing"))
+}
+
+/// Decodes and validates a packed file.
+pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
+    let (n, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| PackedError::Safetensors(e.to_string()))?;
+    let metadata: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .ok_or_else(|| {
+            PackedError::metadata(
+                h::VERSION,
+                "is missing: the file has no __metadata__, so it is not a packed adapter",
+            )
+        })?
+        .into_iter()
+        .collect();
+    let version = metadata.get(h::VERSION).ok_or_else(|| {
+        PackedError::metadata(h::VERSION, "is missing: not a packed VB-LoRA adapter")
+    })?;
+    if version != h::VERSION_1 {
+        return Err(PackedError::metadata(
+            h::VERSION,
+            format!(
+                "is {version:?}; this version of vblora_rs reads format version {:?} only",
+                h::VERSION_1
+            ),
+        ));
+    }
+    let format = field(&metadata, h::FORMAT)?;
+    if format != "pt" {
+        return Err(PackedError::metadata(
+            h::FORMAT,
+            format!("is {format:?}, expected \"pt\""),
+        ));
+    }
+    let nv = h::parse_count(h::NUM_VECTORS, field(&metadata, h::NUM_VECTORS)?, 1)?;
+    let len = h::parse_count(h::VECTOR_LENGTH, field(&metadata, h::VECTOR_LENGTH)?, 1)?;
+    let k = h::parse_count(h::TOPK, field(&metadata, h::TOPK)?, 1)?;
+    h::check_dims(nv, len, k).map_err(|(f, reason)| PackedError::metadata(f, reason))?;
+    let bits = h::check_index_bits(nv, field(&metadata, h::INDEX_BITS)?)?;
+    h::check_indices_dtype(field(&metadata, h::INDICES_DTYPE)?, nv)
+        .map_err(|reason| PackedError::metadata(h::INDICES_DTYPE, reason))?;
+    let prefix = field(&metadata, h::KEY_PREFIX)?;
+    field(&metadata, h::CONFIG)?;
+    let modules = h::parse_modules(field(&metadata, h::MODULES)?)?;
+    let s = h::sub_vector_count(&modules)
+        .map_err(|reason| PackedError::metadata(h::MODULES, reason))?;
+    let too_big =
+        |what: &str| PackedError::metadata(h::MODULES, format!("gives a {what} that overflows"));
+    let (num_vectors, vector_length, topk) = (
+        usize::try_from(nv).map_err(|_| too_big("bank"))?,
+        usize::try_from(len).map_err(|_| too_big("bank"))?,
+        usize::try_from(k).map_err(|_| too_big("top-K"))?,
+    );
+    let count = s.checked_mul(topk).ok_or_else(|| too_big("index count"))?;
+
+    let tensors = Tensors {
+        header,
+        data: bytes.get(8 + n..).unwrap_or_default(),
+    };
+    // Sizes first: each is compared with a tensor the file really holds before any decoding.
+    let (info, packed) = tensors.get(h::TOPK_INDICES)?;
+    let expected = bits::packed_len(count, bits).ok_or_else(|| too_big("packed index length"))?;
+    if info.dtype != Dtype::U8 || info.shape != [expected] {
+        return Err(PackedError::tensor(
+            h::TOPK_INDICES,
+            format!(
+                "is {} {:?}, expected U8 [{expected}] ({s} sub-vectors x topk {topk} x {bits} bits)",
+                info.dtype, info.shape
+            ),
+        ));
+    }
+    let weights = tensors.float(h::TOPK_WEIGHTS, &[s, topk - 1])?;
+    let bank = tensors.float(h::VECTOR_BANK, &[num_vectors, vector_length])?;
+
+    let indices = bits::unpack(packed, count, bits, nv)
+        .map_err(|e| PackedError::tensor(h::TOPK_INDICES, index_message(&e, topk, &modules)))?;
+    weights.check_weight_rows(topk - 1).map_err(|e| {
+        let at = h::locate(&modules, e.row());
+        PackedError::tensor(
+            h::TOPK_WEIGHTS,
+            format!("row {} ({at}) {}", e.row(), e.reason()),
+        )
+    })?;
+    if let Some((i, v)) = bank.first_non_finite() {
+        return Err(PackedError::tensor(
+            h::VECTOR_BANK,
+            format!(
+                "row {} holds {v}; the bank must be finite",
+                i / vector_length
+            ),
+        ));
+    }
+
+    let derived = derived_keys(prefix, &modules);
+    let mut names = tensors.header.offset_keys();
+    names.sort_unstable();
+    let mut extras = Vec::new();
+    for name in names {
+        if [h::VECTOR_BANK, h::TOPK_INDICES, h::TOPK_WEIGHTS].contains(&name.as_str()) {
+            continue;
+        }
+        if derived.contains(&name) {
+            return Err(PackedError::tensor(
+                &name,
+                "clashes with a key the modules table produces",
+            ));
+        }
+        let (info, data) = tensors.get(&name)?;
+        extras.push(Extra {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data: Cow::Owned(data.to_vec()),
+            name,
+        });
+    }
+
+    Ok(Packed {
+        metadata,
+        modules,
+        num_vectors,
+        vector_length,
+        topk,
+        indices: Cow::Owned(indices),
+        weights,
+        bank,
+        extras,
+    })
+}
+
+/// Reads and decodes the packed file at `path`.
+pub fn decode_file(path: &Path) -> Result<Packed<'static>, PackedError> {
+    let bytes = std::fs::read(path).map_err(|e| PackedError::Io(e.to_string()))?;
+    decode(&bytes)
+}
