@@ -91,10 +91,20 @@ def assert_rejected(path: Path, match: str) -> None:
 
 
 def test_missing_files(tmp_path: Path) -> None:
-    assert_rejected(tmp_path, "no adapter config found")
+    assert_rejected(tmp_path, "no adapter_model.safetensors or adapter_packed.safetensors found")
+    path, _ = saved(tmp_path)
+    os.unlink(path / "adapter_config.json")
+    assert_rejected(path, "no adapter config found")
     path, _ = saved(tmp_path)
     os.unlink(path / "adapter_model.safetensors")
-    assert_rejected(path, "no adapter_model.safetensors found")
+    assert_rejected(path, "no adapter_model.safetensors or adapter_packed.safetensors found")
+
+
+def test_both_weight_files_is_ambiguous(tmp_path: Path) -> None:
+    path, model = saved(tmp_path, topk=True)
+    model.save_pretrained(tmp_path / "packed", format="packed")
+    os.link(tmp_path / "packed" / "adapter_packed.safetensors", path / "adapter_packed.safetensors")
+    assert_rejected(path, "holds both")
 
 
 def test_truncated_file(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ logits are built.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +27,7 @@ from .errors import VBLoRAError
 
 if TYPE_CHECKING:
     from .model import VBLoRAModel
+    from .packed import PackReport
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 BANK_KEY = "base_model.vblora_vector_bank"
@@ -97,9 +99,14 @@ def _compact_layer_tensors(model: VBLoRAModel, adapter_name: str, topk_form: boo
     return out
 
 
-def adapter_state_dict(model: VBLoRAModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT would save for ``adapter_name``, under PEFT's keys."""
-    config = model.peft_config[adapter_name]
+def adapter_state_dict(
+    model: VBLoRAModel, adapter_name: str = "default", topk: Optional[bool] = None
+) -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for ``adapter_name``, under PEFT's keys; top-K form if ``topk`` (default: as
+    the adapter's ``save_only_topk_weights`` says)."""
+    config = copy.copy(model.peft_config[adapter_name])
+    if topk is not None:
+        config.save_only_topk_weights = topk
     others = [a for a in model.peft_config if a != adapter_name]
     state = {k: v for k, v in model.state_dict().items() if not any(_belongs_to(k, o) for o in others)}
     out: dict[str, torch.Tensor] = {}
@@ -139,12 +146,44 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: VBLoRAModel, directory: Union[str, os.PathLike], adapter_name: str = "default") -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; each file appears whole or not at all."""
+def save_adapter(
+    model: VBLoRAModel,
+    directory: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    format: str = "peft",
+    half: Optional[torch.dtype] = None,
+) -> Optional[PackReport]:
+    """Write ``adapter_config.json`` and the weights: PEFT's ``adapter_model.safetensors`` (``format="peft"``)
+    or the packed single file (``format="packed"``, top-K; ``half`` stores bank and weights in float16 or
+    bfloat16 and returns the report of the error that costs). Each file appears whole or not at all; the
+    other format's weights file, if the folder had one, is removed so the folder holds one adapter."""
+    from . import packed
+
+    if format not in ("peft", "packed"):
+        raise ValueError(f"format must be 'peft' or 'packed', got {format!r}")
+    if half is not None and format != "packed":
+        raise ValueError("half precision storage needs format='packed'")
+    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = adapter_state_dict(model, adapter_name)
-    target = os.path.join(directory, WEIGHTS_NAME)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".adapter_model.", suffix=".tmp")
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.inference_mode = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
+    report = None
+    if format == "packed":
+        config.save_only_topk_weights = True
+        tensors = adapter_state_dict(model, adapter_name, topk=True)
+        report = packed.write_packed(os.path.join(directory, packed.PACKED_WEIGHTS_NAME), tensors, config, half)
+        stale = os.path.join(directory, WEIGHTS_NAME)
+    else:
+        _write_atomically(adapter_state_dict(model, adapter_name), os.path.join(directory, WEIGHTS_NAME))
+        stale = os.path.join(directory, packed.PACKED_WEIGHTS_NAME)
+    config.save_pretrained(directory)
+    if os.path.isfile(stale):
+        os.unlink(stale)
+    return report
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], target: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".adapter_model.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -152,13 +191,6 @@ def save_adapter(model: VBLoRAModel, directory: Union[str, os.PathLike], adapter
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    config = model.peft_config[adapter_name]
-    inference_mode = config.inference_mode
-    config.inference_mode = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
-    try:
-        config.save_pretrained(directory)
-    finally:
-        config.inference_mode = inference_mode
 
 
 # --- loading ----------------------------------------------------------------------------------------

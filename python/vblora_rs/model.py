@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import VBLoRAConfig
+from .config import CONFIG_NAME, VBLoRAConfig
 from .errors import VBLoRAError
 from .tuner import VBLoRATuner
 
@@ -128,19 +128,33 @@ class VBLoRAModel(nn.Module):
     # --- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None, **kwargs: Any
-    ) -> None:
+        self,
+        save_directory: Union[str, os.PathLike],
+        selected_adapters: Optional[list[str]] = None,
+        format: str = "peft",
+        half: Union[bool, torch.dtype] = False,
+        **kwargs: Any,
+    ) -> Optional[dict[str, Any]]:
         """Save adapters as PEFT does: the ``default`` adapter in ``save_directory``, any other in a subfolder
-        named after it."""
+        named after it.
+
+        ``format="peft"`` writes PEFT's ``adapter_model.safetensors`` (full logits, or top-K with
+        ``save_only_topk_weights``). ``format="packed"`` writes the compact single file
+        ``adapter_packed.safetensors`` (top-K, indices bit-packed; lossless), and with ``half=True`` (float16) or
+        ``half=torch.bfloat16`` the lossy variant whose bank and weights are half precision; it then returns
+        ``{adapter: PackReport}`` with the max error of every layer's delta weight."""
+        half_dtype = _half_dtype(half)
         if os.path.isfile(save_directory):
             raise VBLoRAError(f"{save_directory}: is a file, expected a directory")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name!r} not found in {sorted(self.peft_config)}")
+        reports = {}
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
-            checkpoint.save_adapter(self, target, name)
+            reports[name] = checkpoint.save_adapter(self, target, name, format=format, half=half_dtype)
+        return reports if format == "packed" else None
 
     def load_adapter(
         self,
@@ -151,9 +165,12 @@ class VBLoRAModel(nn.Module):
     ) -> None:
         """Add adapter ``adapter_name`` from a checkpoint folder (PEFT's or ours). The adapters already there
         keep their trainability; on a bad file nothing changes."""
-        config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
+        config, tensors, weights, config_source = _read_checkpoint(model_id, config, is_trainable)
         requires_grad = {id(p): p.requires_grad for p in self.parameters()}
-        self.base_model.add_adapter(adapter_name, config, init_logits=not checkpoint.is_topk_checkpoint(tensors))
+        with _config_errors(config_source):
+            self.base_model.add_adapter(
+                adapter_name, config, init_logits=not checkpoint.is_topk_checkpoint(tensors)
+            )
         try:
             checkpoint.load_adapter_weights(self, tensors, adapter_name, weights)
         except Exception:
@@ -179,9 +196,10 @@ class VBLoRAModel(nn.Module):
         **kwargs: Any,
     ) -> VBLoRAModel:
         """Load an adapter checkpoint folder (written by PEFT or by us) onto ``model``."""
-        config, tensors, weights = _read_checkpoint(model_id, config, is_trainable)
+        config, tensors, weights, config_source = _read_checkpoint(model_id, config, is_trainable)
         # a top-K checkpoint loads in compact form: no dense logits are ever allocated
-        wrapper = cls(model, config, adapter_name, init_logits=not checkpoint.is_topk_checkpoint(tensors))
+        with _config_errors(config_source):
+            wrapper = cls(model, config, adapter_name, init_logits=not checkpoint.is_topk_checkpoint(tensors))
         try:
             checkpoint.load_adapter_weights(wrapper, tensors, adapter_name, weights)
         except Exception:
@@ -192,22 +210,66 @@ class VBLoRAModel(nn.Module):
         return wrapper
 
 
+def _half_dtype(half: Union[bool, torch.dtype]) -> Optional[torch.dtype]:
+    if half is True:
+        return torch.float16
+    if half is False or half is None:
+        return None
+    if half in (torch.float16, torch.bfloat16):
+        return half  # type: ignore[return-value]
+    raise ValueError(f"half must be a bool, torch.float16 or torch.bfloat16, got {half!r}")
+
+
+@contextmanager
+def _config_errors(source: str) -> Iterator[None]:
+    """A config that does not fit the model (e.g. a vector_length that does not divide a layer) is a bad file:
+    VBLoRAError naming it (still a ValueError)."""
+    try:
+        yield
+    except VBLoRAError:
+        raise
+    except ValueError as exc:
+        raise VBLoRAError(f"{source}: {exc}") from exc
+
+
 def _read_checkpoint(
     model_id: Union[str, os.PathLike], config: Optional[VBLoRAConfig], is_trainable: bool
-) -> tuple[VBLoRAConfig, dict[str, torch.Tensor], str]:
-    """Config (given or read), tensors and weights path of a checkpoint folder, read before anything changes."""
+) -> tuple[VBLoRAConfig, dict[str, torch.Tensor], str, str]:
+    """Config (given or read), tensors (PEFT's layout), weights path and where the config came from, of a
+    checkpoint: a folder with PEFT's ``adapter_model.safetensors`` or our packed file, or the packed file
+    itself. Read before anything changes."""
+    from . import packed
+
     path = os.fspath(model_id)
-    config = copy.deepcopy(config) if config is not None else VBLoRAConfig.from_pretrained(path)
-    config.inference_mode = not is_trainable
     weights = _weights_file(path)
-    return config, checkpoint.read_safetensors(weights), weights
+    if os.path.basename(weights) == checkpoint.WEIGHTS_NAME:
+        file_config = VBLoRAConfig.from_pretrained(path) if config is None else config
+        tensors = checkpoint.read_safetensors(weights)
+        source = os.path.join(path, CONFIG_NAME)
+    else:
+        file_config, tensors = packed.read_packed(weights)
+        source = f"{weights} (its config)"
+    if config is not None:
+        source = "the config given to load the adapter"
+    config = copy.deepcopy(config if config is not None else file_config)
+    config.inference_mode = not is_trainable
+    return config, tensors, weights, source
 
 
 def _weights_file(path: str) -> str:
-    file = os.path.join(path, checkpoint.WEIGHTS_NAME)
-    if not os.path.isfile(file):
-        raise VBLoRAError(f"{path}: no {checkpoint.WEIGHTS_NAME} found")
-    return file
+    """The adapter weights file of ``path``: PEFT's or the packed one (exactly one of them), or ``path`` itself
+    when it is a packed file."""
+    from . import packed
+
+    if os.path.isfile(path) and packed.is_packed_file(path):
+        return path
+    candidates = [os.path.join(path, n) for n in (checkpoint.WEIGHTS_NAME, packed.PACKED_WEIGHTS_NAME)]
+    found = [f for f in candidates if os.path.isfile(f)]
+    if not found:
+        raise VBLoRAError(f"{path}: no {checkpoint.WEIGHTS_NAME} or {packed.PACKED_WEIGHTS_NAME} found")
+    if len(found) > 1:
+        raise VBLoRAError(f"{path}: holds both {found[0]} and {found[1]}; remove the one that is not the adapter")
+    return found[0]
 
 
 PeftModel = VBLoRAModel
