@@ -83,7 +83,26 @@ def test_sizes_equal_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], c
     assert main(["to-lora", str(paths["full"]), "-o", str(tmp_path / "lora")]) == 0
     capsys.readouterr()
     sizes["lora"] = os.path.getsize(tmp_path / "lora" / "adapter_model.safetensors")
-    names = {"full": "full logits", "topk": "PEFT top-K", "lora": "LoRA float32"}
+    for kind, extra in (("packed", []), ("half", ["--half", "float16"])):
+        assert main(["pack", str(paths["topk"]), "-o", str(tmp_path / kind), *extra]) == 0
+        sizes[kind] = os.path.getsize(tmp_path / kind / "adapter_packed.safetensors")
+    capsys.readouterr()
+    names = {
+        "full": "full logits",
+        "topk": "PEFT top-K",
+        "lora": "LoRA float32",
+        "packed": "packed",
+        "half": "packed float16",
+    }
+
+    packed_rep = report(tmp_path / "packed", capsys)
+    assert packed_rep["adapter"]["storage"] == "packed"
+    assert packed_rep["adapter"]["file_bytes"] == sizes["packed"]
+    packed_formats = {f["name"]: f["total"] for f in packed_rep["formats"]}
+    assert packed_formats["packed"] == sizes["packed"] and packed_formats["PEFT top-K"] == sizes["topk"]
+    module_bytes = sum(m["stored_bytes"] for m in packed_rep["modules"])
+    parts = next(f["parts"] for f in packed_rep["formats"] if f["name"] == "packed")
+    assert 0 <= module_bytes - parts["indices"] - parts["weights"] < len(packed_rep["modules"]) * 2
 
     for storage, path in paths.items():
         rep = report(path, capsys)

@@ -28,6 +28,8 @@ LOGITS_A = ".vblora_logits_A"
 LOGITS_B = ".vblora_logits_B"
 FULL = "full"
 TOPK = "topk"
+PACKED = "packed"
+PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"  # vblora_rs.packed's; spelled here so reading it needs no import
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -96,9 +98,16 @@ def _read_peft(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, 
     return VBLoRAConfig.from_pretrained(folder), read_safetensors(weights_path)
 
 
+def _read_packed(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+    from .packed import read_packed
+
+    return read_packed(weights_path)  # the config travels inside the packed file
+
+
 # Weight file name -> reader of (config, tensors under PEFT's keys), tried in this order.
 WEIGHT_READERS: dict[str, Callable[[str, str], tuple[VBLoRAConfig, dict[str, torch.Tensor]]]] = {
     WEIGHTS_NAME: _read_peft,
+    PACKED_WEIGHTS_NAME: _read_packed,
 }
 
 
@@ -128,6 +137,8 @@ def read_adapter(path: Union[str, os.PathLike]) -> AdapterFile:
     folder, weights_path = _locate(os.fspath(path))
     config, tensors = WEIGHT_READERS[os.path.basename(weights_path)](folder, weights_path)
     storage, modules = _index(config, tensors, weights_path)
+    if os.path.basename(weights_path) == PACKED_WEIGHTS_NAME:
+        storage = PACKED  # top-K data, in the packed file
     return AdapterFile(config, tensors, weights_path, storage, modules)
 
 

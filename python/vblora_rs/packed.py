@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _native, ops
+from . import _native, compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, _topk_encode
 from .config import VBLoRAConfig
 from .errors import VBLoRAError
@@ -192,12 +192,6 @@ def _half_weights(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _full_weights(weights: torch.Tensor) -> torch.Tensor:
-    """All k weights (float32): the stored k-1 and 1 minus their sum, as PEFT rebuilds them."""
-    w = weights.float()
-    return torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
-
-
 def _max_delta_difference(A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor) -> float:
     """max |B@A - B2@A2| as one rank-2r product ``[B, -B2] @ [A; A2]`` (float32): one (out, in) pass instead of two
     deltas and a subtraction, about half the time (at 4096x11008: ~45-60 ms vs ~70-125 ms on a busy 2-core VM; a
@@ -218,7 +212,7 @@ def _layer_errors(layout: _Layout, weights_half: torch.Tensor, bank_half: torch.
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
         factors = []
         for weights, bank in ((layout.weights, layout.bank), (weights_half, bank_half)):
-            full = _full_weights(weights[at : at + n_a + n_b])
+            full = compact.full_weights(weights[at : at + n_a + n_b])
             factors.append(
                 ops.low_rank_matrices_from_topk(
                     idx_a, full[:n_a].reshape(r, in_sub, k), idx_b, full[n_a:].reshape(out_sub, r, k), bank
@@ -243,6 +237,7 @@ def write_packed(
     half: Optional[torch.dtype] = None,
     *,
     source: Optional[str] = None,
+    report_errors: bool = True,
 ) -> PackReport:
     """Write a PEFT top-K checkpoint dict (as :func:`vblora_rs.checkpoint.adapter_state_dict` returns for a
     ``save_only_topk_weights`` config) as one packed file, atomically. ``half`` (torch.float16 or torch.bfloat16)
@@ -265,7 +260,8 @@ def write_packed(
         if not bool(torch.isfinite(bank_half).all()) and bool(torch.isfinite(bank).all()):
             raise VBLoRAError(f"tensor {BANK_KEY} holds values beyond the range of {half}; try torch.bfloat16")
         weights_half = _half_weights(weights, half)
-        errors = _layer_errors(layout, weights_half, bank_half)
+        if report_errors:  # one low-rank product per layer: seconds for a 7B adapter
+            errors = _layer_errors(layout, weights_half, bank_half)
         bank, weights = bank_half, weights_half
     metadata = {
         "indices_dtype": _INDEX_DTYPES[layout.indices_dtype],

@@ -189,9 +189,45 @@ def lora_size(adapter: AdapterFile) -> FormatSize:
     return size_of("LoRA float32", specs, PEFT_METADATA)
 
 
+def _packed_size(adapter: AdapterFile, half: Optional[Any], name: str) -> FormatSize:
+    """The packed file, measured by writing it (its header holds a JSON modules table and the config)."""
+    from .. import packed
+
+    tensors = adapter.tensors
+    if adapter.storage == "full":
+        tensors = packed.topk_tensors_from_full(tensors, adapter.config)
+    with tempfile.TemporaryDirectory(prefix="vblora_inspect_") as tmp:
+        report = packed.write_packed(
+            os.path.join(tmp, packed.PACKED_WEIGHTS_NAME), tensors, adapter.config, half, report_errors=False
+        )
+    parts = dict.fromkeys(PARTS, 0)
+    parts.update(bank=report.bank_bytes, indices=report.indices_bytes, weights=report.weights_bytes)
+    parts["extras"] = sum(spec.nbytes for spec in _extra_specs(adapter))
+    parts["header"] = report.header_and_extras_bytes - parts["extras"]
+    return FormatSize(name, parts)
+
+
+def packed_size(adapter: AdapterFile) -> FormatSize:
+    """vblora_rs's packed file (``vblora pack``): indices bit-packed, weights and bank as stored."""
+    return _packed_size(adapter, None, "packed")
+
+
+def packed_half_size(adapter: AdapterFile) -> FormatSize:
+    """The lossy packed file (``vblora pack --half float16``): bank and weights in float16."""
+    import torch
+
+    return _packed_size(adapter, torch.float16, "packed float16")
+
+
 # Every format the adapter can be sized in, each a function of the adapter.
-FORMATS: list[Callable[[AdapterFile], FormatSize]] = [full_logits_size, peft_topk_size, lora_size]
-STORAGE_FORMAT = {"full": "full logits", "topk": "PEFT top-K"}
+FORMATS: list[Callable[[AdapterFile], FormatSize]] = [
+    full_logits_size,
+    peft_topk_size,
+    packed_size,
+    packed_half_size,
+    lora_size,
+]
+STORAGE_FORMAT = {"full": "full logits", "topk": "PEFT top-K", "packed": "packed"}
 
 
 # --- bank usage -------------------------------------------------------------------------------------
@@ -243,6 +279,20 @@ def histogram(counts: list[int], max_bins: int = 12) -> list[tuple[int, int, int
 # --- the report -------------------------------------------------------------------------------------
 
 
+def _stored_bytes(adapter: AdapterFile, keys: tuple[str, ...]) -> int:
+    """Bytes a module's tensors take in the adapter's file (packed: indices at their bit width, rounded up)."""
+    from ..checkpoint import TOPK_INDICES
+
+    if adapter.storage != "packed":
+        return sum(adapter.tensors[k].nbytes for k in keys)
+    bits = max(1, (adapter.config.num_vectors - 1).bit_length())
+    total = 0
+    for key in keys:
+        t = adapter.tensors[key]
+        total += (t.numel() * bits + 7) // 8 if key.endswith(TOPK_INDICES) else t.nbytes
+    return total
+
+
 def build_report(adapter: AdapterFile) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain JSON-able data."""
     usage = bank_usage(adapter)
@@ -261,7 +311,7 @@ def build_report(adapter: AdapterFile) -> dict[str, Any]:
                 "module": m.name,
                 "shape": [m.out_features, m.in_features],
                 "sub_vectors": m.sub_vectors,
-                "stored_bytes": sum(adapter.tensors[k].nbytes for k in m.keys),
+                "stored_bytes": _stored_bytes(adapter, m.keys),
             }
             for m in adapter.modules.values()
         ],
@@ -393,9 +443,12 @@ def register(subparsers: Any) -> None:
         "inspect",
         help="show a VB-LoRA adapter's config, modules, exact bytes per storage format and bank usage",
         description="Print the config, a per-module table, the exact file size by part of the adapter in full "
-        "logits, PEFT top-K and float32 LoRA form, and how often each bank vector is selected.",
+        "logits, PEFT top-K, packed (lossless and float16) and float32 LoRA form, and how often each bank vector "
+        "is selected.",
     )
-    parser.add_argument("adapter", help="VB-LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument(
+        "adapter", help="VB-LoRA adapter folder (PEFT's adapter_model.safetensors or a packed file) or its weights file"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw bank usage and bytes per layer (matplotlib)")
     parser.set_defaults(run=run)
