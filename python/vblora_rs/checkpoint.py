@@ -174,7 +174,7 @@ def save_adapter(
         report = packed.write_packed(os.path.join(directory, packed.PACKED_WEIGHTS_NAME), tensors, config, half)
         stale = os.path.join(directory, WEIGHTS_NAME)
     else:
-        _write_atomically(adapter_state_dict(model, adapter_name), os.path.join(directory, WEIGHTS_NAME))
+        write_safetensors_atomically(adapter_state_dict(model, adapter_name), os.path.join(directory, WEIGHTS_NAME))
         stale = os.path.join(directory, packed.PACKED_WEIGHTS_NAME)
     config.save_pretrained(directory)
     if os.path.isfile(stale):
@@ -182,8 +182,9 @@ def save_adapter(
     return report
 
 
-def _write_atomically(tensors: dict[str, torch.Tensor], target: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".adapter_model.", suffix=".tmp")
+def write_safetensors_atomically(tensors: dict[str, torch.Tensor], target: str) -> None:
+    """``tensors`` saved to ``target`` via a temporary file in the same folder: whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".adapter_model.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})

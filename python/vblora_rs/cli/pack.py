@@ -113,25 +113,8 @@ def run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_safetensors(tensors: dict, path: str) -> None:
-    """``tensors`` saved to ``path`` via a temporary file in the same folder: whole or not at all."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter_model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_unpack(args: argparse.Namespace) -> int:
-    from ..checkpoint import WEIGHTS_NAME
+    from ..checkpoint import WEIGHTS_NAME, write_safetensors_atomically
     from ..packed import PACKED_WEIGHTS_NAME, read_packed
 
     src = os.fspath(args.adapter)
@@ -142,7 +125,7 @@ def run_unpack(args: argparse.Namespace) -> int:
     print(f"read   {file}: {_size(file)}")
     _output_folder(args.out, args.force)
     target = os.path.join(args.out, WEIGHTS_NAME)
-    _write_safetensors(tensors, target)
+    write_safetensors_atomically(tensors, target)
     config.save_only_topk_weights = True
     config.save_pretrained(args.out)
     print(f"wrote  {target}: {_size(target)} (PEFT save_only_topk_weights checkpoint)")
