@@ -4,13 +4,14 @@
 //! * [`header`]: read and validate a safetensors header without reading the data.
 //! * [`adapter`]: a PEFT VB-LoRA adapter file to per-module float32 factors `A`, `B`.
 //! * [`writer`]: one safetensors file to a new one, with `W += u @ v` applied to chosen tensors
-//!   and optionally every float tensor converted.
+//!   and optionally every float tensor converted; `sink` is its writer thread.
 //! * [`convert`]: float dtype conversion of raw tensor bytes, rounding as torch does.
 
 pub mod adapter;
 pub mod convert;
 pub mod error;
 pub mod header;
+mod sink;
 pub mod writer;
 
 pub use adapter::{adapter_factors, AdapterConfig, Factors, BANK_KEY};
