@@ -120,7 +120,7 @@ pub fn merge_file(
             std::thread::scope(|scope| {
                 let mut streamer = Streamer {
                     src: (src, &src_file, header.data_start()),
-                    sink: Sink::start(scope, dst, dst_file, source),
+                    sink: Sink::start(scope, dst, dst_file, source)?,
                     opts,
                     progress,
                     input: Vec::new(),
