@@ -211,6 +211,8 @@ def test_force_replaces_and_refuses_inputs(tmp_path: Path, capsys: pytest.Captur
     (out / "keep.txt").write_text("x")
     assert run_cli(base, adapter, "-o", out) == 1
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    with pytest.raises(VBLoRAError, match="already exists"):
+        merge_plan.write_merged(merge_plan.plan_merge(str(base), [str(adapter)]), str(out))
     assert run_cli(base, adapter, "-o", out, "--force") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not leftovers(tmp_path)
@@ -218,6 +220,25 @@ def test_force_replaces_and_refuses_inputs(tmp_path: Path, capsys: pytest.Captur
         assert run_cli(base, adapter, "-o", bad_out, "--force") == 1
         assert "must lie outside" in capsys.readouterr().err
     assert (base / "model.safetensors").exists() and (adapter / "adapter_model.safetensors").exists()
+
+
+def test_other_weight_files_and_folders_are_not_copied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = save_base("gpt2", tmp_path / "base")
+    adapter = save_adapter("gpt2", tmp_path / "adapter", seed=1)
+    (base / "pytorch_model.bin").write_bytes(b"stale unmerged weights")
+    (base / "onnx").mkdir()
+    (base / "vocab.txt").write_text("a\nb\n")
+    assert run_cli(base, adapter, "-o", tmp_path / "out") == 0
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
+    err = capsys.readouterr().err
+    assert "not copied (weights in another format, unmerged)" in err and "pytorch_model.bin" in err
+    assert "not copied (a folder)" in err
 
 
 # --- refusals: nothing is written ---------------------------------------------------------------------

@@ -382,9 +382,12 @@ def write_merged(
     out: str,
     num_threads: int = 0,
     progress: Optional[Callable[[int], object]] = None,
+    force: bool = False,
 ) -> None:
     """Stream every shard of the base with the plan's updates into a temporary folder next to ``out``,
-    add the index and the other files, then move it to ``out``. On any error, nothing is left behind."""
+    add the index and the other files, then move it to ``out`` (replacing it only with ``force``). On any
+    error, nothing is left behind and an existing ``out`` is kept."""
+    check_output(out, plan.base.path, [os.path.dirname(a.path) for a in plan.adapters], force)
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)

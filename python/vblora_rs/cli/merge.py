@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .. import merge_plan
+    from ..errors import VBLoRAError
 
     if args.threads < 0:
-        raise merge_plan.VBLoRAError(f"--threads must be >= 0, got {args.threads}")
+        raise VBLoRAError(f"--threads must be >= 0, got {args.threads}")
     start = time.perf_counter()
     merge_plan.check_output(args.out, args.base, args.adapters, args.force)
     plan = merge_plan.plan_merge(args.base, args.adapters, args.weights, args.dtype, args.threads)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(
         total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", delay=1.0, leave=False
     ) as bar:
-        merge_plan.write_merged(plan, args.out, args.threads, bar.update)
+        merge_plan.write_merged(plan, args.out, args.threads, bar.update, force=args.force)
     print(
         f"merged {len(plan.adapters)} adapter(s) into {plan.merged_tensors} tensors of "
         f"{len(plan.base.shards)} shard(s) in {time.perf_counter() - start:.1f} s: {args.out}"
