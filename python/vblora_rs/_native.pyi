@@ -99,3 +99,39 @@ def decode_packed(path: str) -> dict[str, object]:
     whose message starts with ``path`` and names the metadata field or tensor at fault."""
 
 # --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---
+
+import os  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
+
+def safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str] | None, int]:
+    """The header of a safetensors file, read and validated without reading the data: ``({name: (dtype,
+    shape)}, __metadata__ or None, bytes of data)``, tensors in data order, dtypes as safetensors names
+    (``"F32"``, ``"BF16"``, ...). A damaged file raises :class:`VBLoRAError` naming it."""
+
+def adapter_factors(
+    path: str | os.PathLike[str], topk: int, num_vectors: int, vector_length: int, num_threads: int
+) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
+    """Low-rank factors of every module of a PEFT VB-LoRA ``adapter_model.safetensors`` (full logits or
+    top-K), keyed by the stored module path (``base_model.model.<module>``): ``(A (r, in), B (out, r))``
+    float32, so that PEFT's delta is ``B @ A``. Top-K rows are decoded as PEFT loads them (weights
+    ``[w, 1 - sum(w)]``, their logs ordered largest first, softmax). Every tensor is validated (shapes
+    against the config, indices in range, weights finite, >= 0 and summing to at most 1, no stray
+    tensors such as trained biases); errors name the file and tensor."""
+
+def merge_safetensors(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    updates: Mapping[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+    out_dtype: str | None = None,
+    num_threads: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Write ``dst`` (which must not exist) as the safetensors file ``src`` with, for each ``name: (u, v)``
+    of ``updates``, ``W += u @ v`` (``W (rows, cols)``, ``u (rows, R)``, ``v (R, cols)``; the same float32
+    sum and single rounding as :func:`rank_update_`). Same tensor names, order and ``__metadata__``; with
+    ``out_dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"``) every float tensor is converted first.
+    Streams in chunks with bounded memory; ``progress(n)`` gets the bytes of source data done since its
+    previous call. Everything is checked before ``dst`` is created, and ``dst`` is removed on any error;
+    Ctrl-C raises ``KeyboardInterrupt``, an exception of ``progress`` propagates."""

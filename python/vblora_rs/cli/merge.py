@@ -1,0 +1,78 @@
+"""``vblora merge``: merge VB-LoRA adapters into a safetensors model, streaming, without torch.
+
+The planning and the checks live in :mod:`vblora_rs.merge_plan`; the streaming in the Rust extension. This
+module only parses arguments, shows progress and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+DESCRIPTION = """\
+Merge one or more PEFT VB-LoRA adapters into a transformers model saved as safetensors (model.safetensors,
+or shards with model.safetensors.index.json), writing the merged model to OUT: the same shard files,
+index and dtypes (or --dtype), plus the base's config.json, generation_config.json, tokenizer and other
+small files, ready for from_pretrained. The result equals PEFT's merge_and_unload of the same adapters.
+
+Streams tensor by tensor without torch: memory stays at a few tens of MB whatever the model size. Every
+adapter and every target tensor is checked before anything is written; the output appears whole at the
+end (written in a temporary folder next to it) or not at all, and BASE is never modified."""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge VB-LoRA adapters into a safetensors model, streaming (no torch)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("base", metavar="BASE", help="folder of the base model (transformers save_pretrained)")
+    parser.add_argument(
+        "adapters",
+        metavar="ADAPTER",
+        nargs="+",
+        help="folder of a PEFT VB-LoRA adapter (adapter_config.json + adapter_model.safetensors, full or top-K)",
+    )
+    parser.add_argument("-o", "--output", dest="out", metavar="OUT", required=True, help="folder to write")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="scale of each adapter's delta, one per ADAPTER (default 1 each)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="convert every floating tensor to this dtype before merging (default: keep the base's dtypes)",
+    )
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="threads to use (default: all cores)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .. import merge_plan
+    from ..errors import VBLoRAError
+
+    if args.threads < 0:
+        raise VBLoRAError(f"--threads must be >= 0, got {args.threads}")
+    start = time.perf_counter()
+    merge_plan.check_output(args.out, args.base, args.adapters, args.force)
+    plan = merge_plan.plan_merge(args.base, args.adapters, args.weights, args.dtype, args.threads)
+    for note in plan.notes:
+        print(f"vblora merge: {note}", file=sys.stderr)
+    with tqdm(
+        total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", delay=1.0, leave=False
+    ) as bar:
+        merge_plan.write_merged(plan, args.out, args.threads, bar.update, force=args.force)
+    print(
+        f"merged {len(plan.adapters)} adapter(s) into {plan.merged_tensors} tensors of "
+        f"{len(plan.base.shards)} shard(s) in {time.perf_counter() - start:.1f} s: {args.out}"
+    )
+    return 0

@@ -1,0 +1,383 @@
+//! PEFT VB-LoRA adapter files to per-module low-rank factors, `A (r, in)` and `B (out, r)` in
+//! float32, ready for `W += B @ A` (or its transpose for `fan_in_fan_out`).
+//!
+//! The file (`adapter_model.safetensors`) holds `base_model.vblora_vector_bank (num_vectors, L)` and,
+//! per adapted module `M`, either full logits `M.vblora_logits_A (r, in/L, num_vectors)` and
+//! `M.vblora_logits_B (out/L, r, num_vectors)`, or top-K (PEFT's `save_only_topk_weights`):
+//! `..._topk_indices (.., topk)` in any integer dtype and `..._topk_weights (.., topk - 1)`, the first
+//! `topk - 1` softmax weights. Top-K rows are decoded the way PEFT loads and then merges them:
+//! weights `[w, 1 - sum(w)]`, logits `ln(w)`, entries ordered by logit (largest first), softmax.
+//! The results agree with PEFT's to within float32 rounding (`ln`/`exp` here are not torch's); the
+//! stored file is read whole (adapters are megabytes) and every tensor is validated first.
+//!
+//! Reading dispatches on the kind of each tensor name, so another file format is one more reader
+//! producing the same [`Factors`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use super::error::StreamError;
+use crate::matrix::MatRef;
+
+pub const BANK_KEY: &str = "base_model.vblora_vector_bank";
+
+/// Tolerance for top-K weights whose sum exceeds 1 by rounding (the last weight is then 0).
+const SUM_SLACK: f32 = 1e-6;
+
+/// The fields of `adapter_config.json` the factors depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterConfig {
+    pub topk: usize,
+    pub num_vectors: usize,
+    pub vector_length: usize,
+}
+
+/// `a (rank, fan_in)` and `b (fan_out, rank)`, row-major float32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factors {
+    pub rank: usize,
+    pub fan_in: usize,
+    pub fan_out: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Which {
+    A,
+    B,
+}
+
+#[derive(Default)]
+struct Stored<'d> {
+    full: Option<TensorView<'d>>,
+    indices: Option<TensorView<'d>>,
+    weights: Option<TensorView<'d>>,
+}
+
+const SUFFIXES: [(&str, Which, u8); 6] = [
+    (".vblora_logits_A_topk_indices", Which::A, 1),
+    (".vblora_logits_A_topk_weights", Which::A, 2),
+    (".vblora_logits_A", Which::A, 0),
+    (".vblora_logits_B_topk_indices", Which::B, 1),
+    (".vblora_logits_B_topk_weights", Which::B, 2),
+    (".vblora_logits_B", Which::B, 0),
+];
+
+/// Factors of every module in the adapter file at `path`, keyed by the module path as stored
+/// (e.g. `base_model.model.model.layers.0.self_attn.q_proj`).
+pub fn adapter_factors(
+    path: &Path,
+    config: &AdapterConfig,
+    num_threads: usize,
+) -> Result<BTreeMap<String, Factors>, StreamError> {
+    let bytes = std::fs::read(path).map_err(|e| StreamError::io(path, "reading", e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| StreamError::invalid(path, format!("not a safetensors file: {e}")))?;
+    Reader {
+        path,
+        config,
+        num_threads,
+    }
+    .read(&st)
+}
+
+/// Little-endian element values out of possibly unaligned tensor bytes.
+fn collect<T: bytemuck::Pod>(data: &[u8]) -> Vec<T> {
+    data.chunks_exact(std::mem::size_of::<T>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect()
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    config: &'a AdapterConfig,
+    num_threads: usize,
+}
+
+impl Reader<'_> {
+    fn bad<T>(&self, what: String) -> Result<T, StreamError> {
+        Err(StreamError::invalid(self.path, what))
+    }
+
+    fn read(&self, st: &SafeTensors<'_>) -> Result<BTreeMap<String, Factors>, StreamError> {
+        let AdapterConfig {
+            topk,
+            num_vectors,
+            vector_length,
+        } = *self.config;
+        if topk == 0 || topk > num_vectors || vector_length == 0 {
+            return self.bad(format!(
+                "config has topk = {topk}, num_vectors = {num_vectors}, vector_length = \
+                 {vector_length}; needs 1 <= topk <= num_vectors and vector_length >= 1"
+            ));
+        }
+        let mut bank = None;
+        let mut modules: BTreeMap<String, [Stored<'_>; 2]> = BTreeMap::new();
+        let mut names: Vec<(&str, TensorView<'_>)> = st.iter().collect();
+        names.sort_unstable_by_key(|(n, _)| *n);
+        for (name, view) in names {
+            if name == BANK_KEY {
+                bank = Some(view);
+                continue;
+            }
+            let Some((module, which, part)) = SUFFIXES
+                .iter()
+                .find_map(|(s, w, p)| name.strip_suffix(s).map(|m| (m, *w, *p)))
+            else {
+                return self.bad(format!(
+                    "tensor {name} is neither VB-LoRA logits nor the vector bank; adapters with \
+                     trained biases or modules_to_save cannot be merged this way"
+                ));
+            };
+            let slot = &mut modules.entry(module.to_owned()).or_default()[which as usize];
+            match part {
+                0 => slot.full = Some(view),
+                1 => slot.indices = Some(view),
+                _ => slot.weights = Some(view),
+            }
+        }
+        let Some(bank) = bank else {
+            return self.bad(format!("missing tensor {BANK_KEY}"));
+        };
+        let bank = self.bank(&bank)?;
+        let bank = MatRef::new(
+            "bank",
+            &bank,
+            self.config.num_vectors,
+            self.config.vector_length,
+        )
+        .expect("shape checked");
+        if modules.is_empty() {
+            return self.bad("holds no VB-LoRA logits".to_owned());
+        }
+        let mut out = BTreeMap::new();
+        for (module, [a, b]) in &modules {
+            let (a, a_rows) = self.rows(module, Which::A, a, bank)?;
+            let (b, b_rows) = self.rows(module, Which::B, b, bank)?;
+            out.insert(module.clone(), self.factors(module, a, a_rows, &b, b_rows)?);
+        }
+        Ok(out)
+    }
+
+    fn bank(&self, view: &TensorView<'_>) -> Result<Vec<f32>, StreamError> {
+        let want = [self.config.num_vectors, self.config.vector_length];
+        if view.shape() != want {
+            return self.bad(format!(
+                "tensor {BANK_KEY} has shape {:?}, the config says {want:?} (num_vectors, vector_length)",
+                view.shape()
+            ));
+        }
+        let bank = self.floats(BANK_KEY, view)?;
+        if bank.iter().any(|x| !x.is_finite()) {
+            return self.bad(format!("tensor {BANK_KEY} holds NaN or infinite values"));
+        }
+        Ok(bank)
+    }
+
+    /// A float tensor's values as `f32` (exact widening).
+    fn floats(&self, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, StreamError> {
+        let data = view.data();
+        Ok(match view.dtype() {
+            Dtype::F32 => collect::<f32>(data),
+            Dtype::F16 => collect::<f16>(data).into_iter().map(f16::to_f32).collect(),
+            Dtype::BF16 => collect::<bf16>(data)
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect(),
+            other => {
+                return self.bad(format!(
+                    "tensor {name} has dtype {other}, expected F32, F16 or BF16"
+                ))
+            }
+        })
+    }
+
+    /// An integer tensor's values as `i64`.
+    fn ints(&self, name: &str, view: &TensorView<'_>) -> Result<Vec<i64>, StreamError> {
+        fn conv<T: bytemuck::Pod + TryInto<i64>>(data: &[u8]) -> Vec<i64> {
+            collect::<T>(data)
+                .into_iter()
+                .map(|x| x.try_into().unwrap_or(i64::MAX))
+                .collect()
+        }
+        let data = view.data();
+        Ok(match view.dtype() {
+            Dtype::U8 => conv::<u8>(data),
+            Dtype::I8 => conv::<i8>(data),
+            Dtype::I16 => conv::<i16>(data),
+            Dtype::U16 => conv::<u16>(data),
+            Dtype::I32 => conv::<i32>(data),
+            Dtype::U32 => conv::<u32>(data),
+            Dtype::I64 => conv::<i64>(data),
+            Dtype::U64 => conv::<u64>(data),
+            other => {
+                return self.bad(format!(
+                    "tensor {name} has dtype {other}, expected an integer dtype"
+                ))
+            }
+        })
+    }
+
+    /// The gathered bank rows of one logits matrix, `(d0 * d1, L)`, and its leading dims `(d0, d1)`.
+    fn rows(
+        &self,
+        module: &str,
+        which: Which,
+        stored: &Stored<'_>,
+        bank: MatRef<'_, f32>,
+    ) -> Result<(Vec<f32>, (usize, usize)), StreamError> {
+        let key = format!("{module}.vblora_logits_{which:?}");
+        let (nv, k) = (self.config.num_vectors, self.config.topk);
+        let three_d = |name: &str, view: &TensorView<'_>, last: usize| match *view.shape() {
+            [d0, d1, l] if l == last => Ok((d0, d1)),
+            _ => self.bad(format!(
+                "tensor {name} has shape {:?}, expected 3 dimensions ending in {last}",
+                view.shape()
+            )),
+        };
+        let kernel =
+            |e: crate::KernelError| StreamError::invalid(self.path, format!("tensor {key}: {e}"));
+        match (&stored.full, &stored.indices, &stored.weights) {
+            (Some(full), None, None) => {
+                let dims = three_d(&key, full, nv)?;
+                let logits = self.floats(&key, full)?;
+                let logits = MatRef::new("logits", &logits, dims.0 * dims.1, nv).map_err(kernel)?;
+                let rows = crate::lowrank::low_rank_from_logits(logits, bank, k, self.num_threads)
+                    .map_err(kernel)?;
+                Ok((rows, dims))
+            }
+            (None, Some(iv), Some(wv)) => {
+                let (iname, wname) = (format!("{key}_topk_indices"), format!("{key}_topk_weights"));
+                let dims = three_d(&iname, iv, k)?;
+                if wv.shape() != [dims.0, dims.1, k - 1] {
+                    return self.bad(format!(
+                        "tensor {wname} has shape {:?}, expected {:?} (topk - 1 = {} weights per row)",
+                        wv.shape(),
+                        [dims.0, dims.1, k - 1],
+                        k - 1
+                    ));
+                }
+                let mut indices = self.ints(&iname, iv)?;
+                let stored_w = self.floats(&wname, wv)?;
+                let weights = self.decode_topk(&iname, &wname, &mut indices, &stored_w)?;
+                let n = dims.0 * dims.1;
+                let i = MatRef::new("indices", &indices, n, k).map_err(kernel)?;
+                let w = MatRef::new("weights", &weights, n, k).map_err(kernel)?;
+                let rows = crate::lowrank::low_rank_from_topk(i, w, bank, self.num_threads)
+                    .map_err(kernel)?;
+                Ok((rows, dims))
+            }
+            (None, None, None) => self.bad(format!("missing tensor {key} (or its top-K pair)")),
+            (Some(_), _, _) => {
+                self.bad(format!("tensor {key} is stored both in full and as top-K"))
+            }
+            (None, Some(_), None) => self.bad(format!(
+                "tensor {key}_topk_indices has no {key}_topk_weights"
+            )),
+            (None, None, Some(_)) => self.bad(format!(
+                "tensor {key}_topk_weights has no {key}_topk_indices"
+            )),
+        }
+    }
+
+    /// Validates top-K rows in place (`indices` reordered) and returns their softmax weights.
+    fn decode_topk(
+        &self,
+        iname: &str,
+        wname: &str,
+        indices: &mut [i64],
+        stored: &[f32],
+    ) -> Result<Vec<f32>, StreamError> {
+        let (nv, k) = (self.config.num_vectors, self.config.topk);
+        let mut weights = vec![0.0_f32; indices.len()];
+        let mut entries: Vec<(f32, i64)> = Vec::with_capacity(k);
+        let rows = indices.chunks_exact_mut(k).zip(weights.chunks_exact_mut(k));
+        for (row, (idx, out)) in rows.enumerate() {
+            let w = &stored[row * (k - 1)..(row + 1) * (k - 1)];
+            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i >= nv as i64) {
+                let shown = if bad == i64::MAX {
+                    "an index".to_owned()
+                } else {
+                    bad.to_string()
+                };
+                return self.bad(format!(
+                    "tensor {iname} row {row} holds {shown}, outside [0, {nv})"
+                ));
+            }
+            if (1..k).any(|j| idx[..j].contains(&idx[j])) {
+                return self.bad(format!("tensor {iname} row {row} repeats an index"));
+            }
+            if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                return self.bad(format!(
+                    "tensor {wname} row {row} holds a NaN, infinite or negative weight"
+                ));
+            }
+            let last = 1.0 - w.iter().sum::<f32>();
+            if last < -SUM_SLACK {
+                return self.bad(format!(
+                    "tensor {wname} row {row} has weights summing above 1"
+                ));
+            }
+            // PEFT: logits = ln([w, 1 - sum(w)]); its top-k orders them largest first.
+            entries.clear();
+            entries.extend(
+                w.iter()
+                    .chain([&last.max(0.0)])
+                    .map(|&x| x.ln())
+                    .zip(idx.iter().copied()),
+            );
+            entries.sort_by(|a, b| b.0.total_cmp(&a.0));
+            // torch's softmax: exp(x - max) / sum.
+            let max = entries[0].0;
+            let mut sum = 0.0_f32;
+            for (o, (l, _)) in out.iter_mut().zip(&entries) {
+                *o = (l - max).exp();
+                sum += *o;
+            }
+            for ((o, i), (_, j)) in out.iter_mut().zip(idx.iter_mut()).zip(&entries) {
+                *o /= sum;
+                *i = *j;
+            }
+        }
+        Ok(weights)
+    }
+
+    /// `A (r, in)` and `B (out, r)` from the gathered rows of `logits_A (r, in/L, nv)` and
+    /// `logits_B (out/L, r, nv)`.
+    fn factors(
+        &self,
+        module: &str,
+        a: Vec<f32>,
+        (rank, in_tiles): (usize, usize),
+        b: &[f32],
+        (out_tiles, b_rank): (usize, usize),
+    ) -> Result<Factors, StreamError> {
+        if rank != b_rank {
+            return self.bad(format!(
+                "module {module}: vblora_logits_A has rank {rank} but vblora_logits_B has rank {b_rank}"
+            ));
+        }
+        let l = self.config.vector_length;
+        // b rows are (o, j) pairs holding L values: B[o * L + x][j] = rows[(o * rank + j) * L + x].
+        let mut bt = vec![0.0_f32; b.len()];
+        for (o, tile) in b.chunks_exact(rank * l).enumerate() {
+            for (j, vec) in tile.chunks_exact(l).enumerate() {
+                for (x, &val) in vec.iter().enumerate() {
+                    bt[(o * l + x) * rank + j] = val;
+                }
+            }
+        }
+        Ok(Factors {
+            rank,
+            fan_in: in_tiles * l,
+            fan_out: out_tiles * l,
+            a,
+            b: bt,
+        })
+    }
+}
