@@ -145,6 +145,24 @@ def test_one_adapter_matches_peft(tmp_path: Path, case: str, dtype: torch.dtype,
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_packed_adapter_merges_like_its_peft_folder(tmp_path: Path, full: bool) -> None:
+    """A packed file (and a folder holding one) gives the very tensors its PEFT top-K folder gives."""
+    base = save_base("gpt2", tmp_path / "base")
+    adapter = save_adapter("gpt2", tmp_path / "adapter", seed=3, topk=not full)
+    assert main(["pack", str(adapter), "-o", str(tmp_path / "packed")]) == 0
+    assert main(["unpack", str(tmp_path / "packed"), "-o", str(tmp_path / "topk")]) == 0
+    assert run_cli(base, tmp_path / "topk", "-o", tmp_path / "from_topk") == 0
+    assert run_cli(base, tmp_path / "packed", "-o", tmp_path / "from_folder") == 0
+    assert run_cli(base, tmp_path / "packed" / "adapter_packed.safetensors", "-o", tmp_path / "from_file") == 0
+    reference = merged_tensors(tmp_path / "from_topk")
+    for out in ("from_folder", "from_file"):
+        ours = merged_tensors(tmp_path / out)
+        assert ours.keys() == reference.keys()
+        assert all(torch.equal(ours[k], reference[k]) for k in ours), out
+    assert_matches(reference, peft_merged(base, [tmp_path / "topk"], torch.float32).state_dict(), one_rounding=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_adapters_in_one_pass(tmp_path: Path, dtype: torch.dtype) -> None:
     base = save_base("llama", tmp_path / "base", dtype, sharded=True)

@@ -120,6 +120,12 @@ def adapter_factors(
     against the config, indices in range, weights finite, >= 0 and summing to at most 1, no stray
     tensors such as trained biases); errors name the file and tensor."""
 
+def packed_adapter_factors(
+    path: str | os.PathLike[str], num_threads: int
+) -> tuple[str, dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]]:
+    """Like :func:`adapter_factors` for a packed adapter file (``adapter_packed.safetensors``, fully checked by
+    the packed decoder): the ``adapter_config.json`` text the file carries, and ``{module: (A, B)}``."""
+
 def merge_safetensors(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],

@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PACKED_WEIGHTS = "adapter_packed.safetensors"  # vblora_rs.packed's (that module imports torch)
 PEFT_PREFIX = "base_model.model."
 # --dtype names -> safetensors dtypes.
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -149,10 +150,38 @@ def read_base(folder: str) -> Base:
     return Base(folder, shards, index, where)
 
 
+def _packed_file(path: str) -> Optional[str]:
+    """The packed weights file of ``path`` (the file itself, or a folder holding one), else None."""
+    if os.path.isfile(path):
+        return path
+    candidate = os.path.join(path, PACKED_WEIGHTS)
+    if os.path.isfile(candidate) and not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        return candidate
+    return None
+
+
 def read_adapter(folder: str, weight: float, num_threads: int) -> Adapter:
-    """An adapter's config and its factors (validated by the Rust reader)."""
+    """An adapter's config and its factors (validated by the Rust reader): a PEFT folder, or a packed file or a
+    folder holding one (whose config travels inside the file)."""
+    packed = _packed_file(folder)
+    if packed is not None:
+        config_text, factors = _native.packed_adapter_factors(packed, num_threads)
+        config = {**CONFIG_DEFAULTS, **json.loads(config_text)}
+        _check_config(packed, config)
+        return Adapter(packed, bool(config["fan_in_fan_out"]), weight, factors)
     config_path = os.path.join(folder, ADAPTER_CONFIG)
     config = {**CONFIG_DEFAULTS, **_read_json(config_path)}
+    _check_config(config_path, config)
+    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights_path):
+        raise VBLoRAError(f"{weights_path}: file not found")
+    factors = _native.adapter_factors(
+        weights_path, config["topk"], config["num_vectors"], config["vector_length"], num_threads
+    )
+    return Adapter(weights_path, bool(config["fan_in_fan_out"]), weight, factors)
+
+
+def _check_config(config_path: str, config: dict) -> None:
     peft_type = config.get("peft_type", "VBLORA")
     if str(peft_type).upper() != "VBLORA":
         raise VBLoRAError(f"{config_path}: peft_type is {peft_type!r}, not a VB-LoRA adapter")
@@ -163,13 +192,6 @@ def read_adapter(folder: str, weight: float, num_threads: int) -> Adapter:
     for key in ("topk", "num_vectors", "vector_length"):
         if not isinstance(config[key], int) or isinstance(config[key], bool):
             raise VBLoRAError(f"{config_path}: {key} must be an integer, got {config[key]!r}")
-    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights_path):
-        raise VBLoRAError(f"{weights_path}: file not found")
-    factors = _native.adapter_factors(
-        weights_path, config["topk"], config["num_vectors"], config["vector_length"], num_threads
-    )
-    return Adapter(weights_path, bool(config["fan_in_fan_out"]), weight, factors)
 
 
 # --- planning ---------------------------------------------------------------------------------------

@@ -92,6 +92,11 @@ impl FloatData<'_> {
         }
     }
 
+    /// The values widened to `f32` (exact).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        with_slice!(self, v => v.iter().map(|x| x.to_f32()).collect())
+    }
+
     pub(crate) fn le_bytes(&self) -> Cow<'_, [u8]> {
         with_slice!(self, v => le_bytes(v))
     }

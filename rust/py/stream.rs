@@ -54,6 +54,14 @@ fn adapter_factors<'py>(
     let factors = py
         .detach(move || stream::adapter_factors(&path, &config, threads))
         .map_err(|e| stream_error(&e))?;
+    factors_dict(py, factors)
+}
+
+/// `{module: (A, B)}` as numpy arrays.
+fn factors_dict(
+    py: Python<'_>,
+    factors: std::collections::BTreeMap<String, stream::Factors>,
+) -> PyResult<Bound<'_, PyDict>> {
     let out = PyDict::new(py);
     for (module, f) in factors {
         let a = to_numpy(py, f.a, f.rank, f.fan_in)?;
@@ -61,6 +69,19 @@ fn adapter_factors<'py>(
         out.set_item(module, (a, b))?;
     }
     Ok(out)
+}
+
+#[pyfunction]
+fn packed_adapter_factors<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    num_threads: i64,
+) -> PyResult<(String, Bound<'py, PyDict>)> {
+    let threads = count("num_threads", num_threads, 0)?;
+    let (config, factors) = py
+        .detach(|| stream::packed_factors(&path, threads))
+        .map_err(|e| stream_error(&e))?;
+    Ok((config, factors_dict(py, factors)?))
 }
 
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
@@ -149,6 +170,7 @@ fn merge_safetensors(
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(packed_adapter_factors, m)?)?;
     m.add_function(wrap_pyfunction!(merge_safetensors, m)?)?;
     Ok(())
 }

@@ -11,7 +11,8 @@
 //! stored file is read whole (adapters are megabytes) and every tensor is validated first.
 //!
 //! Reading dispatches on the kind of each tensor name, so another file format is one more reader
-//! producing the same [`Factors`].
+//! producing the same [`Factors`]: [`packed_factors`] reads the packed single file
+//! (`crate::packed`), whose decoder has already checked every index and weight row.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -84,6 +85,61 @@ pub fn adapter_factors(
         num_threads,
     }
     .read(&st)
+}
+
+/// The adapter config the file carries (`adapter_config.json` text) and the factors of every
+/// module of a packed adapter file (`crate::packed`), keyed like [`adapter_factors`]
+/// (`key_prefix` + module path).
+pub fn packed_factors(
+    path: &Path,
+    num_threads: usize,
+) -> Result<(String, BTreeMap<String, Factors>), StreamError> {
+    let packed = crate::packed::decode_file(path)
+        .map_err(|e| StreamError::invalid(path, format!("not a readable packed adapter: {e}")))?;
+    let config = AdapterConfig {
+        topk: packed.topk,
+        num_vectors: packed.num_vectors,
+        vector_length: packed.vector_length,
+    };
+    let reader = Reader {
+        path,
+        config: &config,
+        num_threads,
+    };
+    let bank = packed.bank.to_f32_vec();
+    let bank = MatRef::new("bank", &bank, config.num_vectors, config.vector_length)
+        .map_err(|e| StreamError::invalid(path, format!("vector_bank: {e}")))?;
+    let stored_weights = packed.weights.to_f32_vec();
+    let prefix = packed.metadata.get("key_prefix").map_or("", String::as_str);
+    let k = config.topk;
+    let mut first_row = 0;
+    let mut out = BTreeMap::new();
+    for m in &packed.modules {
+        let module = format!("{prefix}{}", m.path);
+        let mut gather = |rows: usize, which: Which| -> Result<Vec<f32>, StreamError> {
+            let span = first_row..first_row + rows;
+            first_row += rows;
+            let key = format!("{module}.vblora_logits_{which:?}");
+            let mut indices = packed.indices[span.start * k..span.end * k].to_vec();
+            let stored = &stored_weights[span.start * (k - 1)..span.end * (k - 1)];
+            let weights = reader.decode_topk(
+                &format!("{key}_topk_indices"),
+                &format!("{key}_topk_weights"),
+                &mut indices,
+                stored,
+            )?;
+            let kernel = |e: crate::KernelError| StreamError::invalid(path, format!("{key}: {e}"));
+            let i = MatRef::new("indices", &indices, rows, k).map_err(kernel)?;
+            let w = MatRef::new("weights", &weights, rows, k).map_err(kernel)?;
+            crate::lowrank::low_rank_from_topk(i, w, bank, num_threads).map_err(kernel)
+        };
+        let a = gather(m.r * m.in_sub, Which::A)?;
+        let b = gather(m.out_sub * m.r, Which::B)?;
+        let factors = reader.factors(&module, a, (m.r, m.in_sub), &b, (m.out_sub, m.r))?;
+        out.insert(module, factors);
+    }
+    let config_json = packed.metadata.get("config").cloned().unwrap_or_default();
+    Ok((config_json, out))
 }
 
 /// Little-endian element values out of possibly unaligned tensor bytes.

@@ -22,7 +22,7 @@ pub mod header;
 mod sink;
 pub mod writer;
 
-pub use adapter::{adapter_factors, AdapterConfig, Factors, BANK_KEY};
+pub use adapter::{adapter_factors, packed_factors, AdapterConfig, Factors, BANK_KEY};
 pub use error::StreamError;
 pub use header::{read_header, Header};
 pub use writer::{merge_file, Options, Progress, Update, DEFAULT_CHUNK_BYTES};

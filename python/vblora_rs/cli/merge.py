@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 DESCRIPTION = """\
-Merge one or more PEFT VB-LoRA adapters into a transformers model saved as safetensors (model.safetensors,
-or shards with model.safetensors.index.json), writing the merged model to OUT: the same shard files,
-index and dtypes (or --dtype), plus the base's config.json, generation_config.json, tokenizer and other
-small files, ready for from_pretrained. The result equals PEFT's merge_and_unload of the same adapters.
+Merge one or more VB-LoRA adapters (PEFT folders or packed files) into a transformers model saved as
+safetensors (model.safetensors, or shards with model.safetensors.index.json), writing the merged model
+to OUT: the same shard files, index and dtypes (or --dtype), plus the base's config.json,
+generation_config.json, tokenizer and other small files, ready for from_pretrained. The result equals
+PEFT's merge_and_unload of the same adapters.
 
 Streams tensor by tensor without torch: memory stays at a few tens of MB whatever the model size. Every
 adapter and every target tensor is checked before anything is written; the output appears whole at the
@@ -34,7 +35,8 @@ def register(subparsers: Any) -> None:
         "adapters",
         metavar="ADAPTER",
         nargs="+",
-        help="folder of a PEFT VB-LoRA adapter (adapter_config.json + adapter_model.safetensors, full or top-K)",
+        help="a PEFT VB-LoRA adapter folder (adapter_config.json + adapter_model.safetensors, full or top-K), "
+        "or a packed adapter (adapter_packed.safetensors, or a folder holding it)",
     )
     parser.add_argument("-o", "--output", dest="out", metavar="OUT", required=True, help="folder to write")
     parser.add_argument(
