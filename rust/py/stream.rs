@@ -79,7 +79,7 @@ fn packed_adapter_factors<'py>(
 ) -> PyResult<(String, Bound<'py, PyDict>)> {
     let threads = count("num_threads", num_threads, 0)?;
     let (config, factors) = py
-        .detach(|| stream::packed_factors(&path, threads))
+        .detach(move || stream::packed_factors(&path, threads))
         .map_err(|e| stream_error(&e))?;
     Ok((config, factors_dict(py, factors)?))
 }
