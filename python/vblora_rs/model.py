@@ -5,8 +5,9 @@ model with its targets replaced, so state-dict keys read ``base_model.model.<pat
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -16,6 +17,8 @@ from torch import nn
 from . import checkpoint
 from .config import VBLoRAConfig
 from .errors import VBLoRAError
+from .layer import BASE_ADAPTER, RowGroups, VBLoRALayer
+from .modules_to_save import ModulesToSaveWrapper
 from .tuner import VBLoRATuner
 
 
@@ -59,8 +62,51 @@ class VBLoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The model's forward; ``adapter_names`` (one adapter name per sample, ``"__base__"`` for none) runs each
+        sample with its own adapter, in eval mode and unmerged."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; with ``adapter_names`` each sample (and its beams or returned sequences)
+        decodes with its own adapter."""
+        model = self.get_base_model()
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, _batch_size(args, kwargs)):
+            return model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _adapter_names_hooks(self, adapter_names: Sequence[str], batch_size: Optional[int]) -> Iterator[None]:
+        """Check ``adapter_names`` once, then pass its row groups to every adapter layer and modules_to_save
+        wrapper through forward pre-hooks (PEFT's mechanism), removed on exit."""
+        groups = RowGroups.of(adapter_names)
+        if self.training:
+            raise VBLoRAError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(groups.groups) - {BASE_ADAPTER} - set(self.peft_config))
+        if unknown:
+            raise VBLoRAError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        if batch_size is not None and batch_size != len(groups):
+            raise VBLoRAError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(groups)} and {batch_size} respectively."
+            )
+        modules = [m for m in self.modules() if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))]
+        merged = [m for m in modules if isinstance(m, VBLoRALayer) and m.merged]
+        if merged:
+            raise VBLoRAError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        hook = functools.partial(_pass_adapter_names, groups=groups)
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -190,6 +236,26 @@ class VBLoRAModel(nn.Module):
         if not is_trainable:
             wrapper.eval()
         return wrapper
+
+
+def _pass_adapter_names(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], groups: RowGroups
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    kwargs["adapter_names"] = groups
+    return args, kwargs
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[int]:
+    """Samples in a call's inputs: dim 0 of the first tensor among the positional arguments, else of the usual
+    input keywords (None if there is no tensor to tell)."""
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    for key in ("input_ids", "inputs_embeds", "x", "pixel_values", "input_values", "input_features"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
 
 
 def _read_checkpoint(
