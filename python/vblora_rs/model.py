@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,50 @@ from .errors import VBLoRAError
 from .layer import BASE_ADAPTER, RowGroups, VBLoRALayer
 from .modules_to_save import ModulesToSaveWrapper
 from .tuner import VBLoRATuner
+
+
+class _BoundForward:
+    """``model.forward`` of one VBLoRAModel: calls the forward, and shows the wrapped model's signature plus
+    ``adapter_names``. Tools choose batch keys from ``inspect.signature(model.forward)`` (transformers' Trainer
+    drops every column not named there, and only unwraps PEFT's own classes), and a bare ``*args, **kwargs``
+    would make them drop ``input_ids``."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: Any, owner: VBLoRAModel) -> None:
+        self.__func__ = func
+        self.__self__ = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            base = inspect.signature(self.__self__.get_base_model().forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: ours, less `self`
+            own = inspect.signature(self.__func__)
+            return own.replace(parameters=list(own.parameters.values())[1:])
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + [extra] + tail
+        return base.replace(parameters=params)
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        return self.__func__.__doc__
+
+
+class _ForwardDescriptor:
+    """Makes ``VBLoRAModel.forward`` (on the class: the plain function) a :class:`_BoundForward` on instances."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, owner: Optional[VBLoRAModel], owner_type: Optional[type] = None) -> Any:
+        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 class VBLoRAModel(nn.Module):
@@ -62,6 +107,7 @@ class VBLoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    @_ForwardDescriptor
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """The model's forward; ``adapter_names`` (one adapter name per sample, ``"__base__"`` for none) runs each
         sample with its own adapter, in eval mode and unmerged."""
