@@ -260,3 +260,32 @@ def test_inference_mode_entries_are_not_saved_for_backward() -> None:
     out.sum().backward()
     assert embeds.grad is not None
     assert torch.equal(out.detach(), expected)
+
+
+def test_threads_with_their_own_adapter_names_and_a_small_cache() -> None:
+    """Forwards in several threads (the kernels release the GIL), each with its own adapter_names, on one model:
+    each gets its own adapter (the pre-hooks of one call do not leak into another thread's call) and the threads
+    evict each other's cache entries without error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = mlp_model()
+    names = ["default", "a", "b", "c"]
+    for name in names[1:]:
+        model.add_adapter(name, VBLoRAConfig(target_modules=["lin0", "lin1", "lin2"], vector_length=8, num_vectors=32))
+    randomize(model, seed=4)
+    x = x_input()
+    expected = {}
+    with torch.no_grad():
+        for name in names:
+            expected[name] = model(x, adapter_names=[name] * x.shape[0])
+
+    def run(name: str) -> bool:
+        with torch.no_grad():
+            return all(torch.equal(model(x, adapter_names=[name] * x.shape[0]), expected[name]) for _ in range(20))
+
+    layer_mod.set_lora_cache_size(1)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(run, names * 3))
+    finally:
+        layer_mod.set_lora_cache_size(32)

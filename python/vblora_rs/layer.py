@@ -85,6 +85,16 @@ class _CachedLoRA(NamedTuple):
         return all(_same(s, t) for s, t in zip(self.sources, sources))
 
 
+def _evict(cache: dict[str, _CachedLoRA], keep: int) -> None:
+    """Drop the oldest entries until at most ``keep`` remain. Forwards may run in several threads at once (the
+    kernels release the GIL), so an entry may vanish under us: every step tolerates that."""
+    while len(cache) > max(keep, 0):
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):  # emptied, or resized by another thread mid-iteration
+            return
+
+
 # --- many adapters in one batch -------------------------------------------------------------------------
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
@@ -615,12 +625,12 @@ class Linear(nn.Linear, VBLoRALayer):
         entry = cache.get(adapter)
         if entry is not None and entry.valid(sources, extra):
             if len(cache) > 1:  # least recently used goes first
-                cache[adapter] = cache.pop(adapter)
+                cache.pop(adapter, None)
+                cache[adapter] = entry
             return entry.A, entry.B
         A, B = self._get_lora_matrices(adapter)
         cache.pop(adapter, None)
-        while len(cache) >= _lora_cache_size:
-            del cache[next(iter(cache))]
+        _evict(cache, _lora_cache_size - 1)
         stamps = tuple(_stamp(t) for t in sources)
         cache[adapter] = _CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
         return A, B

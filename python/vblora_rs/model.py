@@ -8,6 +8,7 @@ import copy
 import functools
 import inspect
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -146,7 +147,7 @@ class VBLoRAModel(nn.Module):
             raise VBLoRAError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
-        hook = functools.partial(_pass_adapter_names, groups=groups)
+        hook = functools.partial(_pass_adapter_names, groups=groups, thread=threading.get_ident())
         handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
         try:
             yield
@@ -285,8 +286,12 @@ class VBLoRAModel(nn.Module):
 
 
 def _pass_adapter_names(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], groups: RowGroups
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], groups: RowGroups, thread: int
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    # Hooks live on shared modules: a call in another thread (with its own adapter_names, or none) runs this hook
+    # too, and must not get these names.
+    if threading.get_ident() != thread:
+        return None
     kwargs["adapter_names"] = groups
     return args, kwargs
 
