@@ -85,6 +85,13 @@ class _CachedLoRA(NamedTuple):
         return all(_same(s, t) for s, t in zip(self.sources, sources))
 
 
+def _param(holder: nn.ParameterDict, key: str) -> torch.Tensor:
+    """``holder[key]`` without nn.Module's attribute lookup, which costs microseconds per call, per layer and
+    forward; anything unusual (e.g. LogitsDict building a compact adapter's logits) takes the public path."""
+    value = holder._parameters.get(key)
+    return value if value is not None else holder[key]
+
+
 def _evict(cache: dict[str, _CachedLoRA], keep: int) -> None:
     """Drop the oldest entries until at most ``keep`` remain. Forwards may run in several threads at once (the
     kernels release the GIL), so an entry may vanish under us: every step tolerates that."""
@@ -606,11 +613,11 @@ class Linear(nn.Linear, VBLoRALayer):
 
     def _cache_sources(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The tensors A and B of ``adapter`` are built from, and anything else they depend on."""
-        bank = self.vblora_vector_bank[adapter]
+        bank = _param(self.vblora_vector_bank, adapter)
         if self.is_compact(adapter):
             table = self.vblora_topk[adapter]
             return (table.indices, table.weights, bank), self.vblora_topk_rows[adapter]
-        return (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter], bank), None
+        return (_param(self.vblora_logits_A, adapter), _param(self.vblora_logits_B, adapter), bank), None
 
     def _forward_matrices(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for the forward, from the cache while no gradient flows to them (bit-identical to a rebuild:
@@ -642,7 +649,10 @@ class Linear(nn.Linear, VBLoRALayer):
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """``B @ A @ dropout(x)`` of one adapter; ``x`` already in the bank's dtype (as PEFT casts it)."""
         A, B = self._forward_matrices(adapter)
-        return F.linear(F.linear(self.vblora_dropout[adapter](x), A), B)
+        dropout = self.vblora_dropout._modules.get(adapter)
+        if dropout is None:
+            dropout = self.vblora_dropout[adapter]
+        return F.linear(F.linear(dropout(x), A), B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -660,7 +670,7 @@ class Linear(nn.Linear, VBLoRALayer):
             for active_adapter in self.active_adapters:
                 if not self.has_adapter(active_adapter):
                     continue
-                x = x.to(self.vblora_vector_bank[active_adapter].dtype)
+                x = x.to(_param(self.vblora_vector_bank, active_adapter).dtype)
                 result = result + self._adapter_output(active_adapter, x)
         return result.to(previous_dtype)
 
@@ -680,7 +690,7 @@ class Linear(nn.Linear, VBLoRALayer):
         for name in groups.groups:
             if name == BASE_ADAPTER or not self.has_adapter(name):
                 continue
-            dtype = self.vblora_vector_bank[name].dtype
+            dtype = _param(self.vblora_vector_bank, name).dtype
             if single:  # the whole batch: exactly the plain forward
                 result = result + self._adapter_output(name, x.to(dtype))
                 continue
