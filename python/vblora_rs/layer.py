@@ -10,7 +10,9 @@ in one pass and merge every adapter into the weight in one pass.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Union
+import weakref
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import compact, ops
+from .errors import VBLoRAError
 from .ops import MergeTerm
 
 TOPK_TRAINING_ERROR = (
@@ -32,6 +35,119 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 # One stateless Identity for every adapter without dropout (PEFT makes one per adapter per layer: a thousand
 # adapters on a 7B model would be 224,000 modules).
 _NO_DROPOUT = nn.Identity()
+
+# --- cached A and B ---------------------------------------------------------------------------------
+# PEFT rebuilds A and B (top-K, softmax, gather) on every forward, even under no_grad: for GPT-2 small that is
+# most of VB-LoRA's decoding overhead. A layer keeps the A and B of its most recently used adapters while no
+# gradient flows to them, stamped with the tensors they come from; any change of those tensors (optimizer step,
+# load_state_dict's copy_, in-place edits, .to(), a new Parameter) makes the stamp stale.
+
+_lora_cache_size = 32
+
+
+def set_lora_cache_size(n: int) -> None:
+    """How many adapters' A and B each layer keeps (least recently used dropped first); 0 turns caching off.
+    Each entry holds ``r * (in + out)`` values."""
+    global _lora_cache_size
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"the cache size must be a non-negative int, got {n!r}")
+    _lora_cache_size = n
+
+
+def get_lora_cache_size() -> int:
+    return _lora_cache_size
+
+
+def _stamp(t: torch.Tensor) -> tuple[Any, int, int]:
+    # The storage itself (its Python object is kept alive with the tensor's storage, and dies with it), the
+    # version counter (bumped by every in-place op, copy_ included) and the address (views, offsets). The storage
+    # is what catches `param.data = new` twice in a row (`.half().float()`), where the address may repeat and the
+    # version does not change.
+    return weakref.ref(t.untyped_storage()), t._version, t.data_ptr()
+
+
+def _same(stamp: tuple[Any, int, int], t: torch.Tensor) -> bool:
+    return stamp[0]() is t.untyped_storage() and stamp[1] == t._version and stamp[2] == t.data_ptr()
+
+
+class _CachedLoRA(NamedTuple):
+    sources: tuple[tuple[Any, int, int], ...]
+    extra: Any  # what else A and B depend on (a compact adapter's first row)
+    inference: bool  # made under inference_mode: such tensors cannot be saved for backward outside of it
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def valid(self, sources: tuple[torch.Tensor, ...], extra: Any) -> bool:
+        if self.extra != extra or len(self.sources) != len(sources):
+            return False
+        if self.inference and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return False
+        return all(_same(s, t) for s, t in zip(self.sources, sources))
+
+
+def _param(holder: nn.ParameterDict, key: str) -> torch.Tensor:
+    """``holder[key]`` without nn.Module's attribute lookup, which costs microseconds per call, per layer and
+    forward; anything unusual (e.g. LogitsDict building a compact adapter's logits) takes the public path."""
+    value = holder._parameters.get(key)
+    return value if value is not None else holder[key]
+
+
+def _evict(cache: dict[str, _CachedLoRA], keep: int) -> None:
+    """Drop the oldest entries until at most ``keep`` remain. Forwards may run in several threads at once (the
+    kernels release the GIL), so an entry may vanish under us: every step tolerates that."""
+    while len(cache) > max(keep, 0):
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):  # emptied, or resized by another thread mid-iteration
+            return
+
+
+# --- many adapters in one batch -------------------------------------------------------------------------
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
+
+
+class RowGroups:
+    """The rows of a batch grouped by adapter name, worked out once per forward and shared by every layer.
+
+    ``names[i]`` is the adapter of sample ``i``. A layer whose input has ``m * len(names)`` rows (``generate``
+    repeats each sample for beams or returned sequences, and some models flatten ``(batch, seq)``) gives each
+    sample's ``m`` consecutive rows to its adapter."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise VBLoRAError(f"adapter_names must be a list of adapter names (str), one per sample, got {names!r}")
+        self.names = list(names)
+        self.groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            self.groups.setdefault(name, []).append(i)
+        self._index: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, names: Union[RowGroups, Sequence[str]]) -> RowGroups:
+        return names if isinstance(names, RowGroups) else cls(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows_per_sample(self, rows: int, where: str) -> int:
+        n = len(self.names)
+        if n == 0 or rows % n != 0:
+            raise VBLoRAError(
+                f"{where}: length of `adapter_names` should be the same as the number of inputs, but got {n} and "
+                f"{rows} respectively"
+            )
+        return rows // n
+
+    def index(self, name: str, per_sample: int, device: torch.device) -> torch.Tensor:
+        """Row indices (int64 on ``device``) of adapter ``name`` in an input of ``per_sample`` rows per sample."""
+        key = (name, per_sample, device)
+        index = self._index.get(key)
+        if index is None:
+            samples = torch.tensor(self.groups[name], dtype=torch.long)
+            index = (samples[:, None] * per_sample + torch.arange(per_sample)).reshape(-1).to(device)
+            self._index[key] = index
+        return index
 
 
 class LogitsDict(nn.ParameterDict):
@@ -95,6 +211,8 @@ class VBLoRALayer:
         # Adapters whose logits come from top-K weights: they cannot be trained (PEFT's RuntimeError); a flag
         # rather than PEFT's `isinf().any()` on every training forward, which syncs and breaks compiled graphs.
         self.vblora_from_topk: set[str] = set()
+        # A and B per adapter while no gradient needs them (see _CachedLoRA); a plain dict, not state.
+        self._lora_cache: dict[str, _CachedLoRA] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter: Union[str, list[str]] = "default"
@@ -185,6 +303,7 @@ class VBLoRALayer:
             if adapter_name in holder:
                 del holder[adapter_name]
         self.vblora_from_topk.discard(adapter_name)
+        self._lora_cache.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             remaining = [a for a in self.active_adapters if a != adapter_name]
             if not remaining:
@@ -232,6 +351,7 @@ class VBLoRALayer:
         else:
             raise ValueError(f"the vector bank holds no bank for adapter {adapter_name!r}")
 
+        self._lora_cache.pop(adapter_name, None)
         self.r[adapter_name] = r
         self.topk[adapter_name] = topk
         dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else _NO_DROPOUT
@@ -299,6 +419,16 @@ class VBLoRALayer:
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
 
 
+def _traceable_compute_form(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compact.compute_form` without its data-dependent fix-up of tied rows, for torch.compile: a tie
+    between kept logits (equal weights) or a zero weight only changes the order of the weighted sum, so A and B
+    equal the eager ones up to rounding in those rows."""
+    w = weights.float()
+    logits = torch.log(torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1))
+    top, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return torch.gather(indices.to(torch.long), -1, order), torch.softmax(top, dim=-1)
+
+
 class Linear(nn.Linear, VBLoRALayer):
     """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``."""
 
@@ -341,9 +471,14 @@ class Linear(nn.Linear, VBLoRALayer):
     def _needs_autograd(self, *tensors: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
+    def _native(self, *tensors: torch.Tensor) -> bool:
+        """Whether the Rust kernels build A and B: no autograd, CPU tensors they take, and not under torch.compile
+        (an opaque extension call is a graph break; the traced torch ops are what compile wants)."""
+        return not torch.compiler.is_compiling() and not self._needs_autograd(*tensors) and ops.native_ok(*tensors)
+
     def _get_low_rank_matrix(self, logits: torch.Tensor, vblora_vector_bank: torch.Tensor, topk: int) -> torch.Tensor:
         """``(..., num_vectors)`` logits -> ``(..., L)``: softmax over the top-K logits weighting their bank rows."""
-        if not self._needs_autograd(logits, vblora_vector_bank) and ops.native_ok(logits, vblora_vector_bank):
+        if self._native(logits, vblora_vector_bank):
             out = ops.low_rank_matrix(logits, vblora_vector_bank, topk)
             return out if logits.dtype == torch.float32 else out.to(logits.dtype)
         top_k_logits, indices = logits.topk(topk, dim=-1)
@@ -359,12 +494,16 @@ class Linear(nn.Linear, VBLoRALayer):
         """A and B of a compact adapter, with the indices and weights PEFT's forward would see (see ``compact``)."""
         idx_A, w_A, idx_B, w_B = self.stored_topk(adapter)
         num_vectors = self.vblora_topk[adapter].num_vectors
-        idx_A, w_A = compact.compute_form(idx_A, w_A, num_vectors)
-        idx_B, w_B = compact.compute_form(idx_B, w_B, num_vectors)
+        if torch.compiler.is_compiling():
+            idx_A, w_A = _traceable_compute_form(idx_A, w_A)
+            idx_B, w_B = _traceable_compute_form(idx_B, w_B)
+        else:
+            idx_A, w_A = compact.compute_form(idx_A, w_A, num_vectors)
+            idx_B, w_B = compact.compute_form(idx_B, w_B, num_vectors)
         bank = self.vblora_vector_bank[adapter].to(idx_A.device)
         if cast_to_fp32:
             bank = bank.float()
-        if not self._needs_autograd(bank) and ops.native_ok(bank):
+        if self._native(bank):
             A, B = ops.low_rank_matrices_from_topk(idx_A, w_A, idx_B, w_B, bank)
             return (A, B) if bank.dtype == torch.float32 else (A.to(bank.dtype), B.to(bank.dtype))
         w_A, w_B = w_A.to(bank.dtype), w_B.to(bank.dtype)
@@ -381,7 +520,7 @@ class Linear(nn.Linear, VBLoRALayer):
         logits_B = self.vblora_logits_B[adapter]
         bank = self.vblora_vector_bank[adapter].to(logits_A.device)
         topk = self.topk[adapter]
-        if not self._needs_autograd(logits_A, logits_B, bank) and ops.native_ok(logits_A, logits_B, bank):
+        if self._native(logits_A, logits_B, bank):
             A, B = ops.low_rank_matrices(logits_A, logits_B, bank, topk)
             if cast_to_fp32 or logits_A.dtype == torch.float32:
                 return A, B
@@ -472,12 +611,58 @@ class Linear(nn.Linear, VBLoRALayer):
 
     # --- forward --------------------------------------------------------------------------------
 
+    def _cache_sources(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """The tensors A and B of ``adapter`` are built from, and anything else they depend on."""
+        bank = _param(self.vblora_vector_bank, adapter)
+        if self.is_compact(adapter):
+            table = self.vblora_topk[adapter]
+            return (table.indices, table.weights, bank), self.vblora_topk_rows[adapter]
+        return (_param(self.vblora_logits_A, adapter), _param(self.vblora_logits_B, adapter), bank), None
+
+    def _forward_matrices(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B for the forward, from the cache while no gradient flows to them (bit-identical to a rebuild:
+        the cache holds what the no-autograd path returned)."""
+        self._check_trainable(adapter)
+        if _lora_cache_size == 0 or torch.compiler.is_compiling():
+            return self._get_lora_matrices(adapter)  # compiled graphs: no Python state, nothing to guard on
+        sources, extra = self._cache_sources(adapter)
+        if self._needs_autograd(*sources):
+            return self._get_lora_matrices(adapter)
+        cache = self._lora_cache
+        entry = cache.get(adapter)
+        if entry is not None and entry.valid(sources, extra):
+            if len(cache) > 1:  # least recently used goes first
+                cache.pop(adapter, None)
+                cache[adapter] = entry
+            return entry.A, entry.B
+        A, B = self._get_lora_matrices(adapter)
+        cache.pop(adapter, None)
+        _evict(cache, _lora_cache_size - 1)
+        stamps = tuple(_stamp(t) for t in sources)
+        cache[adapter] = _CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
+        return A, B
+
+    def clear_lora_cache(self) -> None:
+        """Drop the cached A and B of every adapter (they are rebuilt on the next forward)."""
+        self._lora_cache.clear()
+
+    def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """``B @ A @ dropout(x)`` of one adapter; ``x`` already in the bank's dtype (as PEFT casts it)."""
+        A, B = self._forward_matrices(adapter)
+        dropout = self.vblora_dropout._modules.get(adapter)
+        if dropout is None:
+            dropout = self.vblora_dropout[adapter]
+        return F.linear(F.linear(dropout(x), A), B)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             result = self.base_layer(x, *args, **kwargs)
+        elif adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         elif self.merged:
             result = self.base_layer(x, *args, **kwargs)
         else:
@@ -485,11 +670,46 @@ class Linear(nn.Linear, VBLoRALayer):
             for active_adapter in self.active_adapters:
                 if not self.has_adapter(active_adapter):
                     continue
-                A, B = self._get_lora_matrices(active_adapter)
-                x = x.to(self.vblora_vector_bank[active_adapter].dtype)
-                dropout = self.vblora_dropout[active_adapter]
-                result = result + F.linear(F.linear(dropout(x), A), B)
+                x = x.to(_param(self.vblora_vector_bank, active_adapter).dtype)
+                result = result + self._adapter_output(active_adapter, x)
         return result.to(previous_dtype)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Union[RowGroups, Sequence[str]], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample with its own adapter (``"__base__"``: none): one base forward for the whole batch, then per
+        distinct adapter one low-rank product over its rows, added in place of ``result + delta``."""
+        groups = RowGroups.of(adapter_names)
+        if self.merged:
+            raise VBLoRAError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        per_sample = groups.rows_per_sample(x.shape[0], "VB-LoRA layer input")
+        result = self.base_layer(x, *args, **kwargs)
+        single = len(groups.groups) == 1
+        for name in groups.groups:
+            if name == BASE_ADAPTER or not self.has_adapter(name):
+                continue
+            dtype = _param(self.vblora_vector_bank, name).dtype
+            if single:  # the whole batch: exactly the plain forward
+                result = result + self._adapter_output(name, x.to(dtype))
+                continue
+            index = groups.index(name, per_sample, x.device)
+            delta = self._adapter_output(name, x.index_select(0, index).to(dtype))
+            # the same float ops per row as `result + delta` alone: promote first, then add at the rows
+            result = result.to(torch.promote_types(result.dtype, delta.dtype)).index_add(0, index, delta)
+        return result
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to() / .half() / .cuda(): the cached A and B are stale (the stamps would also say so, this frees them now)
+        self._lora_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles start with an empty cache (its stamps hold weak references, which do not pickle)
+        state = self.__dict__.copy()
+        state["_lora_cache"] = {}
+        return state
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -5,8 +5,11 @@ model with its targets replaced, so state-dict keys read ``base_model.model.<pat
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -16,7 +19,53 @@ from torch import nn
 from . import checkpoint
 from .config import CONFIG_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .layer import BASE_ADAPTER, RowGroups, VBLoRALayer
+from .modules_to_save import ModulesToSaveWrapper
 from .tuner import VBLoRATuner
+
+
+class _BoundForward:
+    """``model.forward`` of one VBLoRAModel: calls the forward, and shows the wrapped model's signature plus
+    ``adapter_names``. Tools choose batch keys from ``inspect.signature(model.forward)`` (transformers' Trainer
+    drops every column not named there, and only unwraps PEFT's own classes), and a bare ``*args, **kwargs``
+    would make them drop ``input_ids``."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: Any, owner: VBLoRAModel) -> None:
+        self.__func__ = func
+        self.__self__ = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            base = inspect.signature(self.__self__.get_base_model().forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: ours, less `self`
+            own = inspect.signature(self.__func__)
+            return own.replace(parameters=list(own.parameters.values())[1:])
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + [extra] + tail
+        return base.replace(parameters=params)
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        return self.__func__.__doc__
+
+
+class _ForwardDescriptor:
+    """Makes ``VBLoRAModel.forward`` (on the class: the plain function) a :class:`_BoundForward` on instances."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, owner: Optional[VBLoRAModel], owner_type: Optional[type] = None) -> Any:
+        return self.func if owner is None else _BoundForward(self.func, owner)
 
 
 class VBLoRAModel(nn.Module):
@@ -59,8 +108,52 @@ class VBLoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model(*args, **kwargs)
+    @_ForwardDescriptor
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The model's forward; ``adapter_names`` (one adapter name per sample, ``"__base__"`` for none) runs each
+        sample with its own adapter, in eval mode and unmerged."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; with ``adapter_names`` each sample (and its beams or returned sequences)
+        decodes with its own adapter."""
+        model = self.get_base_model()
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, _batch_size(args, kwargs)):
+            return model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _adapter_names_hooks(self, adapter_names: Sequence[str], batch_size: Optional[int]) -> Iterator[None]:
+        """Check ``adapter_names`` once, then pass its row groups to every adapter layer and modules_to_save
+        wrapper through forward pre-hooks (PEFT's mechanism), removed on exit."""
+        groups = RowGroups.of(adapter_names)
+        if self.training:
+            raise VBLoRAError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(groups.groups) - {BASE_ADAPTER} - set(self.peft_config))
+        if unknown:
+            raise VBLoRAError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        if batch_size is not None and batch_size != len(groups):
+            raise VBLoRAError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(groups)} and {batch_size} respectively."
+            )
+        modules = [m for m in self.modules() if isinstance(m, (VBLoRALayer, ModulesToSaveWrapper))]
+        merged = [m for m in modules if isinstance(m, VBLoRALayer) and m.merged]
+        if merged:
+            raise VBLoRAError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        hook = functools.partial(_pass_adapter_names, groups=groups, thread=threading.get_ident())
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -230,6 +323,30 @@ def _config_errors(source: str) -> Iterator[None]:
         raise
     except ValueError as exc:
         raise VBLoRAError(f"{source}: {exc}") from exc
+
+
+def _pass_adapter_names(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], groups: RowGroups, thread: int
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    # Hooks live on shared modules: a call in another thread (with its own adapter_names, or none) runs this hook
+    # too, and must not get these names.
+    if threading.get_ident() != thread:
+        return None
+    kwargs["adapter_names"] = groups
+    return args, kwargs
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[int]:
+    """Samples in a call's inputs: dim 0 of the first tensor among the positional arguments, else of the usual
+    input keywords (None if there is no tensor to tell)."""
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    for key in ("input_ids", "inputs_embeds", "x", "pixel_values", "input_values", "input_features"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
 
 
 def _read_checkpoint(

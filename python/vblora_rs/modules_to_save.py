@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from .errors import VBLoRAError
+from .layer import RowGroups
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -40,8 +44,48 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self._active_adapter]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._active_module()(*args, **kwargs)
+    def forward(
+        self, *args: Any, adapter_names: Optional[Union[RowGroups, Sequence[str]]] = None, **kwargs: Any
+    ) -> Any:
+        if adapter_names is None or self._disable_adapters:
+            return self._active_module()(*args, **kwargs)
+        return self._mixed_batch_forward(RowGroups.of(adapter_names), *args, **kwargs)
+
+    def _module_for(self, adapter_name: str) -> nn.Module:
+        """What a sample of ``adapter_name`` goes through: that adapter's copy, else (``"__base__"`` or an adapter
+        without a copy here) the original module, as with that adapter active."""
+        copies = self.modules_to_save
+        return copies[adapter_name] if adapter_name in copies else self.original_module
+
+    def _mixed_batch_forward(self, groups: RowGroups, *args: Any, **kwargs: Any) -> Any:
+        """Each sample through its own adapter's module: one call per distinct module, outputs put back in order.
+        The first positional argument is the batched input; dim 0 of input and output is the sample."""
+        modules: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name in groups.groups:
+            module = self._module_for(name)
+            modules.setdefault(id(module), (module, []))[1].append(name)
+        if len(modules) == 1:
+            return next(iter(modules.values()))[0](*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise VBLoRAError(
+                f"modules_to_save {type(self.original_module).__name__}: `adapter_names` needs the batched input "
+                "as the first positional argument"
+            )
+        x, rest = args[0], args[1:]
+        per_sample = groups.rows_per_sample(x.shape[0], f"modules_to_save {type(self.original_module).__name__}")
+        result: Optional[torch.Tensor] = None
+        for module, names in modules.values():
+            index = torch.cat([groups.index(n, per_sample, x.device) for n in names])
+            out = module(x.index_select(0, index), *rest, **kwargs)
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != index.shape:
+                raise VBLoRAError(
+                    f"modules_to_save {type(self.original_module).__name__}: `adapter_names` needs a tensor output "
+                    "with one row per input row"
+                )
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result.index_copy_(0, index, out.to(result.dtype))
+        return result
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         for name, module in self.modules_to_save.items():
