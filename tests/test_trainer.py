@@ -133,3 +133,30 @@ def test_trainer_with_a_classification_head(tmp_path: Path) -> None:
     )
     trainer.train()
     assert not torch.equal(head.dense.weight, before)  # the modules_to_save copy trained too
+
+
+def test_vblora_trainer_checkpoints_the_adapter(tmp_path: Path) -> None:
+    """Plain Trainer saves an unknown model's raw state_dict, which safetensors refuses (the shared bank sits
+    under every layer's key); VBLoRATrainer saves the adapter as PEFT's Trainer path does."""
+    import vblora_rs
+    from safetensors import SafetensorError
+    from transformers import Trainer
+    from vblora_rs import VBLoRATrainer
+
+    args = training_args(tmp_path / "plain", save_strategy="steps", save_steps=1)
+    with pytest.raises((RuntimeError, SafetensorError), match="share memory"):
+        Trainer(model=llama(), args=args, train_dataset=dataset()).train()
+
+    model = llama()
+    args = training_args(tmp_path / "ours", save_strategy="steps", save_steps=1)
+    trainer = VBLoRATrainer(model=model, args=args, train_dataset=dataset(), optimizers=(create_optimizer(model), None))
+    trainer.train()
+    checkpoint = tmp_path / "ours" / "checkpoint-1"
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    trainer.save_model(str(tmp_path / "final"))
+    builder = MODEL_CASES["llama"][0]
+    reloaded = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "final")
+    ids = torch.tensor([dataset()[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

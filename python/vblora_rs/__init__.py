@@ -17,10 +17,12 @@ from .errors import VBLoRAError
 
 if TYPE_CHECKING:
     from .config import VBLoRAConfig
-    from .layer import Linear, VBLoRALayer
+    from .layer import Linear, VBLoRALayer, get_lora_cache_size, set_lora_cache_size
     from .model import PeftModel, VBLoRAModel, get_peft_model
     from .modules_to_save import ModulesToSaveWrapper
     from .ops import get_num_threads, set_num_threads
+    from .optim import create_optimizer, param_groups
+    from .trainer import VBLoRATrainer
     from .tuner import VBLoRATuner
 
 # public name -> the submodule that defines it
@@ -31,9 +33,14 @@ _LAZY = {
     "VBLoRAConfig": ".config",
     "VBLoRALayer": ".layer",
     "VBLoRAModel": ".model",
+    "VBLoRATrainer": ".trainer",
     "VBLoRATuner": ".tuner",
+    "create_optimizer": ".optim",
+    "get_lora_cache_size": ".layer",
     "get_num_threads": ".ops",
     "get_peft_model": ".model",
+    "param_groups": ".optim",
+    "set_lora_cache_size": ".layer",
     "set_num_threads": ".ops",
 }
 
@@ -45,10 +52,15 @@ __all__ = [
     "VBLoRAError",
     "VBLoRALayer",
     "VBLoRAModel",
+    "VBLoRATrainer",
     "VBLoRATuner",
     "__version__",
+    "create_optimizer",
+    "get_lora_cache_size",
     "get_num_threads",
     "get_peft_model",
+    "param_groups",
+    "set_lora_cache_size",
     "set_num_threads",
 ]
 
