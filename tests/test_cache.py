@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import vblora_rs
 from conftest import MODEL_CASES, make_gpt2, make_mlp, output_tensor
 from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, get_peft_model
-from vblora_rs import layer as layer_mod
 
 
 @pytest.fixture
@@ -68,12 +68,12 @@ def test_cached_output_is_bit_identical_to_uncached(case: str, rebuilds: list[st
         built = len(rebuilds)
         second = output_tensor(model(**inputs()))
     assert built == n_layers(model) and len(rebuilds) == built  # the second forward rebuilt nothing
-    layer_mod.set_lora_cache_size(0)
+    vblora_rs.set_lora_cache_size(0)
     try:
         with torch.no_grad():
             uncached = output_tensor(model(**inputs()))
     finally:
-        layer_mod.set_lora_cache_size(32)
+        vblora_rs.set_lora_cache_size(32)
     assert len(rebuilds) == 2 * built
     assert torch.equal(first, second) and torch.equal(second, uncached)
 
@@ -205,7 +205,7 @@ def test_least_recently_used_entries_go_first() -> None:
     model = mlp_model()
     for name in ("a", "b", "c"):
         model.add_adapter(name, VBLoRAConfig(target_modules=["lin0"], vector_length=8, num_vectors=32))
-    layer_mod.set_lora_cache_size(2)
+    vblora_rs.set_lora_cache_size(2)
     try:
         with torch.no_grad():
             for name in ("a", "b", "a", "c"):
@@ -213,9 +213,9 @@ def test_least_recently_used_entries_go_first() -> None:
                 model(x_input())
         assert list(model.lin0._lora_cache) == ["a", "c"]
     finally:
-        layer_mod.set_lora_cache_size(32)
+        vblora_rs.set_lora_cache_size(32)
     with pytest.raises(ValueError, match="non-negative int"):
-        layer_mod.set_lora_cache_size(-1)
+        vblora_rs.set_lora_cache_size(-1)
 
 
 def test_compact_adapter_cache_follows_its_table(tmp_path) -> None:
@@ -283,9 +283,9 @@ def test_threads_with_their_own_adapter_names_and_a_small_cache() -> None:
         with torch.no_grad():
             return all(torch.equal(model(x, adapter_names=[name] * x.shape[0]), expected[name]) for _ in range(20))
 
-    layer_mod.set_lora_cache_size(1)
+    vblora_rs.set_lora_cache_size(1)
     try:
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(run, names * 3))
     finally:
-        layer_mod.set_lora_cache_size(32)
+        vblora_rs.set_lora_cache_size(32)

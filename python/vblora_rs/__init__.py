@@ -17,7 +17,8 @@ from .errors import VBLoRAError
 
 if TYPE_CHECKING:
     from .config import VBLoRAConfig
-    from .layer import Linear, VBLoRALayer, get_lora_cache_size, set_lora_cache_size
+    from .layer import Linear, VBLoRALayer
+    from .lora_cache import get_lora_cache_size, set_lora_cache_size
     from .model import PeftModel, VBLoRAModel, get_peft_model
     from .modules_to_save import ModulesToSaveWrapper
     from .ops import get_num_threads, set_num_threads
@@ -36,11 +37,11 @@ _LAZY = {
     "VBLoRATrainer": ".trainer",
     "VBLoRATuner": ".tuner",
     "create_optimizer": ".optim",
-    "get_lora_cache_size": ".layer",
+    "get_lora_cache_size": ".lora_cache",
     "get_num_threads": ".ops",
     "get_peft_model": ".model",
     "param_groups": ".optim",
-    "set_lora_cache_size": ".layer",
+    "set_lora_cache_size": ".lora_cache",
     "set_num_threads": ".ops",
 }
 

@@ -103,6 +103,15 @@ def compute_form(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int)
     return idx, torch.softmax(top, dim=-1)
 
 
+def traceable_compute_form(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_form` without its data-dependent fix-up of tied rows, for torch.compile: a tie
+    between kept logits (equal weights) or a zero weight only changes the order of the weighted sum, so A and B
+    equal the eager ones up to rounding in those rows."""
+    logits = _log_weights(weights)
+    top, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return torch.gather(indices.to(torch.long), -1, order), torch.softmax(top, dim=-1)
+
+
 # --- validation ---------------------------------------------------------------------------------------
 
 

@@ -10,18 +10,19 @@ in one pass and merge every adapter into the weight in one pass.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import compact, ops
+from . import compact, lora_cache, ops
 from .errors import VBLoRAError
+from .lora_cache import _CachedLoRA, _evict, _param, _stamp
 from .ops import MergeTerm
+from .row_groups import BASE_ADAPTER, RowGroups
 
 TOPK_TRAINING_ERROR = (
     "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
@@ -36,119 +37,47 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 # adapters on a 7B model would be 224,000 modules).
 _NO_DROPOUT = nn.Identity()
 
-# --- cached A and B ---------------------------------------------------------------------------------
-# PEFT rebuilds A and B (top-K, softmax, gather) on every forward, even under no_grad: for GPT-2 small that is
-# most of VB-LoRA's decoding overhead. A layer keeps the A and B of its most recently used adapters while no
-# gradient flows to them, stamped with the tensors they come from; any change of those tensors (optimizer step,
-# load_state_dict's copy_, in-place edits, .to(), a new Parameter) makes the stamp stale.
 
-_lora_cache_size = 32
+class DropoutDict(nn.ModuleDict):
+    """``vblora_dropout``: adapter -> dropout module, as in PEFT. Adapters without dropout map to one shared
+    Identity that is *not* registered per adapter: module walks (``named_modules``, ``train()``, ``parameters()``)
+    visit every registered child, so a thousand adapters would make each walk cost layers x adapters."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._identity: set[str] = set()
 
-def set_lora_cache_size(n: int) -> None:
-    """How many adapters' A and B each layer keeps (least recently used dropped first); 0 turns caching off.
-    Each entry holds ``r * (in + out)`` values."""
-    global _lora_cache_size
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"the cache size must be a non-negative int, got {n!r}")
-    _lora_cache_size = n
+    def set(self, name: str, p: float) -> None:
+        self.pop_adapter(name)
+        if p > 0.0:
+            self[name] = nn.Dropout(p=p)
+        else:
+            self._identity.add(name)
 
+    def pop_adapter(self, name: str) -> None:
+        self._identity.discard(name)
+        if name in self._modules:
+            del self._modules[name]
 
-def get_lora_cache_size() -> int:
-    return _lora_cache_size
+    def __getitem__(self, key: str) -> nn.Module:  # type: ignore[override]
+        return _NO_DROPOUT if key in self._identity else super().__getitem__(key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._identity or super().__contains__(key)
 
-def _stamp(t: torch.Tensor) -> tuple[Any, int, int]:
-    # The storage itself (its Python object is kept alive with the tensor's storage, and dies with it), the
-    # version counter (bumped by every in-place op, copy_ included) and the address (views, offsets). The storage
-    # is what catches `param.data = new` twice in a row (`.half().float()`), where the address may repeat and the
-    # version does not change.
-    return weakref.ref(t.untyped_storage()), t._version, t.data_ptr()
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.pop_adapter(key)
 
+    def keys(self):  # type: ignore[no-untyped-def]
+        return [*self._modules.keys(), *sorted(self._identity)]
 
-def _same(stamp: tuple[Any, int, int], t: torch.Tensor) -> bool:
-    return stamp[0]() is t.untyped_storage() and stamp[1] == t._version and stamp[2] == t.data_ptr()
-
-
-class _CachedLoRA(NamedTuple):
-    sources: tuple[tuple[Any, int, int], ...]
-    extra: Any  # what else A and B depend on (a compact adapter's first row)
-    inference: bool  # made under inference_mode: such tensors cannot be saved for backward outside of it
-    A: torch.Tensor
-    B: torch.Tensor
-
-    def valid(self, sources: tuple[torch.Tensor, ...], extra: Any) -> bool:
-        if self.extra != extra or len(self.sources) != len(sources):
-            return False
-        if self.inference and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-            return False
-        return all(_same(s, t) for s, t in zip(self.sources, sources))
-
-
-def _param(holder: nn.ParameterDict, key: str) -> torch.Tensor:
-    """``holder[key]`` without nn.Module's attribute lookup, which costs microseconds per call, per layer and
-    forward; anything unusual (e.g. LogitsDict building a compact adapter's logits) takes the public path."""
-    value = holder._parameters.get(key)
-    return value if value is not None else holder[key]
-
-
-def _evict(cache: dict[str, _CachedLoRA], keep: int) -> None:
-    """Drop the oldest entries until at most ``keep`` remain. Forwards may run in several threads at once (the
-    kernels release the GIL), so an entry may vanish under us: every step tolerates that."""
-    while len(cache) > max(keep, 0):
-        try:
-            cache.pop(next(iter(cache)), None)
-        except (StopIteration, RuntimeError):  # emptied, or resized by another thread mid-iteration
-            return
-
-
-# --- many adapters in one batch -------------------------------------------------------------------------
-
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
-
-
-class RowGroups:
-    """The rows of a batch grouped by adapter name, worked out once per forward and shared by every layer.
-
-    ``names[i]`` is the adapter of sample ``i``. A layer whose input has ``m * len(names)`` rows (``generate``
-    repeats each sample for beams or returned sequences, and some models flatten ``(batch, seq)``) gives each
-    sample's ``m`` consecutive rows to its adapter."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise VBLoRAError(f"adapter_names must be a list of adapter names (str), one per sample, got {names!r}")
-        self.names = list(names)
-        self.groups: dict[str, list[int]] = {}
-        for i, name in enumerate(self.names):
-            self.groups.setdefault(name, []).append(i)
-        self._index: dict[tuple[str, int, torch.device], torch.Tensor] = {}
-
-    @classmethod
-    def of(cls, names: Union[RowGroups, Sequence[str]]) -> RowGroups:
-        return names if isinstance(names, RowGroups) else cls(names)
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self.names)
-
-    def rows_per_sample(self, rows: int, where: str) -> int:
-        n = len(self.names)
-        if n == 0 or rows % n != 0:
-            raise VBLoRAError(
-                f"{where}: length of `adapter_names` should be the same as the number of inputs, but got {n} and "
-                f"{rows} respectively"
-            )
-        return rows // n
-
-    def index(self, name: str, per_sample: int, device: torch.device) -> torch.Tensor:
-        """Row indices (int64 on ``device``) of adapter ``name`` in an input of ``per_sample`` rows per sample."""
-        key = (name, per_sample, device)
-        index = self._index.get(key)
-        if index is None:
-            samples = torch.tensor(self.groups[name], dtype=torch.long)
-            index = (samples[:, None] * per_sample + torch.arange(per_sample)).reshape(-1).to(device)
-            self._index[key] = index
-        return index
-
+        return len(self._modules) + len(self._identity)
 
 class LogitsDict(nn.ParameterDict):
     """``vblora_logits_A`` / ``_B``: a ParameterDict whose compact (top-K) adapters get their dense logits built
@@ -198,7 +127,7 @@ class VBLoRALayer:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.topk: dict[str, int] = {}
-        self.vblora_dropout = nn.ModuleDict({})
+        self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
         self.vblora_vector_bank = nn.ParameterDict({})
@@ -354,8 +283,7 @@ class VBLoRALayer:
         self._lora_cache.pop(adapter_name, None)
         self.r[adapter_name] = r
         self.topk[adapter_name] = topk
-        dropout: nn.Module = nn.Dropout(p=vblora_dropout) if vblora_dropout > 0.0 else _NO_DROPOUT
-        self.vblora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+        self.vblora_dropout.set(adapter_name, vblora_dropout)
         self.vblora_vector_bank = vblora_vector_bank
         if init_logits:
             device = self._base_device()
@@ -366,7 +294,13 @@ class VBLoRALayer:
                 torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
             )
             self.reset_vblora_logits(adapter_name, init_logits_std)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        # Only the new adapter's tensors change trainability (PEFT re-runs set_adapter over every adapter here,
+        # which touches all banks in every layer: quadratic when a process loads many adapters).
+        trainable = adapter_name in self.active_adapters and not inference_mode
+        for layer_name in self.adapter_layer_names:
+            holder = getattr(self, layer_name)
+            if adapter_name in holder:
+                holder[adapter_name].requires_grad_(trainable)
 
     def _base_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -417,16 +351,6 @@ class VBLoRALayer:
         del self.vblora_topk_rows[adapter_name]
         self.vblora_logits_A[adapter_name] = nn.Parameter(logits_A, requires_grad=False)
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
-
-
-def _traceable_compute_form(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`compact.compute_form` without its data-dependent fix-up of tied rows, for torch.compile: a tie
-    between kept logits (equal weights) or a zero weight only changes the order of the weighted sum, so A and B
-    equal the eager ones up to rounding in those rows."""
-    w = weights.float()
-    logits = torch.log(torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1))
-    top, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    return torch.gather(indices.to(torch.long), -1, order), torch.softmax(top, dim=-1)
 
 
 class Linear(nn.Linear, VBLoRALayer):
@@ -495,8 +419,8 @@ class Linear(nn.Linear, VBLoRALayer):
         idx_A, w_A, idx_B, w_B = self.stored_topk(adapter)
         num_vectors = self.vblora_topk[adapter].num_vectors
         if torch.compiler.is_compiling():
-            idx_A, w_A = _traceable_compute_form(idx_A, w_A)
-            idx_B, w_B = _traceable_compute_form(idx_B, w_B)
+            idx_A, w_A = compact.traceable_compute_form(idx_A, w_A)
+            idx_B, w_B = compact.traceable_compute_form(idx_B, w_B)
         else:
             idx_A, w_A = compact.compute_form(idx_A, w_A, num_vectors)
             idx_B, w_B = compact.compute_form(idx_B, w_B, num_vectors)
@@ -623,7 +547,7 @@ class Linear(nn.Linear, VBLoRALayer):
         """A and B for the forward, from the cache while no gradient flows to them (bit-identical to a rebuild:
         the cache holds what the no-autograd path returned)."""
         self._check_trainable(adapter)
-        if _lora_cache_size == 0 or torch.compiler.is_compiling():
+        if lora_cache.get_lora_cache_size() == 0 or torch.compiler.is_compiling():
             return self._get_lora_matrices(adapter)  # compiled graphs: no Python state, nothing to guard on
         sources, extra = self._cache_sources(adapter)
         if self._needs_autograd(*sources):
@@ -637,7 +561,7 @@ class Linear(nn.Linear, VBLoRALayer):
             return entry.A, entry.B
         A, B = self._get_lora_matrices(adapter)
         cache.pop(adapter, None)
-        _evict(cache, _lora_cache_size - 1)
+        _evict(cache, lora_cache.get_lora_cache_size() - 1)
         stamps = tuple(_stamp(t) for t in sources)
         cache[adapter] = _CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
         return A, B
@@ -651,7 +575,7 @@ class Linear(nn.Linear, VBLoRALayer):
         A, B = self._forward_matrices(adapter)
         dropout = self.vblora_dropout._modules.get(adapter)
         if dropout is None:
-            dropout = self.vblora_dropout[adapter]
+            dropout = self.vblora_dropout[adapter]  # the shared Identity
         return F.linear(F.linear(dropout(x), A), B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
