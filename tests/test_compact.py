@@ -183,3 +183,19 @@ def test_compact_rejects_a_merged_adapter() -> None:
 def test_savable_counts_of_loaded_top_k_match_peft(tmp_path) -> None:
     peft_model, ours, _ = load_both(tmp_path, "llama")
     assert ours.get_nb_savable_parameters() == peft_model.get_nb_savable_parameters()
+
+
+def test_wide_index_dtype_cannot_wrap_into_range(tmp_path) -> None:
+    """Indices stored wider than PEFT's dtype are checked before the table narrows them: 65,541 in int32 would
+    wrap to the valid int16 index 5."""
+    theirs, _, _ = build_pair("llama", save_only_topk_weights=True)
+    theirs.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("_topk_indices"))
+    wide = tensors[key].to(torch.int32)
+    wide.view(-1)[0] = 65536 + 5
+    tensors[key] = wide
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(vblora_rs.VBLoRAError, match=f"{key} holds indices outside"):
+        vblora_rs.PeftModel.from_pretrained(MODEL_CASES["llama"][0](), tmp_path / "peft")

@@ -214,10 +214,10 @@ def is_topk_checkpoint(tensors: dict[str, torch.Tensor]) -> bool:
 
 def _take_topk_parts(
     model: VBLoRAModel, tensors: dict[str, torch.Tensor], adapter_name: str, path: str
-) -> tuple[list[tuple[str, Any]], list[tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[list[tuple[str, Any]], tuple[compact.TopKTable, list[int]]]:
     """Pop the top-K tensors of every layer of ``adapter_name`` out of ``tensors`` and check them; returns the
-    layers and their ``(indices, weights)`` pairs, A then B per layer. Values are checked all at once (one pass
-    over every layer's tensors together), then tensor by tensor only to name the one at fault."""
+    layers and the table holding their ``(indices, weights)`` (A then B per layer) with each layer's first row.
+    Values are checked on the whole table at once, then tensor by tensor only to name the one at fault."""
     config = model.peft_config[adapter_name]
     layers = [(n, layer) for n, layer in model.base_model.vblora_layers() if adapter_name in layer.r]
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -246,13 +246,14 @@ def _take_topk_parts(
     stray = [k for k in tensors if k.endswith((TOPK_INDICES, TOPK_WEIGHTS))]
     if stray:
         raise VBLoRAError(f"{path}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
-    if parts:
-        all_indices = torch.cat([i.reshape(-1) for i, _ in parts])
-        all_weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w in parts])
-        if compact.value_problem(all_indices, all_weights, config.num_vectors):
-            for key, (idx, w) in zip(keys, parts):
-                compact.check_stored(path, key, idx, w, config.num_vectors, config.topk)
-    return layers, parts
+    for key, (idx, w) in zip(keys, parts):  # before the table narrows them to PEFT's dtype (which would wrap)
+        if compact.index_problem(idx, config.num_vectors):
+            compact.check_stored(path, key, idx, w, config.num_vectors, config.topk)
+    table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+    if compact.value_problem(table.indices, table.weights, config.num_vectors):
+        for key, (idx, w) in zip(keys, parts):  # name the tensor at fault
+            compact.check_stored(path, key, idx, w, config.num_vectors, config.topk)
+    return layers, (table, starts)
 
 
 def _planned_copy(path: str, key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +271,7 @@ def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], a
     (top-K tensors: into a compact table, see :mod:`vblora_rs.compact`)."""
     tensors = dict(tensors)
     topk_layers: list[tuple[str, Any]] = []
-    topk_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    topk_parts: Optional[tuple[compact.TopKTable, list[int]]] = None
     if is_topk_checkpoint(tensors):
         topk_layers, topk_parts = _take_topk_parts(model, tensors, adapter_name, path)
     if BANK_KEY not in tensors:
@@ -303,5 +304,5 @@ def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], a
     with torch.no_grad():
         for target, value in plan:
             target.copy_(value)
-    if topk_layers:
-        model.base_model.set_compact_adapter(adapter_name, topk_layers, topk_parts)
+    if topk_parts is not None:
+        model.base_model.set_compact_adapter(adapter_name, topk_layers, *topk_parts)

@@ -16,6 +16,7 @@ on a rebuilt dense row, so those few rows get torch's own tie order too.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -138,17 +139,33 @@ def check_layout(path: str, key: str, indices: torch.Tensor, weights: torch.Tens
         )
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (bfloat16, which numpy lacks, as float32). The loading path checks and
+    concatenates with numpy: each torch kernel used for the first time pages in its code from libtorch, which
+    was most of the extra memory of loading a compact adapter (~5 MiB of ~14)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def index_problem(indices: torch.Tensor, num_vectors: int) -> str:
+    """What is wrong with stored top-K indices (``"<suffix> holds ..."``), or ``""``."""
+    if indices.numel():
+        idx = _np(indices)
+        if int(idx.min()) < 0 or int(idx.max()) >= num_vectors:
+            return f"{TOPK_INDICES} holds indices outside [0, {num_vectors})"
+    return ""
+
+
 def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> str:
     """What is wrong with the values of a stored top-K pair (``"<suffix> holds ..."``), or ``""``."""
-    if indices.numel():
-        low, high = torch.aminmax(indices)
-        if int(low) < 0 or int(high) >= num_vectors:
-            return f"{TOPK_INDICES} holds indices outside [0, {num_vectors})"
+    problem = index_problem(indices, num_vectors)
+    if problem:
+        return problem
     if weights.numel():
-        w = weights.float()
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        w = _np(weights)
+        if not bool(np.isfinite(w).all()) or bool((w < 0).any()):
             return f"{TOPK_WEIGHTS} holds NaN, infinite or negative weights"
-        if bool((w.sum(-1) > 1 + 1e-6).any()):
+        if bool((w.sum(-1, dtype=np.float32) > 1 + 1e-6).any()):
             return f"{TOPK_WEIGHTS} has weights summing above 1"
     return ""
 
@@ -164,9 +181,13 @@ def table_from_layers(
         rows += idx.numel() // topk
     dtype = indices_dtype(num_vectors)
     if parts:
-        indices = torch.cat([idx.reshape(-1, topk).to(dtype) for idx, _ in parts])
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        indices = torch.from_numpy(np.concatenate([_np(i).reshape(-1, topk).astype(np_dtype) for i, _ in parts]))
         wdtype = parts[0][1].dtype
-        weights = torch.cat([w.reshape(-1, topk - 1).to(wdtype) for _, w in parts])
+        if wdtype == torch.bfloat16:  # numpy has no bfloat16
+            weights = torch.cat([w.reshape(-1, topk - 1) for _, w in parts])
+        else:
+            weights = torch.from_numpy(np.concatenate([_np(w).reshape(-1, topk - 1) for _, w in parts]))
     else:
         indices = torch.empty(0, topk, dtype=dtype)
         weights = torch.empty(0, topk - 1)

@@ -287,12 +287,10 @@ class VBLoRATuner(nn.Module):
     # --- compact top-K form ---------------------------------------------------------------------
 
     def set_compact_adapter(
-        self, adapter_name: str, layers: list[tuple[str, Linear]], parts: list[tuple[torch.Tensor, torch.Tensor]]
+        self, adapter_name: str, layers: list[tuple[str, Linear]], table: compact.TopKTable, starts: list[int]
     ) -> None:
-        """Store ``adapter_name`` in compact form: ``parts`` holds the stored top-K ``(indices, weights)`` of A then
-        B of each of ``layers``, in order (already checked). One table holds them all."""
-        config = self.peft_config[adapter_name]
-        table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+        """Store ``adapter_name`` in compact form: ``table`` holds the stored top-K rows of A then B of each of
+        ``layers``, in order (already checked); ``starts[2 * i]`` is the first row of layer ``i``."""
         self.vblora_topk[adapter_name] = table
         for i, (_, layer) in enumerate(layers):
             layer.set_compact(adapter_name, self.vblora_topk, starts[2 * i])
@@ -318,7 +316,8 @@ class VBLoRATuner(nn.Module):
                 else:
                     for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name]):
                         parts.append(compact.encode(logits, config.topk, config.num_vectors))
-        self.set_compact_adapter(adapter_name, layers, parts)
+        table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+        self.set_compact_adapter(adapter_name, layers, table, starts)
         config.save_only_topk_weights = True
 
     def _unload(
