@@ -40,6 +40,8 @@ pub enum KernelError {
     TopK { k: usize, n: usize },
     /// A NaN in row `row` of `arg`.
     Nan { arg: &'static str, row: usize },
+    /// The arrays passed as `arg` do not all have the same dtype.
+    Mixed { arg: &'static str },
     /// An index outside `[0, bound)` in row `row` of `arg`.
     Index {
         arg: &'static str,
@@ -80,6 +82,9 @@ impl fmt::Display for KernelError {
                 "k = {k} must satisfy 1 <= k <= {n}, the number of logits columns"
             ),
             KernelError::Nan { arg, row } => write!(f, "{arg} row {row} contains NaN"),
+            KernelError::Mixed { arg } => {
+                write!(f, "every array of {arg} must have the same dtype")
+            }
             KernelError::Index {
                 arg,
                 row,

@@ -720,6 +720,13 @@ impl Selector {
             *o /= sum;
         }
     }
+
+    /// The kept logits of the last selected row (widened to `f32`, exact), largest first.
+    pub(crate) fn values_into(&self, out: &mut [f32]) {
+        for (o, &(x, _)) in out.iter_mut().zip(&self.queue[..self.k]) {
+            *o = x;
+        }
+    }
 }
 
 /// Checks `1 <= k <= n`.
@@ -740,6 +747,7 @@ fn topk_rows<T: Element>(
     first_row: usize,
     idx_out: &mut [i64],
     w_out: &mut [f32],
+    kept_logits: bool,
     scan: impl Scan,
 ) -> Option<usize> {
     let mut sel = Selector::new(k);
@@ -753,7 +761,11 @@ fn topk_rows<T: Element>(
             // A column index is below the row length, itself a slice length, so it fits.
             *o = i as i64;
         }
-        sel.softmax_into(w_row);
+        if kept_logits {
+            sel.values_into(w_row);
+        } else {
+            sel.softmax_into(w_row);
+        }
     }
     None
 }
@@ -766,8 +778,17 @@ fn topk_rows_avx2<T: Element>(
     first_row: usize,
     idx_out: &mut [i64],
     w_out: &mut [f32],
+    kept_logits: bool,
 ) -> Option<usize> {
-    topk_rows(logits, k, first_row, idx_out, w_out, avx2_scan())
+    topk_rows(
+        logits,
+        k,
+        first_row,
+        idx_out,
+        w_out,
+        kept_logits,
+        avx2_scan(),
+    )
 }
 
 /// Top-`k` indices (largest first, in `torch.topk`'s CPU order, ties included) and their softmax
@@ -787,22 +808,70 @@ pub(crate) fn topk_softmax_at<T: Element>(
     k: usize,
     num_threads: usize,
 ) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
-    check_k(k, logits.cols())?;
-    let rows = logits.rows();
-    let mut indices = vec![0_i64; rows * k];
-    let mut weights = vec![0.0_f32; rows * k];
+    topk_many_at(level, &[logits], k, false, num_threads)
+}
+
+/// [`topk_softmax`] of several matrices in one call, their rows concatenated in order in the
+/// output (a NaN's row is counted across them). One hand-off to the thread pool for all: an
+/// adapter has hundreds of small logits matrices (64 rows for a 4096-wide A at r = 4), and a
+/// call each cost more in pool hand-offs and Python than the selection itself.
+pub fn topk_softmax_many<T: Element>(
+    mats: &[MatRef<'_, T>],
+    k: usize,
+    num_threads: usize,
+) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+    topk_many_at(Level::detected(), mats, k, false, num_threads)
+}
+
+/// Like [`topk_softmax_many`], but the second output holds the kept logits themselves (widened to
+/// `f32`, exact) instead of their softmax: for callers that weigh them with another softmax
+/// (torch's, for bit parity with PEFT).
+pub fn topk_kept_many<T: Element>(
+    mats: &[MatRef<'_, T>],
+    k: usize,
+    num_threads: usize,
+) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+    topk_many_at(Level::detected(), mats, k, true, num_threads)
+}
+
+fn topk_many_at<T: Element>(
+    level: Level,
+    mats: &[MatRef<'_, T>],
+    k: usize,
+    kept_logits: bool,
+    num_threads: usize,
+) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+    for logits in mats {
+        check_k(k, logits.cols())?;
+    }
+    let total: usize = mats.iter().map(MatRef::rows).sum();
+    let mut indices = vec![0_i64; total * k];
+    let mut weights = vec![0.0_f32; total * k];
+    // One flat list of tasks (up to ROWS_PER_TASK rows of one matrix each, with their slices of the
+    // output) for one parallel pass: a fork-join per matrix cost ~20 us each, 9 ms for 448 matrices.
+    let mut tasks = Vec::with_capacity(total / ROWS_PER_TASK + mats.len());
+    let (mut idx_rest, mut w_rest) = (&mut indices[..], &mut weights[..]);
+    let mut before = 0;
+    for &logits in mats {
+        for first in (0..logits.rows()).step_by(ROWS_PER_TASK) {
+            let n = ROWS_PER_TASK.min(logits.rows() - first) * k;
+            let (idx, idx_tail) = std::mem::take(&mut idx_rest).split_at_mut(n);
+            let (w, w_tail) = std::mem::take(&mut w_rest).split_at_mut(n);
+            (idx_rest, w_rest) = (idx_tail, w_tail);
+            tasks.push((logits, first, before, idx, w));
+        }
+        before += logits.rows();
+    }
     let failed = threads::run(num_threads, || {
-        indices
-            .par_chunks_mut(ROWS_PER_TASK * k)
-            .zip(weights.par_chunks_mut(ROWS_PER_TASK * k))
-            .enumerate()
-            .find_map_first(|(task, (idx, w))| {
-                let first = task * ROWS_PER_TASK;
-                dispatch!(
+        tasks
+            .into_par_iter()
+            .find_map_first(|(logits, first, before, idx, w)| {
+                let failed = dispatch!(
                     level,
-                    topk_rows(logits, k, first, idx, w, portable_scan()),
-                    topk_rows_avx2::<T>(logits, k, first, idx, w)
-                )
+                    topk_rows(logits, k, first, idx, w, kept_logits, portable_scan()),
+                    topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits)
+                );
+                failed.map(|row| before + row)
             })
     })?;
     match failed {
@@ -1029,6 +1098,44 @@ pub(crate) mod tests {
                 assert_eq!(err.to_string(), "logits row 17 contains NaN");
             }
         }
+    }
+
+    #[test]
+    fn many_matrices_equal_one_call_each_and_count_nan_rows_across_them() {
+        let sizes = [(64, 300), (1, 300), (0, 300), (172, 300), (7, 300)];
+        let data: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, n))| lcg(i as u64 + 11, r * n))
+            .collect();
+        let mats: Vec<MatRef<'_, f32>> = data
+            .iter()
+            .zip(sizes)
+            .map(|(d, (r, n))| MatRef::new("logits", d, r, n).unwrap())
+            .collect();
+        for threads in [1, 2] {
+            let (idx, w) = topk_softmax_many(&mats, 3, threads).unwrap();
+            let (mut want_idx, mut want_w) = (Vec::new(), Vec::new());
+            for m in &mats {
+                let (i, ww) = topk_softmax(*m, 3, threads).unwrap();
+                want_idx.extend(i);
+                want_w.extend(ww);
+            }
+            assert_eq!(idx, want_idx);
+            assert_eq!(w, want_w);
+        }
+        let mut bad = data.clone();
+        bad[3][5 * 300 + 1] = f32::NAN;
+        let mats: Vec<MatRef<'_, f32>> = bad
+            .iter()
+            .zip(sizes)
+            .map(|(d, (r, n))| MatRef::new("logits", d, r, n).unwrap())
+            .collect();
+        let err = topk_softmax_many(&mats, 3, 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("logits row {} contains NaN", 64 + 1 + 5)
+        );
     }
 
     #[test]

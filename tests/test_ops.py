@@ -334,3 +334,27 @@ def test_topk_fast_path_and_ties_match_torch_on_wide_rows() -> None:
         ref_idx, ref_w = torch_topk_softmax(logits, k)
         assert torch.equal(idx, ref_idx), k
         torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_encode_many_equals_encode_one_by_one(dtype: torch.dtype) -> None:
+    """One Rust call and one softmax for an adapter's every logits tensor give the very tensors a call each gives."""
+    from vblora_rs import compact
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 16, 300), (43, 4, 300), (1, 1, 300), (4, 2, 300), (9, 4, 300)]
+    logits = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    logits[2][0, 0, :] = 0.5  # a row of ties
+    logits[3] = logits[3].round()  # many ties
+    many = compact.encode_many(logits, 3, 300)
+    for t, (idx, w) in zip(logits, many):
+        want_idx, want_w = compact.encode(t, 3, 300)
+        assert idx.dtype == want_idx.dtype and torch.equal(idx, want_idx)
+        assert w.dtype == want_w.dtype == dtype and torch.equal(w, want_w)
+    bad = [t.clone() for t in logits]
+    bad[1].view(-1, 300)[5, 7] = float("nan")
+    with pytest.raises(VBLoRAError, match=f"row {4 * 16 + 5} contains NaN"):
+        ops.topk_softmax_many(bad, 3)
+    with pytest.raises(VBLoRAError, match="same dtype"):
+        mixed = [logits[0].float().reshape(-1, 300).numpy(), logits[1].half().reshape(-1, 300).numpy()]
+        _native.topk_many(mixed, 3, False, 1)

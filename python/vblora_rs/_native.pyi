@@ -26,6 +26,14 @@ def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDAr
     Returns ``(indices (rows, k) int64, weights (rows, k) float32)``. A NaN logit is an error
     naming its row; ``k`` must satisfy ``1 <= k <= n``."""
 
+def topk_many(
+    logits: list[FloatArray], k: int, kept_logits: bool, num_threads: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """:func:`topk_softmax` of several 2-D logits arrays of one dtype in one call (one hand-off to the thread
+    pool): ``(indices (S, k), weights (S, k))`` over all their rows, in order; with ``kept_logits`` the second
+    array holds the kept logits themselves (float32, exact) instead of their softmax. A NaN's row is counted
+    across the arrays. Arrays of different dtypes are an error."""
+
 def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
     """Fused top-k + softmax + weighted sum of bank rows: ``out[i] = sum_j w[i, j] *
     bank[idx[i, j]]`` for ``logits (rows, num_vectors)`` and ``bank (num_vectors, L)``, summing

@@ -76,10 +76,6 @@ def _checkpoint_to_model_keys(model: VBLoRAModel, adapter_name: str) -> dict[str
 # --- saving -----------------------------------------------------------------------------------------
 
 
-def _topk_encode(logits: torch.Tensor, k: int, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return compact.encode(logits, k, num_vectors)
-
-
 def _compact_layer_tensors(model: VBLoRAModel, adapter_name: str, topk_form: bool) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of the layers holding ``adapter_name`` in compact form: the stored top-K tensors as
     they are, or (full mode) the dense logits PEFT would hold."""
@@ -110,15 +106,18 @@ def adapter_state_dict(
     others = [a for a in model.peft_config if a != adapter_name]
     state = {k: v for k, v in model.state_dict().items() if not any(_belongs_to(k, o) for o in others)}
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if "vblora_logits" in key and key.endswith(f".{adapter_name}"):
-            ckpt = remove_adapter_name(key, adapter_name)
-            if config.save_only_topk_weights:
-                idx, weights = _topk_encode(value, config.topk, config.num_vectors)
-                out[ckpt + TOPK_INDICES] = idx
-                out[ckpt + TOPK_WEIGHTS] = weights
-            else:
-                out[ckpt] = value
+    logits = {
+        remove_adapter_name(key, adapter_name): value
+        for key, value in state.items()
+        if "vblora_logits" in key and key.endswith(f".{adapter_name}")
+    }
+    if config.save_only_topk_weights:
+        encoded = compact.encode_many(list(logits.values()), config.topk, config.num_vectors)
+        for ckpt, (idx, weights) in zip(logits, encoded):
+            out[ckpt + TOPK_INDICES] = idx
+            out[ckpt + TOPK_WEIGHTS] = weights
+    else:
+        out.update(logits)
     out.update(_compact_layer_tensors(model, adapter_name, config.save_only_topk_weights))
     out[BANK_KEY] = state[f"{BANK_KEY}.{adapter_name}"]
     if config.bias == "all":
@@ -135,14 +134,15 @@ def adapter_state_dict(
 
 
 def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (e.g. a modules_to_save bias saved under two keys with
-    bias="all", as PEFT does): copy every repeat, keep the first as it is."""
-    seen: set[tuple[int, int]] = set()
+    """safetensors refuses tensors that share memory (a modules_to_save bias saved under two keys with
+    bias="all", as PEFT does; top-K tensors of several layers encoded together): copy every tensor whose storage
+    another one already uses, keep the first as it is."""
+    seen: set[int] = set()
     out = {}
     for key, value in tensors.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
-        out[key] = value.clone() if ident in seen and value.numel() else value
-        seen.add(ident)
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in seen and value.numel() else value
+        seen.add(storage)
     return out
 
 

@@ -75,6 +75,25 @@ def full_weights(weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([w, (1 - w.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
 
 
+def encode_many(logits: list[torch.Tensor], k: int, num_vectors: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`encode` of many logits tensors (an adapter's every layer) with one Rust top-K call and one softmax;
+    the same tensors, bit for bit. Tensors the kernels cannot take (or of mixed dtypes) go one by one."""
+    logits = [t.detach() for t in logits]
+    if not logits or not ops.native_ok(*logits) or len({t.dtype for t in logits}) > 1:
+        return [encode(t, k, num_vectors) for t in logits]
+    idx, weights = ops.topk_softmax_many(logits, k)
+    idx = idx.to(indices_dtype(num_vectors))
+    weights = weights[:, :-1].to(logits[0].dtype).contiguous()
+    out, start = [], 0
+    for t in logits:
+        end = start + t.numel() // t.shape[-1]
+        lead = t.shape[:-1]
+        # views of two tensors: whoever saves them with safetensors must unshare them (checkpoint does)
+        out.append((idx[start:end].reshape(*lead, k), weights[start:end].reshape(*lead, k - 1)))
+        start = end
+    return out
+
+
 def _log_weights(weights: torch.Tensor) -> torch.Tensor:
     """``log([w, 1 - sum(w)])`` in float32: the logits PEFT scatters at the kept indices."""
     return torch.log(full_weights(weights))

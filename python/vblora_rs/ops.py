@@ -97,6 +97,22 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
     return indices.reshape(shape), weights.reshape(shape)
 
 
+def topk_softmax_many(
+    logits: Sequence[torch.Tensor], k: int, *, name: str = "logits"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_softmax` of several logits tensors (one float dtype) at once: ``(indices (S, k), weights (S,
+    k))`` over all their rows, in order. One Rust call selects in every tensor (an adapter has hundreds of small
+    ones, where a call each costs more than the work), and one torch softmax (row by row, so bit for bit the same
+    as per tensor) weighs the kept logits."""
+    rows = [_rows(t, name) for t in logits]
+    if not rows:
+        return torch.empty(0, int(k), dtype=torch.long), torch.empty(0, int(k))
+    views = [_float_view(r, name) for r in rows]
+    idx, kept = _wrap(name, _native.topk_many, views, int(k), True, get_num_threads())
+    # the kept logits come back exactly (widened to float32, as torch's .float() does)
+    return torch.from_numpy(idx), torch.softmax(torch.from_numpy(kept), dim=-1)
+
+
 def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name: str = "logits") -> torch.Tensor:
     """``softmax(topk(logits)) @ bank[indices]`` per row: shape ``logits.shape[:-1] + (L,)``, float32, bit for
     bit PEFT's ``(weights.unsqueeze(-1) * bank[indices]).sum(-2)`` on float32 inputs. Nothing of size

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 
 from . import _native, compact, ops
-from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, _topk_encode
+from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import VBLoRAConfig
 from .errors import VBLoRAError
 
@@ -390,8 +390,10 @@ def is_packed_file(path: Union[str, os.PathLike]) -> bool:
 
 def topk_tensors_from_full(tensors: dict[str, torch.Tensor], config: VBLoRAConfig) -> dict[str, torch.Tensor]:
     """A full-logits PEFT checkpoint dict converted to the top-K dict PEFT's ``save_only_topk_weights`` save writes
-    (same keys, indices dtype and weights); other tensors pass through. Top-K dicts come back unchanged."""
+    (same keys, indices dtype and weights); other tensors pass through. Top-K dicts come back unchanged. The new
+    tensors are views of two tensors holding every layer (clone them before ``safetensors.torch.save_file``)."""
     out: dict[str, torch.Tensor] = {}
+    logits: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.endswith(_GRIDS):
             out[key] = value
@@ -403,10 +405,17 @@ def topk_tensors_from_full(tensors: dict[str, torch.Tensor], config: VBLoRAConfi
             )
         if not value.dtype.is_floating_point:
             raise VBLoRAError(f"tensor {key} has dtype {value.dtype}, expected float logits")
-        try:
-            idx, weights = _topk_encode(value, config.topk, config.num_vectors)
-        except VBLoRAError as exc:
-            raise VBLoRAError(f"tensor {key}: {exc}") from None
+        logits[key] = value
+    try:
+        encoded = compact.encode_many(list(logits.values()), config.topk, config.num_vectors)
+    except VBLoRAError:  # name the tensor: encode them one by one
+        for key, value in logits.items():
+            try:
+                compact.encode(value, config.topk, config.num_vectors)
+            except VBLoRAError as exc:
+                raise VBLoRAError(f"tensor {key}: {exc}") from None
+        raise
+    for key, (idx, weights) in zip(logits, encoded):
         out[key + TOPK_INDICES] = idx
         out[key + TOPK_WEIGHTS] = weights
     return out

@@ -307,15 +307,21 @@ class VBLoRATuner(nn.Module):
         if merged:
             raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before compact_")
         config = self.peft_config[adapter_name]
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        dense = [
+            logits
+            for _, layer in layers
+            if not layer.is_compact(adapter_name)
+            for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name])
+        ]
         with torch.no_grad():
-            for _, layer in layers:
-                if layer.is_compact(adapter_name):
-                    idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
-                    parts += [(idx_A, w_A), (idx_B, w_B)]
-                else:
-                    for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name]):
-                        parts.append(compact.encode(logits, config.topk, config.num_vectors))
+            encoded = iter(compact.encode_many(dense, config.topk, config.num_vectors))
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _, layer in layers:
+            if layer.is_compact(adapter_name):
+                idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
+                parts += [(idx_A, w_A), (idx_B, w_B)]
+            else:
+                parts += [next(encoded), next(encoded)]
         table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
         self.set_compact_adapter(adapter_name, layers, table, starts)
         config.save_only_topk_weights = True

@@ -10,6 +10,7 @@ use numpy::{PyArray, PyArray2, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::error::KernelError;
 use crate::matrix::{MatMut, MatRef};
@@ -75,6 +76,87 @@ fn topk_softmax<'py>(
     let (indices, weights) = dispatch!(FloatSlice, logits.slice()?, s => py.detach(|| {
         crate::topk::topk_softmax(MatRef::new("logits", s, rows, n)?, k, threads)
     }))?;
+    Ok((
+        to_numpy(py, indices, rows, k)?,
+        to_numpy(py, weights, rows, k)?,
+    ))
+}
+
+/// Top-k of several matrices: softmax weights, or the kept logits themselves.
+fn many<T: crate::Element>(
+    mats: &[MatRef<'_, T>],
+    k: usize,
+    kept_logits: bool,
+    threads: usize,
+) -> Result<(Vec<i64>, Vec<f32>), KernelError> {
+    if kept_logits {
+        crate::topk::topk_kept_many(mats, k, threads)
+    } else {
+        crate::topk::topk_softmax_many(mats, k, threads)
+    }
+}
+
+/// The typed slices of several float arrays of one dtype, as `MatRef`s.
+fn same_dtype_mats<'a, T>(
+    slices: &'a [FloatSlice<'a>],
+    shapes: &[(usize, usize)],
+    pick: impl Fn(&FloatSlice<'a>) -> Option<&'a [T]>,
+) -> Result<Vec<MatRef<'a, T>>, KernelError> {
+    slices
+        .iter()
+        .zip(shapes)
+        .map(|(s, &(rows, cols))| {
+            let data = pick(s).ok_or(KernelError::Mixed { arg: "logits" })?;
+            MatRef::new("logits", data, rows, cols)
+        })
+        .collect()
+}
+
+#[pyfunction]
+fn topk_many<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyList>,
+    k: i64,
+    kept_logits: bool,
+    num_threads: i64,
+) -> PyResult<TopK<'py>> {
+    let items: Vec<Bound<'py, PyAny>> = logits.iter().collect();
+    let arrays = items
+        .iter()
+        .map(|a| FloatArray::extract("logits", a))
+        .collect::<PyResult<Vec<_>>>()?;
+    let shapes: Vec<(usize, usize)> = arrays.iter().map(FloatArray::shape).collect();
+    let slices = arrays
+        .iter()
+        .map(FloatArray::slice)
+        .collect::<PyResult<Vec<_>>>()?;
+    let k = count("k", k, 1)?;
+    let threads = count("num_threads", num_threads, 0)?;
+    let rows: usize = shapes.iter().map(|s| s.0).sum();
+    let (indices, weights) = py.detach(|| match slices.first() {
+        None => Ok((Vec::new(), Vec::new())),
+        Some(FloatSlice::F32(_)) => {
+            let mats = same_dtype_mats(&slices, &shapes, |s| match s {
+                FloatSlice::F32(x) => Some(*x),
+                _ => None,
+            })?;
+            many(&mats, k, kept_logits, threads)
+        }
+        Some(FloatSlice::F16(_)) => {
+            let mats = same_dtype_mats(&slices, &shapes, |s| match s {
+                FloatSlice::F16(x) => Some(*x),
+                _ => None,
+            })?;
+            many(&mats, k, kept_logits, threads)
+        }
+        Some(FloatSlice::BF16(_)) => {
+            let mats = same_dtype_mats(&slices, &shapes, |s| match s {
+                FloatSlice::BF16(x) => Some(*x),
+                _ => None,
+            })?;
+            many(&mats, k, kept_logits, threads)
+        }
+    })?;
     Ok((
         to_numpy(py, indices, rows, k)?,
         to_numpy(py, weights, rows, k)?,
@@ -193,6 +275,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("VBLoRAError", m.py().get_type::<VBLoRAError>())?;
     m.add_function(wrap_pyfunction!(topk_softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_many, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_from_logits, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_from_topk, m)?)?;
     m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
