@@ -267,11 +267,14 @@ def _check_topk(
 # --- LoRA factors -------------------------------------------------------------------------------------
 
 
-def module_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module: (A (r, in), B (out, r))}`` in float32, equal to PEFT's ``_get_lora_matrices`` of the adapter."""
+def module_factors(adapter: AdapterFile, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A (r, in), B (out, r))}`` in float32, equal to PEFT's ``_get_lora_matrices`` of the adapter.
+    ``progress`` shows a bar (on stderr) once the work has taken a second."""
+    from tqdm import tqdm
+
     config, bank = adapter.config, adapter.bank
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in adapter.modules:
+    for name in tqdm(adapter.modules, desc="modules", unit="module", delay=1.0, disable=not progress):
         try:
             if adapter.storage == FULL:
                 logits_A, logits_B = adapter.logits(name)

@@ -574,9 +574,12 @@ class Linear(nn.Linear, VBLoRALayer):
         """``B @ A @ dropout(x)`` of one adapter; ``x`` already in the bank's dtype (as PEFT casts it)."""
         A, B = self._forward_matrices(adapter)
         dropout = self.vblora_dropout._modules.get(adapter)
-        if dropout is None:
-            dropout = self.vblora_dropout[adapter]  # the shared Identity
-        return F.linear(F.linear(dropout(x), A), B)
+        if dropout is not None:
+            x = dropout(x)
+        elif adapter not in self.vblora_dropout:
+            raise KeyError(adapter)
+        # else no dropout: skip the Identity call (a module call costs microseconds, per layer and token)
+        return F.linear(F.linear(x, A), B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -201,12 +201,17 @@ def _max_delta_difference(A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2
     return max(-float(lo), float(hi))
 
 
-def _layer_errors(layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor) -> dict[str, float]:
+def _layer_errors(
+    layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor, progress: bool = False
+) -> dict[str, float]:
     """Per module, max |B@A - B'@A'| (float32) between the original and the half-stored adapter."""
+    from tqdm import tqdm
+
     errors: dict[str, float] = {}
     k = layout.indices.shape[1]
     at = 0
-    for path, r, in_sub, out_sub in layout.modules:
+    modules = tqdm(layout.modules, desc="half-precision error", unit="layer", delay=1.0, disable=not progress)
+    for path, r, in_sub, out_sub in modules:
         n_a, n_b = r * in_sub, out_sub * r
         idx_a = layout.indices[at : at + n_a].reshape(r, in_sub, k)
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
@@ -238,6 +243,7 @@ def write_packed(
     *,
     source: Optional[str] = None,
     report_errors: bool = True,
+    progress: bool = False,
 ) -> PackReport:
     """Write a PEFT top-K checkpoint dict (as :func:`vblora_rs.checkpoint.adapter_state_dict` returns for a
     ``save_only_topk_weights`` config) as one packed file, atomically. ``half`` (torch.float16 or torch.bfloat16)
@@ -261,7 +267,7 @@ def write_packed(
             raise VBLoRAError(f"tensor {BANK_KEY} holds values beyond the range of {half}; try torch.bfloat16")
         weights_half = _half_weights(weights, half)
         if report_errors:  # one low-rank product per layer: seconds for a 7B adapter
-            errors = _layer_errors(layout, weights_half, bank_half)
+            errors = _layer_errors(layout, weights_half, bank_half, progress)
         bank, weights = bank_half, weights_half
     metadata = {
         "indices_dtype": _INDEX_DTYPES[layout.indices_dtype],

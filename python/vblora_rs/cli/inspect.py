@@ -247,12 +247,13 @@ class BankUsage:
 def bank_usage(adapter: AdapterFile) -> BankUsage:
     """Selections per bank vector: the stored indices (top-K), or the top-k of the logits as PEFT picks them."""
     import torch
+    from tqdm import tqdm
 
     from .. import compact, ops
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0
-    for name in adapter.modules:
+    for name in tqdm(adapter.modules, desc="bank usage", unit="module", delay=1.0):
         if adapter.storage == "full":
             pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
         else:

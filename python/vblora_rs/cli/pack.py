@@ -92,7 +92,7 @@ def run_pack(args: argparse.Namespace) -> int:
     _output_folder(args.out, args.force)
     target = os.path.join(args.out, PACKED_WEIGHTS_NAME)
     half = {"float16": torch.float16, "bfloat16": torch.bfloat16, None: None}[args.half]
-    report = write_packed(target, tensors, config, half=half, source=weights_file)
+    report = write_packed(target, tensors, config, half=half, source=weights_file, progress=True)
     config.save_only_topk_weights = True  # what the packed file holds, whatever the source kept
     config.save_pretrained(args.out)
 

@@ -82,7 +82,7 @@ def lora_tensors(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     from ..adapter_files import MODULE_PREFIX, module_factors
 
     out: dict[str, torch.Tensor] = {}
-    for module, (A, B) in module_factors(adapter).items():
+    for module, (A, B) in module_factors(adapter, progress=True).items():
         out[f"{MODULE_PREFIX}{module}.lora_A.weight"] = A
         out[f"{MODULE_PREFIX}{module}.lora_B.weight"] = B
     for key, value in adapter.extras.items():
