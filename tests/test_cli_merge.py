@@ -14,13 +14,14 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import vblora_rs
 from conftest import MODEL_CASES, output_tensor
 from safetensors.torch import load_file, save_file
 from vblora_rs import merge_plan
 from vblora_rs.cli import main
 from vblora_rs.errors import VBLoRAError
 
-PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
 ADAPTER_KW = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+import vblora_rs
 from conftest import make_llama, make_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -158,7 +159,8 @@ def test_cli_runs_as_a_module(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "python")},
+        # the package these tests import (the source tree, or site-packages where it is installed)
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(vblora_rs.__file__))},
     )
     assert done.returncode == 1
     assert "packed_index_too_big.safetensors: tensor `topk_indices` index 1" in done.stderr
