@@ -213,7 +213,9 @@ class VBLoRALayer:
 
     def has_adapter(self, adapter_name: str) -> bool:
         """Whether this layer holds ``adapter_name``, with dense logits or in compact top-K form."""
-        return adapter_name in self.vblora_logits_A or adapter_name in self.vblora_topk_rows
+        # _modules[...] rather than self.vblora_logits_A: nn.Module resolves submodules in __getattr__, after a
+        # failed normal lookup, which costs ~1 us; this runs per layer and token
+        return adapter_name in self._modules["vblora_logits_A"] or adapter_name in self.vblora_topk_rows
 
     def is_compact(self, adapter_name: str) -> bool:
         return adapter_name in self.vblora_topk_rows
@@ -537,11 +539,12 @@ class Linear(nn.Linear, VBLoRALayer):
 
     def _cache_sources(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The tensors A and B of ``adapter`` are built from, and anything else they depend on."""
-        bank = _param(self.vblora_vector_bank, adapter)
-        if self.is_compact(adapter):
+        modules = self._modules  # see has_adapter: no __getattr__ on the per-token path
+        bank = _param(modules["vblora_vector_bank"], adapter)
+        if adapter in self.vblora_topk_rows:
             table = self.vblora_topk[adapter]
             return (table.indices, table.weights, bank), self.vblora_topk_rows[adapter]
-        return (_param(self.vblora_logits_A, adapter), _param(self.vblora_logits_B, adapter), bank), None
+        return (_param(modules["vblora_logits_A"], adapter), _param(modules["vblora_logits_B"], adapter), bank), None
 
     def _forward_matrices(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for the forward, from the cache while no gradient flows to them (bit-identical to a rebuild:
@@ -573,10 +576,11 @@ class Linear(nn.Linear, VBLoRALayer):
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """``B @ A @ dropout(x)`` of one adapter; ``x`` already in the bank's dtype (as PEFT casts it)."""
         A, B = self._forward_matrices(adapter)
-        dropout = self.vblora_dropout._modules.get(adapter)
+        dropouts = self._modules["vblora_dropout"]
+        dropout = dropouts._modules.get(adapter)
         if dropout is not None:
             x = dropout(x)
-        elif adapter not in self.vblora_dropout:
+        elif adapter not in dropouts:
             raise KeyError(adapter)
         # else no dropout: skip the Identity call (a module call costs microseconds, per layer and token)
         return F.linear(F.linear(x, A), B)
@@ -593,11 +597,11 @@ class Linear(nn.Linear, VBLoRALayer):
         elif self.merged:
             result = self.base_layer(x, *args, **kwargs)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._modules["base_layer"](x, *args, **kwargs)
             for active_adapter in self.active_adapters:
                 if not self.has_adapter(active_adapter):
                     continue
-                x = x.to(_param(self.vblora_vector_bank, active_adapter).dtype)
+                x = x.to(_param(self._modules["vblora_vector_bank"], active_adapter).dtype)
                 result = result + self._adapter_output(active_adapter, x)
         return result.to(previous_dtype)
 
