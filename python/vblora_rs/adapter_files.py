@@ -18,7 +18,7 @@ import torch
 
 from . import compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME, read_safetensors
-from .config import CONFIG_NAME, VBLoRAConfig
+from .config import CONFIG_NAME, PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
 
 __all__ = ["AdapterFile", "ModuleEntry", "module_factors", "read_adapter"]
@@ -29,7 +29,6 @@ LOGITS_B = ".vblora_logits_B"
 FULL = "full"
 TOPK = "topk"
 PACKED = "packed"
-PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"  # vblora_rs.packed's; spelled here so reading it needs no import
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

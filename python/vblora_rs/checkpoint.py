@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 
 from . import compact
 from .compact import TOPK_INDICES, TOPK_WEIGHTS
+from .config import WEIGHTS_NAME
 from .errors import VBLoRAError
 
 if TYPE_CHECKING:
     from .model import VBLoRAModel
     from .packed import PackReport
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 BANK_KEY = "base_model.vblora_vector_bank"
 MODEL_PREFIX = "base_model.model."
 indices_dtype = compact.indices_dtype

@@ -12,6 +12,10 @@ from typing import Any, Optional, Union
 from .errors import VBLoRAError
 
 CONFIG_NAME = "adapter_config.json"
+# The adapter's weights file: PEFT's, or our packed single file. Defined here, in a module without torch, so the
+# torch-free readers (vblora merge) and the torch side spell them once.
+WEIGHTS_NAME = "adapter_model.safetensors"
+PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"
 PEFT_TYPE = "VBLORA"
 
 # Fields PEFT's base ``PeftConfig`` writes next to the VB-LoRA ones; kept so both libraries read each

@@ -25,13 +25,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import _native
+from .config import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 from .errors import VBLoRAError
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PACKED_WEIGHTS = "adapter_packed.safetensors"  # vblora_rs.packed's (that module imports torch)
 PEFT_PREFIX = "base_model.model."
 # --dtype names -> safetensors dtypes.
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -154,8 +152,8 @@ def _packed_file(path: str) -> Optional[str]:
     """The packed weights file of ``path`` (the file itself, or a folder holding one), else None."""
     if os.path.isfile(path):
         return path
-    candidate = os.path.join(path, PACKED_WEIGHTS)
-    if os.path.isfile(candidate) and not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+    candidate = os.path.join(path, PACKED_WEIGHTS_NAME)
+    if os.path.isfile(candidate) and not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         return candidate
     return None
 
@@ -169,10 +167,10 @@ def read_adapter(folder: str, weight: float, num_threads: int) -> Adapter:
         config = {**CONFIG_DEFAULTS, **json.loads(config_text)}
         _check_config(packed, config)
         return Adapter(packed, bool(config["fan_in_fan_out"]), weight, factors)
-    config_path = os.path.join(folder, ADAPTER_CONFIG)
+    config_path = os.path.join(folder, CONFIG_NAME)
     config = {**CONFIG_DEFAULTS, **_read_json(config_path)}
     _check_config(config_path, config)
-    weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise VBLoRAError(f"{weights_path}: file not found")
     factors = _native.adapter_factors(

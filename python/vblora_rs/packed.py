@@ -21,7 +21,7 @@ import torch
 
 from . import _native, compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
-from .config import VBLoRAConfig
+from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "write_packed",
 ]
 
-PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"
 PREFIX = "base_model.model."  # where PEFT puts a module's keys
 SUM_TOLERANCE = 1e-6  # how far above 1 the stored k-1 weights of a row may sum (as the Rust decoder checks)
 

@@ -14,13 +14,15 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Union
 
+from ..config import CONFIG_NAME, WEIGHTS_NAME
+
 if TYPE_CHECKING:
     import torch
 
     from ..adapter_files import AdapterFile
 
-LORA_CONFIG_NAME = "adapter_config.json"
-LORA_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_CONFIG_NAME = CONFIG_NAME
+LORA_WEIGHTS_NAME = WEIGHTS_NAME  # PEFT names a LoRA adapter's weights file as any other
 # VB-LoRA's bias modes, in LoRA's words.
 _BIAS = {"none": "none", "all": "all", "vblora_only": "lora_only"}
 
