@@ -7,6 +7,7 @@ use safetensors::tensor::Dtype;
 
 use super::adapter::{adapter_factors, AdapterConfig, Factors, BANK_KEY};
 use super::header::tests::{build, tmp_dir, write_tmp};
+use super::test_data::{le_bytes, rand_f32};
 
 const CFG: AdapterConfig = AdapterConfig {
     topk: 3,
@@ -17,22 +18,6 @@ const CFG: AdapterConfig = AdapterConfig {
 type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
 
 const M: &str = "base_model.model.layer.q";
-
-fn rand_f32(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 4.0 - 2.0
-        })
-        .collect()
-}
-
-fn le<T: bytemuck::Pod>(xs: &[T]) -> Vec<u8> {
-    bytemuck::cast_slice(xs).to_vec()
-}
 
 /// Top-k (largest first) of one logits row and the softmax of those logits.
 fn top(row: &[f32], k: usize) -> Vec<(usize, f32)> {
@@ -85,9 +70,9 @@ impl Case {
             r,
             in_t,
             out_t,
-            bank: rand_f32(nv * CFG.vector_length, 1),
-            la: rand_f32(r * in_t * nv, 2),
-            lb: rand_f32(out_t * r * nv, 3),
+            bank: rand_f32(nv * CFG.vector_length, 1, 2.0),
+            la: rand_f32(r * in_t * nv, 2, 2.0),
+            lb: rand_f32(out_t * r * nv, 3, 2.0),
         }
     }
 
@@ -98,19 +83,19 @@ impl Case {
                 BANK_KEY.into(),
                 Dtype::F32,
                 vec![nv, CFG.vector_length],
-                le(&self.bank),
+                le_bytes(&self.bank),
             ),
             (
                 format!("{M}.vblora_logits_A"),
                 Dtype::F32,
                 vec![self.r, self.in_t, nv],
-                le(&self.la),
+                le_bytes(&self.la),
             ),
             (
                 format!("{M}.vblora_logits_B"),
                 Dtype::F32,
                 vec![self.out_t, self.r, nv],
-                le(&self.lb),
+                le_bytes(&self.lb),
             ),
         ]
     }
@@ -135,31 +120,31 @@ impl Case {
                 BANK_KEY.into(),
                 Dtype::F32,
                 vec![nv, CFG.vector_length],
-                le(&self.bank),
+                le_bytes(&self.bank),
             ),
             (
                 format!("{M}.vblora_logits_A_topk_indices"),
                 Dtype::I16,
                 vec![self.r, self.in_t, k],
-                le(&ia),
+                le_bytes(&ia),
             ),
             (
                 format!("{M}.vblora_logits_A_topk_weights"),
                 Dtype::F32,
                 vec![self.r, self.in_t, k - 1],
-                le(&wa),
+                le_bytes(&wa),
             ),
             (
                 format!("{M}.vblora_logits_B_topk_indices"),
                 Dtype::I16,
                 vec![self.out_t, self.r, k],
-                le(&ib),
+                le_bytes(&ib),
             ),
             (
                 format!("{M}.vblora_logits_B_topk_weights"),
                 Dtype::F32,
                 vec![self.out_t, self.r, k - 1],
-                le(&wb),
+                le_bytes(&wb),
             ),
         ]
     }
@@ -205,7 +190,7 @@ fn full_and_topk_files_give_the_same_factors() {
     let mut t = case.full();
     let to_bf16 = |xs: &[f32]| -> (Vec<f32>, Vec<u8>) {
         let b: Vec<bf16> = xs.iter().map(|&x| bf16::from_f32(x)).collect();
-        (b.iter().map(|x| x.to_f32()).collect(), le(&b))
+        (b.iter().map(|x| x.to_f32()).collect(), le_bytes(&b))
     };
     let (bank, bytes) = to_bf16(&case.bank);
     t[0] = (t[0].0.clone(), Dtype::BF16, t[0].2.clone(), bytes);
@@ -235,7 +220,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
         .enumerate()
         .for_each(|(i, x)| *x = (i % 20) as i16);
     idx[4] = 20;
-    t[1].3 = le(&idx);
+    t[1].3 = le_bytes(&idx);
     cases.push((
         "range",
         t,
@@ -244,7 +229,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     let mut t = case.topk_tensors();
     let mut w = vec![0.3_f32; case.r * case.in_t * (k - 1)];
     w[3] = -0.1;
-    t[2].3 = le(&w);
+    t[2].3 = le_bytes(&w);
     cases.push((
         "neg",
         t,
@@ -252,14 +237,14 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     ));
     let mut t = case.topk_tensors();
     w[3] = 0.8;
-    t[2].3 = le(&w);
+    t[2].3 = le_bytes(&w);
     cases.push((
         "sum",
         t,
         format!("tensor {wa} row 1 has weights summing above 1"),
     ));
     let mut t = case.topk_tensors();
-    t[1].3 = le(&vec![1_i16; case.r * case.in_t * k]);
+    t[1].3 = le_bytes(&vec![1_i16; case.r * case.in_t * k]);
     cases.push(("repeat", t, format!("tensor {ia} row 0 repeats an index")));
     let mut t = case.topk_tensors();
     t[1].1 = Dtype::F16;
@@ -293,7 +278,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
         "base_model.model.layer.q.bias".into(),
         Dtype::F32,
         vec![1],
-        le(&[0.0_f32]),
+        le_bytes(&[0.0_f32]),
     ));
     cases.push((
         "bias",
@@ -310,7 +295,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     let mut t = case.full();
     let mut la = case.la.clone();
     la[45] = f32::NAN;
-    t[1].3 = le(&la);
+    t[1].3 = le_bytes(&la);
     cases.push((
         "nan",
         t,

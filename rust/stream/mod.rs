@@ -30,4 +30,6 @@ pub use writer::{merge_file, Options, Progress, Update, DEFAULT_CHUNK_BYTES};
 #[cfg(test)]
 mod adapter_tests;
 #[cfg(test)]
+mod test_data;
+#[cfg(test)]
 mod writer_tests;

@@ -9,26 +9,11 @@ use safetensors::tensor::Dtype;
 
 use super::header::read_header;
 use super::header::tests::{build, tmp_dir, write_tmp};
+use super::test_data::{le_bytes, rand_f32};
 use super::writer::{merge_file, Options, Update};
 use super::StreamError;
 use crate::element::Element;
 use crate::matrix::{MatMut, MatRef};
-
-fn rand_f32(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn le_bytes<T: bytemuck::Pod>(xs: &[T]) -> Vec<u8> {
-    bytemuck::cast_slice(xs).to_vec()
-}
 
 fn run(
     src: &Path,
@@ -70,14 +55,14 @@ fn out_path(dir: &Path, name: &str) -> PathBuf {
 fn updates_are_applied_in_chunks_and_the_rest_is_copied() {
     let dir = tmp_dir("upd");
     let (m, n, r) = (37, 24, 3);
-    let w32 = rand_f32(m * n, 1);
+    let w32 = rand_f32(m * n, 1, 1.0);
     let w16: Vec<f16> = w32.iter().map(|&x| f16::from_f32(x)).collect();
     let wb: Vec<bf16> = w32
         .iter()
         .map(|&x| <bf16 as Element>::from_f32(x))
         .collect();
-    let u = rand_f32(m * r, 2);
-    let v = rand_f32(r * n, 3);
+    let u = rand_f32(m * r, 2, 1.0);
+    let v = rand_f32(r * n, 3, 1.0);
     let ids: Vec<i64> = (0..10).collect();
     let src = write_tmp(
         &dir,
@@ -129,10 +114,10 @@ fn updates_are_applied_in_chunks_and_the_rest_is_copied() {
 fn out_dtype_converts_floats_first_then_merges() {
     let dir = tmp_dir("dtype");
     let (m, n, r) = (9, 16, 2);
-    let w32 = rand_f32(m * n, 5);
+    let w32 = rand_f32(m * n, 5, 1.0);
     let w64: Vec<f64> = w32.iter().map(|&x| f64::from(x) * 1.000_000_1).collect();
-    let u = rand_f32(m * r, 6);
-    let v = rand_f32(r * n, 7);
+    let u = rand_f32(m * r, 6, 1.0);
+    let v = rand_f32(r * n, 7, 1.0);
     let flags = vec![1_u8, 0, 1];
     let src = write_tmp(
         &dir,
@@ -182,7 +167,7 @@ fn out_dtype_converts_floats_first_then_merges() {
 #[test]
 fn bad_updates_are_refused_before_anything_is_written() {
     let dir = tmp_dir("err");
-    let w = rand_f32(12, 1);
+    let w = rand_f32(12, 1, 1.0);
     let ids = [0_i32; 12];
     let src = write_tmp(
         &dir,
@@ -196,9 +181,9 @@ fn bad_updates_are_refused_before_anything_is_written() {
             None,
         ),
     );
-    let u = rand_f32(3 * 2, 2);
-    let v = rand_f32(2 * 4, 3);
-    let v5 = rand_f32(2 * 5, 3);
+    let u = rand_f32(3 * 2, 2, 1.0);
+    let v = rand_f32(2 * 4, 3, 1.0);
+    let v5 = rand_f32(2 * 5, 3, 1.0);
     let good = Update {
         u: MatRef::new("u", &u, 3, 2).unwrap(),
         v: MatRef::new("v", &v, 2, 4).unwrap(),
@@ -238,14 +223,14 @@ fn bad_updates_are_refused_before_anything_is_written() {
 #[test]
 fn a_cancelled_merge_leaves_no_file() {
     let dir = tmp_dir("cancel");
-    let w = rand_f32(64 * 8, 1);
+    let w = rand_f32(64 * 8, 1, 1.0);
     let src = write_tmp(
         &dir,
         "src.safetensors",
         &build(&[("w", Dtype::F32, vec![64, 8], le_bytes(&w))], None),
     );
-    let u = rand_f32(64, 2);
-    let v = rand_f32(8, 3);
+    let u = rand_f32(64, 2, 1.0);
+    let v = rand_f32(8, 3, 1.0);
     let updates = HashMap::from([(
         "w".to_owned(),
         Update {
