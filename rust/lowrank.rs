@@ -5,7 +5,6 @@
 //! The fused entry point selects each row's top-k and gathers straight away, so nothing of size
 //! `rows * num_vectors` is ever allocated (PEFT builds a dense `(rows, k, L)` gather first).
 
-use rayon::prelude::*;
 
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
@@ -140,18 +139,18 @@ pub(crate) fn low_rank_from_topk_at<B: Element>(
             .try_for_each(|row| check_row(row, &mut vecs))
             .map(|()| out);
     }
-    let failed = threads::run(num_threads, || {
-        out.par_chunks_mut(ROWS_PER_TASK * len)
-            .enumerate()
-            .find_map_first(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
-                dispatch!(
-                    level,
-                    gather_rows(out, first, indices.cols(), &check_row, weights, bank),
-                    gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank)
-                )
-            })
-    })?;
+    let tasks = out.chunks_mut(ROWS_PER_TASK * len).enumerate().collect();
+    let failed = threads::map_tasks(num_threads, tasks, |(task, out)| {
+        let first = task * ROWS_PER_TASK;
+        dispatch!(
+            level,
+            gather_rows(out, first, indices.cols(), &check_row, weights, bank),
+            gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank)
+        )
+    })?
+    .into_iter()
+    .flatten()
+    .next();
     failed.map_or(Ok(out), Err)
 }
 
@@ -228,18 +227,18 @@ pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
         return Ok(Vec::new());
     }
     let mut out = vec![0.0_f32; rows * len];
-    let failed = threads::run(num_threads, || {
-        out.par_chunks_mut(ROWS_PER_TASK * len)
-            .enumerate()
-            .find_map_first(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
-                dispatch!(
-                    level,
-                    select_gather_rows(out, first, logits, bank, k, portable_scan()),
-                    select_gather_rows_avx2::<T, B>(out, first, logits, bank, k)
-                )
-            })
-    })?;
+    let tasks = out.chunks_mut(ROWS_PER_TASK * len).enumerate().collect();
+    let failed = threads::map_tasks(num_threads, tasks, |(task, out)| {
+        let first = task * ROWS_PER_TASK;
+        dispatch!(
+            level,
+            select_gather_rows(out, first, logits, bank, k, portable_scan()),
+            select_gather_rows_avx2::<T, B>(out, first, logits, bank, k)
+        )
+    })?
+    .into_iter()
+    .flatten()
+    .next();
     match failed {
         Some(row) => Err(KernelError::Nan { arg: "logits", row }),
         None => Ok(out),

@@ -26,8 +26,6 @@
 //! the fresh output). The weight is read and written exactly once; the output of
 //! `low_rank_product` is only written.
 
-use rayon::prelude::*;
-
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
 use crate::matrix::{MatMut, MatRef};
@@ -250,20 +248,16 @@ pub(crate) fn rank_update_at<W: Element>(
         return Ok(());
     }
     let rows = rows_per_task(level, n);
-    threads::run(num_threads, || {
-        weight
-            .data_mut()
-            .par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(task, w)| {
-                let row0 = task * rows;
-                dispatch!(
-                    level,
-                    update_rows::<W, MR_PORTABLE, NR_PORTABLE, false>(w, u, v, row0),
-                    update_rows_avx2::<W>(w, u, v, row0)
-                );
-            });
-    })
+    let tasks = weight.data_mut().chunks_mut(rows * n).enumerate().collect();
+    threads::map_tasks(num_threads, tasks, |(task, w)| {
+        let row0 = task * rows;
+        dispatch!(
+            level,
+            update_rows::<W, MR_PORTABLE, NR_PORTABLE, false>(w, u, v, row0),
+            update_rows_avx2::<W>(w, u, v, row0)
+        );
+    })?;
+    Ok(())
 }
 
 /// `u (m, R) @ v (R, n)` as a fresh `(m, n)` row-major `f32` matrix on `num_threads` threads
@@ -314,19 +308,16 @@ pub(crate) fn low_rank_product_at(
         return Ok(());
     }
     let rows = rows_per_task(level, n);
-    threads::run(num_threads, || {
-        out.data_mut()
-            .par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(task, o)| {
-                let row0 = task * rows;
-                dispatch!(
-                    level,
-                    product_rows::<MR_PORTABLE, NR_PORTABLE, false>(o, u, v, row0),
-                    product_rows_avx2(o, u, v, row0)
-                );
-            });
-    })
+    let tasks = out.data_mut().chunks_mut(rows * n).enumerate().collect();
+    threads::map_tasks(num_threads, tasks, |(task, o)| {
+        let row0 = task * rows;
+        dispatch!(
+            level,
+            product_rows::<MR_PORTABLE, NR_PORTABLE, false>(o, u, v, row0),
+            product_rows_avx2(o, u, v, row0)
+        );
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,8 +24,6 @@
 //! select itself compares 16 elements at a time against the heap top and visits only the set
 //! bits of the mask (so the "chunk / block" skip of earlier versions is now per element).
 
-use rayon::prelude::*;
-
 use crate::element::{Element, CHUNK};
 use crate::error::KernelError;
 use crate::matrix::MatRef;
@@ -862,18 +860,17 @@ fn topk_many_at<T: Element>(
         }
         before += logits.rows();
     }
-    let failed = threads::run(num_threads, || {
-        tasks
-            .into_par_iter()
-            .find_map_first(|(logits, first, before, idx, w)| {
-                let failed = dispatch!(
-                    level,
-                    topk_rows(logits, k, first, idx, w, kept_logits, portable_scan()),
-                    topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits)
-                );
-                failed.map(|row| before + row)
-            })
-    })?;
+    let failed = threads::map_tasks(num_threads, tasks, |(logits, first, before, idx, w)| {
+        let failed = dispatch!(
+            level,
+            topk_rows(logits, k, first, idx, w, kept_logits, portable_scan()),
+            topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits)
+        );
+        failed.map(|row| before + row)
+    })?
+    .into_iter()
+    .flatten()
+    .next();
     match failed {
         Some(row) => Err(KernelError::Nan { arg: "logits", row }),
         None => Ok((indices, weights)),

@@ -76,6 +76,14 @@ def simd_level() -> str:
     step of the float32 ``delta`` sum is one fused multiply-add, bit-identical to torch's ``u @ v`` on
     MKL; the portable path multiplies then adds, which may differ from torch in the last bit."""
 
+def use_openmp(path: str) -> None:
+    """Run the kernels on the thread team of the OpenMP runtime at ``path`` (a shared library already loaded in
+    this process: torch's libgomp) from now on, in this process; a forked child falls back to rayon. Raises
+    :class:`VBLoRAError` if the library is not loaded or has no ``GOMP_parallel``."""
+
+def thread_backend() -> str:
+    """Where the kernels' threads come from in this process: ``"openmp"`` (torch's team) or ``"rayon"``."""
+
 # --- packed adapter format (rust/packed, rust/py/packed.rs) ---
 
 def encode_packed(

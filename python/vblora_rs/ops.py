@@ -16,6 +16,7 @@ import torch
 
 from . import _native
 from .errors import VBLoRAError
+from .thread_team import bind_torch_threads
 
 __all__ = [
     "MergeTerm",
@@ -28,11 +29,19 @@ __all__ = [
     "merge_",
     "native_ok",
     "set_num_threads",
+    "thread_backend",
     "topk_softmax",
 ]
 
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _num_threads: Optional[int] = None
+_backend = bind_torch_threads()
+
+
+def thread_backend() -> str:
+    """Whose threads run the kernels: ``"openmp"`` (torch's own OpenMP team, the default where torch uses
+    OpenMP) or ``"rayon"`` (the extension's pools; ``VBLORA_RS_THREADS=rayon`` forces them)."""
+    return _native.thread_backend()
 
 
 def set_num_threads(n: Optional[int]) -> None:

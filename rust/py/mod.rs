@@ -270,6 +270,17 @@ fn simd_level() -> &'static str {
     crate::simd::simd_level()
 }
 
+/// Runs the kernels on the team of the OpenMP runtime at `path`, already loaded (torch's).
+#[pyfunction]
+fn use_openmp(path: &str) -> PyResult<()> {
+    crate::threads::use_openmp(path).map_err(|e| error(e.to_string()))
+}
+
+#[pyfunction]
+fn thread_backend() -> &'static str {
+    crate::threads::backend_name()
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -281,6 +292,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     packed::register(m)?;
     stream::register(m)?;
     Ok(())

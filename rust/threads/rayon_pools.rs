@@ -29,7 +29,7 @@ pub fn resolve(num_threads: usize) -> usize {
     }
 }
 
-fn pool(num_threads: usize) -> Result<Arc<ThreadPool>, KernelError> {
+pub(super) fn pool(num_threads: usize) -> Result<Arc<ThreadPool>, KernelError> {
     let threads = resolve(num_threads);
     let pid = std::process::id();
     // A panic while holding the lock cannot leave the map half-updated, so poison is harmless.
@@ -54,15 +54,6 @@ fn pool(num_threads: usize) -> Result<Arc<ThreadPool>, KernelError> {
     Ok(pool)
 }
 
-/// Runs `f` inside a pool of `num_threads` threads (0: all cores), so that rayon parallel
-/// iterators in `f` use exactly those threads.
-pub fn run<R, F>(num_threads: usize, f: F) -> Result<R, KernelError>
-where
-    R: Send,
-    F: FnOnce() -> R + Send,
-{
-    Ok(pool(num_threads)?.install(f))
-}
 
 #[cfg(test)]
 mod tests {
@@ -70,9 +61,9 @@ mod tests {
 
     #[test]
     fn runs_on_the_requested_number_of_threads() {
-        assert_eq!(run(1, rayon::current_num_threads).unwrap(), 1);
-        assert_eq!(run(3, rayon::current_num_threads).unwrap(), 3);
-        assert_eq!(run(0, rayon::current_num_threads).unwrap(), resolve(0));
+        assert_eq!(pool(1).unwrap().install(rayon::current_num_threads), 1);
+        assert_eq!(pool(3).unwrap().install(rayon::current_num_threads), 3);
+        assert_eq!(pool(0).unwrap().install(rayon::current_num_threads), resolve(0));
         assert!(Arc::ptr_eq(&pool(3).unwrap(), &pool(3).unwrap()));
     }
 
