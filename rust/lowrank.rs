@@ -5,7 +5,6 @@
 //! The fused entry point selects each row's top-k and gathers straight away, so nothing of size
 //! `rows * num_vectors` is ever allocated (PEFT builds a dense `(rows, k, L)` gather first).
 
-
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
 use crate::matrix::MatRef;

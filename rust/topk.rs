@@ -92,104 +92,262 @@ pub(crate) fn may_enter_avx2(xs: &[f32; LANES], top: f32) -> u64 {
     mask
 }
 
-/// Lane-wise maxima of `xs` over `LANES` lanes (element `p` of each `LANES`-wide group, and
-/// the `p`-th of the remainder, goes to lane `p`; NaN ignored) and whether any element is NaN.
-/// The lanes hold disjoint elements, so the `k`-th largest lane max is at most the row's
-/// `k`-th largest value.
+/// Elements per chunk of the fast path's first pass: the pass keeps one 8-lane maximum per chunk,
+/// and the second pass only scans the chunks whose maximum reaches the threshold.
+pub(crate) const FAST_CHUNK: usize = 128;
+
+/// Lanes of the fast path's maxima (one AVX register of `f32`).
+pub(crate) const FAST_LANES: usize = 8;
+
+/// The fast path's first pass over a row: `out[c]` gets the lane-wise maxima of chunk `c` of
+/// `xs` (`FAST_CHUNK` elements; element `j` of a chunk goes to lane `j % 8`, NaN ignored), and
+/// the result is the lane-wise maxima of the whole row and whether any element is NaN. Lanes
+/// hold disjoint elements, so the `k`-th largest lane maximum is at most the row's `k`-th
+/// largest value. `xs.len()` must be a multiple of `FAST_LANES` and `out` hold one entry per
+/// chunk. `next` (a row selected soon) is only prefetched, by the AVX2 version.
 #[inline(always)]
-pub(crate) fn lane_max(xs: &[f32]) -> ([f32; LANES], bool) {
-    let mut max = [f32::NEG_INFINITY; LANES];
-    let mut nan = [false; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        let c: &[f32; LANES] = c.try_into().unwrap();
-        for l in 0..LANES {
-            max[l] = if c[l] > max[l] { c[l] } else { max[l] };
-            nan[l] |= c[l].is_nan();
+pub(crate) fn chunk_maxima(
+    xs: &[f32],
+    _next: &[u8],
+    out: &mut [[f32; FAST_LANES]],
+) -> ([f32; FAST_LANES], bool) {
+    let mut lanes = [f32::NEG_INFINITY; FAST_LANES];
+    let mut nan = [false; FAST_LANES];
+    for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
+        let mut max = [f32::NEG_INFINITY; FAST_LANES];
+        for v in chunk.chunks_exact(FAST_LANES) {
+            for l in 0..FAST_LANES {
+                max[l] = if v[l] > max[l] { v[l] } else { max[l] };
+                nan[l] |= v[l].is_nan();
+            }
         }
+        for l in 0..FAST_LANES {
+            lanes[l] = if max[l] > lanes[l] { max[l] } else { lanes[l] };
+        }
+        *max_out = max;
     }
-    for (l, &x) in chunks.remainder().iter().enumerate() {
-        max[l] = if x > max[l] { x } else { max[l] };
-        nan[l] |= x.is_nan();
-    }
-    (max, nan.iter().any(|&b| b))
+    (lanes, nan.iter().any(|&b| b))
 }
 
-/// [`lane_max`] with AVX: two `vmaxps` and two unordered compares per 16 elements. Only called
-/// from code compiled with the `avx2` target feature.
+/// [`chunk_maxima`] with AVX: per 16 elements two loads, two `vmaxps`, one unordered compare of
+/// the pair (true if either is NaN) and an OR, plus a `prefetcht0` of the next 64 bytes of
+/// `next`: with the second pass and the bookkeeping between rows the hardware prefetcher falls
+/// behind, the hint keeps the next row streaming in. Only called from code compiled with the
+/// `avx2` target feature.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(crate) fn lane_max_avx2(xs: &[f32]) -> ([f32; LANES], bool) {
+pub(crate) fn chunk_maxima_avx2(
+    xs: &[f32],
+    next: &[u8],
+    out: &mut [[f32; FAST_LANES]],
+) -> ([f32; FAST_LANES], bool) {
     use std::arch::x86_64::{
         __m256, _mm256_cmp_ps, _mm256_max_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps,
-        _mm256_setzero_ps, _CMP_UNORD_Q,
+        _mm256_setzero_ps, _mm_prefetch, _CMP_UNORD_Q, _MM_HINT_T0,
     };
-    let (mut m0, mut m1) = (
-        _mm256_set1_ps(f32::NEG_INFINITY),
-        _mm256_set1_ps(f32::NEG_INFINITY),
-    );
-    let (mut n0, mut n1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        let a: __m256 = bytemuck::cast::<[f32; 8], __m256>(c[..8].try_into().unwrap());
-        let b: __m256 = bytemuck::cast::<[f32; 8], __m256>(c[8..].try_into().unwrap());
-        // `max_ps(x, m)` returns `m` when `x` is NaN: NaN is ignored, as in `lane_max`.
-        m0 = _mm256_max_ps(a, m0);
-        m1 = _mm256_max_ps(b, m1);
-        n0 = _mm256_or_ps(n0, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a));
-        n1 = _mm256_or_ps(n1, _mm256_cmp_ps::<_CMP_UNORD_Q>(b, b));
+    let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
+    let neg = _mm256_set1_ps(f32::NEG_INFINITY);
+    let (mut lanes, mut nan) = (neg, _mm256_setzero_ps());
+    // Raw addresses for the hint, clamped into `next`: a prefetch never faults, and this keeps
+    // the loop free of branches.
+    let (pf, pf_last) = (next.as_ptr(), next.len().saturating_sub(1));
+    let mut line = 0_usize;
+    for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
+        let (mut m0, mut m1) = (neg, neg);
+        let mut pairs = chunk.chunks_exact(16);
+        for p in &mut pairs {
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(line.min(pf_last)).cast());
+            line += 64;
+            let (a, b) = (load(&p[..8]), load(&p[8..]));
+            // `max_ps(x, m)` returns `m` when `x` is NaN: NaN is ignored, as in `chunk_maxima`.
+            m0 = _mm256_max_ps(a, m0);
+            m1 = _mm256_max_ps(b, m1);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, b));
+        }
+        for v in pairs.remainder().chunks_exact(8) {
+            let a = load(v);
+            m0 = _mm256_max_ps(a, m0);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a));
+        }
+        let max = _mm256_max_ps(m0, m1);
+        *max_out = bytemuck::cast::<__m256, [f32; 8]>(max);
+        lanes = _mm256_max_ps(max, lanes);
     }
-    let mut max: [f32; LANES] = bytemuck::cast::<[__m256; 2], [f32; LANES]>([m0, m1]);
-    let mut nan = _mm256_movemask_ps(_mm256_or_ps(n0, n1)) != 0;
-    for (l, &x) in chunks.remainder().iter().enumerate() {
-        max[l] = if x > max[l] { x } else { max[l] };
-        nan |= x.is_nan();
-    }
-    (max, nan)
+    (
+        bytemuck::cast::<__m256, [f32; 8]>(lanes),
+        _mm256_movemask_ps(nan) != 0,
+    )
 }
 
-/// The vector building blocks of the selection: [`may_enter`] and [`lane_max`], or their AVX2
-/// versions. They travel as closures because closures made inside a
+/// Bit `l` set where `!(xs[l] <= t)` (`xs[l] > t`, or NaN), over 8 elements.
+#[inline(always)]
+pub(crate) fn above8(xs: &[f32; FAST_LANES], t: f32) -> u32 {
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // true for NaN is the point
+    xs.iter()
+        .enumerate()
+        .fold(0, |mask, (l, &x)| mask | (u32::from(!(x <= t)) << l))
+}
+
+/// The fast path's second pass: pushes `(x, column)` for every element `x > below` of the
+/// chunks of `xs` whose maximum in `chunk_max` is `> below`, in column order. Returns `false`
+/// (stopping early) once more than `MAX_CANDIDATES` were found.
+#[inline(always)]
+pub(crate) fn candidates(
+    xs: &[f32],
+    chunk_max: &[[f32; FAST_LANES]],
+    below: f32,
+    cand: &mut Vec<Elem>,
+) -> bool {
+    for (c, max) in chunk_max.iter().enumerate() {
+        if above8(max, below) == 0 {
+            continue;
+        }
+        let start = c * FAST_CHUNK;
+        let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
+        for (g, v) in chunk.chunks_exact(FAST_LANES).enumerate() {
+            let v: &[f32; FAST_LANES] = v.try_into().unwrap();
+            let mut mask = above8(v, below);
+            while mask != 0 {
+                let l = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                cand.push((v[l], start + g * FAST_LANES + l));
+            }
+        }
+        if cand.len() > MAX_CANDIDATES {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`candidates`] with AVX: chunk maxima two at a time, then each qualifying chunk 16
+/// elements at a time (two compares OR-ed, one test), so most steps are a compare and a
+/// not-taken branch. Only called from code compiled with the `avx2` target feature.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn candidates_avx2(
+    xs: &[f32],
+    chunk_max: &[[f32; FAST_LANES]],
+    below: f32,
+    cand: &mut Vec<Elem>,
+) -> bool {
+    use std::arch::x86_64::{
+        __m256, _mm256_cmp_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps, _mm256_testz_ps,
+        _CMP_NLE_UQ,
+    };
+    let t = _mm256_set1_ps(below);
+    let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
+    let above = |v: __m256| _mm256_cmp_ps::<_CMP_NLE_UQ>(v, t);
+    let visit = |cand: &mut Vec<Elem>, start: usize, v: &[f32]| {
+        // 8 mask bits: the cast is exact.
+        let mut mask = _mm256_movemask_ps(above(load(v))) as u32;
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            cand.push((v[l], start + l));
+        }
+    };
+    for (pair_no, pair) in chunk_max.chunks(2).enumerate() {
+        let hit = pair
+            .iter()
+            .map(|m| above(bytemuck::cast::<[f32; 8], __m256>(*m)));
+        let any = hit
+            .clone()
+            .fold(_mm256_set1_ps(0.0), |a, h| _mm256_or_ps(a, h));
+        if _mm256_testz_ps(any, any) == 1 {
+            continue;
+        }
+        for (i, h) in hit.enumerate() {
+            if _mm256_testz_ps(h, h) == 1 {
+                continue;
+            }
+            let start = (2 * pair_no + i) * FAST_CHUNK;
+            let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
+            let mut sixteens = chunk.chunks_exact(16);
+            for (g, p) in (&mut sixteens).enumerate() {
+                let (a, b) = (above(load(&p[..8])), above(load(&p[8..])));
+                let ab = _mm256_or_ps(a, b);
+                if _mm256_testz_ps(ab, ab) == 0 {
+                    visit(cand, start + 16 * g, &p[..8]);
+                    visit(cand, start + 16 * g + 8, &p[8..]);
+                }
+            }
+            let rest = start + chunk.len() - sixteens.remainder().len();
+            for (g, v) in sixteens.remainder().chunks_exact(8).enumerate() {
+                visit(cand, rest + 8 * g, v);
+            }
+        }
+        if cand.len() > MAX_CANDIDATES {
+            return false;
+        }
+    }
+    true
+}
+
+/// The vector building blocks of the selection: [`may_enter`], [`chunk_maxima`] and
+/// [`above8`], or their AVX2 versions. They travel as closures because closures made inside a
 /// `#[target_feature(enable = "avx2")]` function keep its features (and may call the AVX2
 /// versions), while the generic code that calls them is shared by every level.
 pub(crate) trait Scan: Copy {
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
-    fn lane_max(&self, xs: &[f32]) -> ([f32; LANES], bool);
-    /// A hint to bring the bytes `start..end` of `data` into cache (no-op where unsupported).
-    fn prefetch(&self, data: &[u8], start: usize, end: usize);
+    fn chunk_maxima(
+        &self,
+        xs: &[f32],
+        next: &[u8],
+        out: &mut [[f32; FAST_LANES]],
+    ) -> ([f32; FAST_LANES], bool);
+    fn candidates(
+        &self,
+        xs: &[f32],
+        chunk_max: &[[f32; FAST_LANES]],
+        below: f32,
+        cand: &mut Vec<Elem>,
+    ) -> bool;
 }
 
 /// A [`Scan`] from three closures.
 #[derive(Clone, Copy)]
-pub(crate) struct ScanWith<M, L, P>(pub(crate) M, pub(crate) L, pub(crate) P);
+pub(crate) struct ScanWith<M, C, A>(pub(crate) M, pub(crate) C, pub(crate) A);
 
-impl<M, L, P> Scan for ScanWith<M, L, P>
+impl<M, C, A> Scan for ScanWith<M, C, A>
 where
     M: Fn(&[f32; LANES], f32) -> u64 + Copy,
-    L: Fn(&[f32]) -> ([f32; LANES], bool) + Copy,
-    P: Fn(&[u8], usize, usize) + Copy,
+    C: Fn(&[f32], &[u8], &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) + Copy,
+    A: Fn(&[f32], &[[f32; FAST_LANES]], f32, &mut Vec<Elem>) -> bool + Copy,
 {
-    #[inline(always)]
-    fn prefetch(&self, data: &[u8], start: usize, end: usize) {
-        (self.2)(data, start, end);
-    }
-
     #[inline(always)]
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64 {
         (self.0)(xs, top)
     }
 
     #[inline(always)]
-    fn lane_max(&self, xs: &[f32]) -> ([f32; LANES], bool) {
-        (self.1)(xs)
+    fn chunk_maxima(
+        &self,
+        xs: &[f32],
+        next: &[u8],
+        out: &mut [[f32; FAST_LANES]],
+    ) -> ([f32; FAST_LANES], bool) {
+        (self.1)(xs, next, out)
+    }
+
+    #[inline(always)]
+    fn candidates(
+        &self,
+        xs: &[f32],
+        chunk_max: &[[f32; FAST_LANES]],
+        below: f32,
+        cand: &mut Vec<Elem>,
+    ) -> bool {
+        (self.2)(xs, chunk_max, below, cand)
     }
 }
 
 /// The portable [`Scan`].
 #[inline(always)]
 pub(crate) fn portable_scan() -> impl Scan {
-    ScanWith(may_enter, lane_max, |_: &[u8], _: usize, _: usize| {})
+    ScanWith(may_enter, chunk_maxima, candidates)
 }
 
 /// The AVX2 [`Scan`]. Its closures are made here, so they carry the `avx2` feature.
@@ -198,24 +356,11 @@ pub(crate) fn portable_scan() -> impl Scan {
 pub(crate) fn avx2_scan() -> impl Scan {
     ScanWith(
         |xs: &[f32; LANES], top: f32| may_enter_avx2(xs, top),
-        |xs: &[f32]| lane_max_avx2(xs),
-        |data: &[u8], start: usize, end: usize| prefetch_avx2(data, start, end),
+        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
+            candidates_avx2(xs, chunk_max, below, cand)
+        },
     )
-}
-
-/// `prefetcht0` of every cache line of `data[start..end]` (clamped to `data`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-fn prefetch_avx2(data: &[u8], start: usize, end: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    // Raw addresses, no slicing: a prefetch never faults, and the loop stays a few instructions.
-    let (base, end) = (data.as_ptr(), end.min(data.len()));
-    let mut line = start;
-    while line < end {
-        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line).cast());
-        line += 64;
-    }
 }
 
 /// Whether torch's CPU top-k takes the `partial_sort` path for this `k` and row length.
@@ -488,8 +633,8 @@ pub(crate) struct Selector {
     row_buf: Vec<f32>,
     /// Fast path: the row's elements at or above the threshold.
     cand: Vec<Elem>,
-    /// Fast path: the lane maxima of each `CHUNK` of the row.
-    chunk_max: Vec<[f32; LANES]>,
+    /// Fast path: the lane maxima of each `FAST_CHUNK` of the row.
+    chunk_max: Vec<[f32; FAST_LANES]>,
 }
 
 /// The row held a NaN.
@@ -526,7 +671,7 @@ impl Selector {
         self.queue.clear();
         self.idx.clear();
         if uses_partial_sort(self.k, row.len()) {
-            if !(self.k <= LANES && self.distinct_top(row, next, scan)?) {
+            if !self.distinct_top(row, next, scan)? {
                 self.queue.clear();
                 self.heap_select(row, scan)?;
             }
@@ -540,12 +685,13 @@ impl Selector {
     /// The fast path of `partial_sort`: when the row's `k` largest values are distinct and no
     /// other element equals the `k`-th, every correct top-`k` (torch's included) is the same,
     /// those `k` columns by decreasing value, so ties are the only reason to run torch's exact
-    /// algorithm. Two passes: the lane maxima of each `CHUNK` of the row (a branch-free vector
-    /// loop at memory speed, which also finds NaN) give a threshold `t`, the `k`-th largest
-    /// lane max of the row, with `t <=` the `k`-th largest value; then only the chunks (now in
-    /// L1) with a lane max `>= t` are compared against `t`, and the few elements `>= t` are
-    /// collected and sorted. Returns `false` (the caller runs `heap_select`) on a tie among
-    /// them, when `t` is `-inf`, or when too many qualify.
+    /// algorithm. Two passes: the 8-lane maxima of each `FAST_CHUNK` of the row (a branch-free
+    /// vector loop at memory speed, which also finds NaN) give a threshold `t`, the `k`-th
+    /// largest lane maximum of the row, with `t <=` the `k`-th largest value; then only the
+    /// chunks (now in L1) with a maximum `>= t` are compared against `t`, and the few elements
+    /// `>= t` are collected and sorted. Returns `false` (the caller runs `heap_select`) on a tie
+    /// among them, when `t` is `-inf`, when too many qualify, or when the row does not split
+    /// into 8-lane vectors or `k > 8`.
     #[inline(always)]
     fn distinct_top<T: Element>(
         &mut self,
@@ -554,40 +700,24 @@ impl Selector {
         scan: impl Scan,
     ) -> Result<bool, HasNan> {
         let k = self.k;
+        if k > FAST_LANES || row.len() % FAST_LANES != 0 {
+            return Ok(false);
+        }
         if self.row_buf.len() < row.len() {
             // Only written by `widen` for half-precision rows; `f32` rows are used in place.
             self.row_buf.resize(row.len(), 0.0);
         }
         let xs = T::widen(row, &mut self.row_buf);
-        self.chunk_max.clear();
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        // While this row streams in, ask for the next one a chunk at a time: the hardware
-        // prefetcher stalls while the rest of the row is computed on, the hint does not.
-        let next = bytemuck::cast_slice::<T, u8>(next);
-        let chunk_bytes = CHUNK * std::mem::size_of::<T>();
-        for (c, chunk) in xs.chunks(CHUNK).enumerate() {
-            scan.prefetch(next, c * chunk_bytes, (c + 1) * chunk_bytes);
-            let (max, nan) = scan.lane_max(chunk);
-            if nan {
-                return Err(HasNan);
-            }
-            for (l, &m) in lanes.iter_mut().zip(&max) {
-                *l = if m > *l { m } else { *l };
-            }
-            self.chunk_max.push(max);
+        let chunks = xs.len().div_ceil(FAST_CHUNK);
+        if self.chunk_max.len() < chunks {
+            self.chunk_max.resize(chunks, [0.0; FAST_LANES]);
         }
-        // The k-th largest lane max: k steps of a selection sort (k <= LANES), the running best
-        // kept in registers so the compares become conditional moves.
-        for i in 0..k {
-            let (mut best, mut at) = (lanes[i], i);
-            for (j, &x) in lanes.iter().enumerate().skip(i + 1) {
-                if x > best {
-                    (best, at) = (x, j);
-                }
-            }
-            lanes.swap(i, at);
+        let chunk_max = &mut self.chunk_max[..chunks];
+        let (lanes, nan) = scan.chunk_maxima(xs, bytemuck::cast_slice::<T, u8>(next), chunk_max);
+        if nan {
+            return Err(HasNan);
         }
-        let t = lanes[k - 1];
+        let t = kth_largest(lanes, k);
         if t == f32::NEG_INFINITY {
             return Ok(false);
         }
@@ -595,31 +725,17 @@ impl Selector {
         let below = t.next_down();
         let cand = &mut self.cand;
         cand.clear();
-        for (c, (chunk, max)) in xs.chunks(CHUNK).zip(&self.chunk_max).enumerate() {
-            if scan.may_enter(max, below) == 0 {
-                continue;
-            }
-            let start = c * CHUNK;
-            let mut groups = chunk.chunks_exact(LANES);
-            for (g, group) in (&mut groups).enumerate() {
-                let mut mask = scan.may_enter(group.try_into().unwrap(), below);
-                while mask != 0 {
-                    let l = mask.trailing_zeros() as usize;
-                    mask &= mask - 1;
-                    cand.push((group[l], start + g * LANES + l));
-                }
-            }
-            let tail = start + chunk.len() - groups.remainder().len();
-            for (j, &x) in groups.remainder().iter().enumerate() {
-                if x > below {
-                    cand.push((x, tail + j));
-                }
-            }
-            if cand.len() > MAX_CANDIDATES {
-                return Ok(false);
+        if !scan.candidates(xs, chunk_max, below, cand) {
+            return Ok(false);
+        }
+        // Insertion sort, largest first: a handful of candidates.
+        for i in 1..cand.len() {
+            let mut j = i;
+            while j > 0 && cand[j - 1].0 < cand[j].0 {
+                cand.swap(j - 1, j);
+                j -= 1;
             }
         }
-        cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
         // `+0.0 == -0.0`: a tie for torch's `>`, so that falls back too.
         let tie = cand.windows(2).take(k).any(|w| w[0].0 == w[1].0);
         if tie || cand.len() < k {
@@ -723,6 +839,50 @@ impl Selector {
     pub(crate) fn values_into(&self, out: &mut [f32]) {
         for (o, &(x, _)) in out.iter_mut().zip(&self.queue[..self.k]) {
             *o = x;
+        }
+    }
+}
+
+/// A threshold `t <=` the `k`-th largest of 8 values (`1 <= k <= 8`, no NaN), equal to it for
+/// `k <= 2` and for `k > 2` by `k` steps of a selection sort. For `k = 2` the second largest
+/// is the largest `min(v[i], v[j])` over pairs `i != j`; the pairs `(i, i + d mod 8)` for
+/// `d = 1..=4` are all of them, so four rotations, mins and maxes find it without branches.
+#[inline(always)]
+fn kth_largest(v: [f32; FAST_LANES], k: usize) -> f32 {
+    let rot = |d: usize| std::array::from_fn::<f32, FAST_LANES, _>(|i| v[(i + d) % FAST_LANES]);
+    let max8 = |a: [f32; FAST_LANES]| {
+        a.iter()
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    };
+    match k {
+        1 => max8(v),
+        2 => {
+            let mut best = [f32::NEG_INFINITY; FAST_LANES];
+            for d in 1..=4 {
+                let r = rot(d);
+                for i in 0..FAST_LANES {
+                    let pair_min = if r[i] < v[i] { r[i] } else { v[i] };
+                    best[i] = if pair_min > best[i] {
+                        pair_min
+                    } else {
+                        best[i]
+                    };
+                }
+            }
+            max8(best)
+        }
+        _ => {
+            let mut v = v;
+            for i in 0..k {
+                let mut at = i;
+                for j in i + 1..FAST_LANES {
+                    if v[j] > v[at] {
+                        at = j;
+                    }
+                }
+                v.swap(i, at);
+            }
+            v[k - 1]
         }
     }
 }
@@ -1194,6 +1354,40 @@ pub(crate) mod tests {
             // Bits: a row of all -inf has NaN weights, which `==` would call unequal.
             let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(&got.1), bits(&want.1));
+        }
+
+        /// The fast path (`k <= 8`, rows split into 8-lane vectors, or not): exact on distinct
+        /// values, near ties planted across chunk boundaries, and NaN anywhere.
+        #[test]
+        fn fast_path_matches_reference(
+            k in 1usize..=8,
+            n in 512usize..2600,
+            seed in any::<u64>(),
+            copies in 0usize..3,
+            nan_at in proptest::option::of(any::<u64>()),
+        ) {
+            let rows = 9;
+            let mut x = lcg(seed, rows * n);
+            // Copy a row's j-th largest value (j = 1 or k, alternating by row) to other places
+            // (0, 1 or 2 times): ties at the top or at the k-th place, often in another
+            // FAST_CHUNK or lane than the original.
+            for (r, row) in x.chunks_mut(n).enumerate() {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let at = order[if r % 2 == 0 { 0 } else { k - 1 }];
+                for c in 0..copies {
+                    row[(at + (c + 1) * 131 * (r + 1)) % n] = row[at];
+                }
+            }
+            let got = topk_all_levels(MatRef::new("logits", &x, rows, n).unwrap(), k, 2).unwrap();
+            let want = reference(&x, n, k).unwrap();
+            prop_assert_eq!(got.0, want.0);
+            if let Some(pos) = nan_at {
+                let pos = usize::try_from(pos % (rows * n) as u64).unwrap();
+                x[pos] = f32::NAN;
+                let err = topk_all_levels(MatRef::new("logits", &x, rows, n).unwrap(), k, 2);
+                prop_assert_eq!(err, Err(KernelError::Nan { arg: "logits", row: pos / n }));
+            }
         }
     }
 }

@@ -91,7 +91,10 @@ where
         }
     };
     run_team(&body);
-    if let Some(payload) = panicked.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    if let Some(payload) = panicked
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
         resume_unwind(payload);
     }
     results
@@ -158,8 +161,9 @@ mod tests {
         });
         let payload = caught.unwrap_err();
         let msg = payload
-            .downcast_ref::<String>()
-            .cloned()
+            .downcast_ref::<&str>()
+            .map(ToString::to_string)
+            .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_default();
         assert!(msg.contains("task 17"), "{msg}");
     }

@@ -65,7 +65,8 @@ impl OpenMp {
         // already in the process, or null. Without it (tests only) the system's libgomp is
         // loaded, whose initialisers only read its environment variables. The handle is never
         // closed, so what `dlsym` returns from it stays valid for the life of the process.
-        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL | noload) };
+        let handle =
+            unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL | noload) };
         if handle.is_null() {
             return Err(error(path, "it is not loaded in this process"));
         }
@@ -86,7 +87,10 @@ impl OpenMp {
 
     #[cfg(not(unix))]
     pub(super) fn open(path: &str, _already_loaded: bool) -> Result<OpenMp, KernelError> {
-        Err(error(path, "binding a loaded library is only implemented on unix"))
+        Err(error(
+            path,
+            "binding a loaded library is only implemented on unix",
+        ))
     }
 
     /// Runs `body` on every thread of a team of `threads` (the caller included) and returns
@@ -122,9 +126,12 @@ mod tests {
 
     /// The system's GNU OpenMP runtime, where this machine has one.
     fn system_libgomp() -> Option<&'static OpenMp> {
-        let path = ["/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/usr/lib/aarch64-linux-gnu/libgomp.so.1"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+        let path = [
+            "/usr/lib/x86_64-linux-gnu/libgomp.so.1",
+            "/usr/lib/aarch64-linux-gnu/libgomp.so.1",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
         Some(Box::leak(Box::new(OpenMp::open(path, false).ok()?)))
     }
 
@@ -140,7 +147,10 @@ mod tests {
         let lens = super::super::on_team(
             tasks,
             &|(i, chunk): (usize, &mut [u64])| {
-                threads_seen.lock().unwrap().insert(std::thread::current().id());
+                threads_seen
+                    .lock()
+                    .unwrap()
+                    .insert(std::thread::current().id());
                 chunk.iter_mut().for_each(|x| *x = i as u64);
                 chunk.len()
             },
@@ -153,8 +163,13 @@ mod tests {
 
     #[test]
     fn libraries_not_loaded_or_without_openmp_are_refused() {
-        let missing = OpenMp::open("/nonexistent/libgomp.so.1", true).err().unwrap();
-        assert!(missing.to_string().contains("/nonexistent/libgomp.so.1"), "{missing}");
+        let missing = OpenMp::open("/nonexistent/libgomp.so.1", true)
+            .err()
+            .unwrap();
+        assert!(
+            missing.to_string().contains("/nonexistent/libgomp.so.1"),
+            "{missing}"
+        );
         assert!(missing.to_string().contains("not loaded"), "{missing}");
         if cfg!(target_os = "linux") {
             // libc is loaded in every process and has no GOMP_parallel.

@@ -54,7 +54,6 @@ pub(super) fn pool(num_threads: usize) -> Result<Arc<ThreadPool>, KernelError> {
     Ok(pool)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,7 +62,10 @@ mod tests {
     fn runs_on_the_requested_number_of_threads() {
         assert_eq!(pool(1).unwrap().install(rayon::current_num_threads), 1);
         assert_eq!(pool(3).unwrap().install(rayon::current_num_threads), 3);
-        assert_eq!(pool(0).unwrap().install(rayon::current_num_threads), resolve(0));
+        assert_eq!(
+            pool(0).unwrap().install(rayon::current_num_threads),
+            resolve(0)
+        );
         assert!(Arc::ptr_eq(&pool(3).unwrap(), &pool(3).unwrap()));
     }
 
