@@ -298,8 +298,7 @@ def load_adapter_weights(model: VBLoRAModel, tensors: dict[str, torch.Tensor], a
         missing = [k for k in required if k not in tensors]
         if missing:
             raise VBLoRAError(
-                f"{path}: missing tensor {missing[0]}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
     with torch.no_grad():
         for target, value in plan:

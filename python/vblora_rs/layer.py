@@ -79,6 +79,7 @@ class DropoutDict(nn.ModuleDict):
     def __len__(self) -> int:
         return len(self._modules) + len(self._identity)
 
+
 class LogitsDict(nn.ParameterDict):
     """``vblora_logits_A`` / ``_B``: a ParameterDict whose compact (top-K) adapters get their dense logits built
     the first time someone asks for them by name, with the values PEFT would hold (log-weights at the kept

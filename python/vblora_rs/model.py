@@ -261,9 +261,7 @@ class VBLoRAModel(nn.Module):
         config, tensors, weights, config_source = _read_checkpoint(model_id, config, is_trainable)
         requires_grad = {id(p): p.requires_grad for p in self.parameters()}
         with _config_errors(config_source):
-            self.base_model.add_adapter(
-                adapter_name, config, init_logits=not checkpoint.is_topk_checkpoint(tensors)
-            )
+            self.base_model.add_adapter(adapter_name, config, init_logits=not checkpoint.is_topk_checkpoint(tensors))
         try:
             checkpoint.load_adapter_weights(self, tensors, adapter_name, weights)
         except Exception:

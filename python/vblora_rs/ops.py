@@ -99,9 +99,10 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
     is torch's own: Rust's ``exp`` differs from torch's vectorised one in the last bit for about a fifth of the
     rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included."""
     rows = _rows(logits, name)
-    idx, _ = _wrap(name, _native.topk_softmax, _float_view(rows, name), int(k), get_num_threads())
+    # The kept logits come back from the selection itself (exact, widened as .float() does): no gather.
+    idx, kept = _wrap(name, _native.topk_many, [_float_view(rows, name)], int(k), True, get_num_threads())
     indices = torch.from_numpy(idx)
-    weights = torch.softmax(torch.gather(rows.detach(), -1, indices).float(), dim=-1)
+    weights = torch.softmax(torch.from_numpy(kept), dim=-1)
     shape = (*logits.shape[:-1], int(k))
     return indices.reshape(shape), weights.reshape(shape)
 
