@@ -5,7 +5,9 @@
     python benches/bench_vs_peft.py --png ratios.png --markdown table.md
 
 Every row times PEFT and vblora_rs on the same tensors in the same run; "speed-up" is PEFT's median over
-ours. Floors are plain-torch references for how fast the operation can be on this machine.
+ours. Floors are plain-torch references for how fast the operation can be on this machine; where a row has
+one, PEFT, ours and the floor run one after the other in every round, and "ours/floor" is the median of the
+per-round ratios (on a noisy shared machine the drift between rounds then cancels).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ class Row:
     floor_ms: Optional[float] = None
     target: str = ""
     extra: dict = field(default_factory=dict)
+    # ours / floor as the median of per-round ratios (the two timed back to back in each round), which the
+    # machine's drift between rounds does not move; None: the ratio of the two medians.
+    paired_vs_floor: Optional[float] = None
+
+    @property
+    def vs_floor(self) -> Optional[float]:
+        if self.paired_vs_floor is not None:
+            return self.paired_vs_floor
+        return None if not self.floor_ms else self.ours_ms / self.floor_ms
 
     @property
     def speedup(self) -> Optional[float]:
@@ -64,6 +75,28 @@ def median_ms(
         if i >= warmup:
             times.append(elapsed * 1e3)
     return statistics.median(times)
+
+
+def interleaved_ms(
+    fns: list[tuple[Callable[[], object], Optional[Callable[[], None]]]], repeats: int, warmup: int = 1
+) -> list[list[float]]:
+    """Times of each ``(fn, setup)`` over ``repeats`` rounds, the functions one after the other in every
+    round (setups untimed): a slow spell of the machine hits all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for (fn, setup), out in zip(fns, times):
+            if setup is not None:
+                setup()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                out.append(elapsed * 1e3)
+    return times
+
+
+def paired_ratio(ours: list[float], floor: list[float]) -> float:
+    return statistics.median(o / f for o, f in zip(ours, floor))
 
 
 def ordered_bits(t: torch.Tensor) -> torch.Tensor:
@@ -127,18 +160,24 @@ def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, s
 def bench_topk(rows: list[Row], quick: bool, repeats: int) -> None:
     n_rows = 39040 if not quick else 8192
     logits = torch.randn(n_rows, NUM_VECTORS)
-    t_ms = median_ms(lambda: torch.softmax(logits.topk(TOPK, dim=-1).values, dim=-1), repeats)
-    o_ms = median_ms(lambda: ops.topk_softmax(logits, TOPK), repeats)
-    sum_ms = median_ms(lambda: logits.sum(), repeats)
+    t, o, f = interleaved_ms(
+        [
+            (lambda: torch.softmax(logits.topk(TOPK, dim=-1).values, dim=-1), None),
+            (lambda: ops.topk_softmax(logits, TOPK), None),
+            (lambda: logits.sum(), None),
+        ],
+        3 * repeats,
+    )
     rows.append(
         Row(
             "top-K",
             f"topk+softmax {n_rows}x{NUM_VECTORS} f32 (torch.topk+softmax)",
-            t_ms,
-            o_ms,
+            statistics.median(t),
+            statistics.median(o),
             "logits.sum()",
-            sum_ms,
+            statistics.median(f),
             ">=3x, <=1.5x floor",
+            paired_vs_floor=paired_ratio(o, f),
         )
     )
     bank = torch.rand(NUM_VECTORS, VECTOR_LENGTH)
@@ -171,16 +210,34 @@ def bench_layer(rows: list[Row], in_f: int, out_f: int, dtype: torch.dtype, repe
     rows.append(Row("layer", f"get_delta_weight {label}", t_ms, o_ms, target=">=1x"))
 
     w0 = theirs.get_base_layer().weight.detach().clone()
-    t_ms = median_ms(theirs.merge, repeats, setup=reset_merge(theirs, w0))
-    o_ms = median_ms(ours.merge, repeats, setup=reset_merge(ours, w0))
     with torch.no_grad():
         A, B = ours._get_lora_matrices("default", cast_to_fp32=True)
     A_d, B_d = A.to(dtype), B.to(dtype)
     W = w0.clone()
-    floor = median_ms(lambda: W.addmm_(B_d, A_d), repeats)
+    # The floor gets the same untimed reset as the layers (a copy_ of w0 into the weight).
+    t, o, f = interleaved_ms(
+        [
+            (theirs.merge, reset_merge(theirs, w0)),
+            (ours.merge, reset_merge(ours, w0)),
+            (lambda: W.addmm_(B_d, A_d), lambda: W.copy_(w0)),
+        ],
+        repeats,
+    )
     target = ">=5x, <=1.25x floor" if dtype == torch.float32 else ">=8x, <=1.25x floor"
     check = ulp_check(ours.get_base_layer().weight, theirs.get_base_layer().weight)
-    rows.append(Row("layer", f"merge() {label}", t_ms, o_ms, "W.addmm_(B, A)", floor, target, check))
+    rows.append(
+        Row(
+            "layer",
+            f"merge() {label}",
+            statistics.median(t),
+            statistics.median(o),
+            "W.addmm_(B, A)",
+            statistics.median(f),
+            target,
+            check,
+            paired_vs_floor=paired_ratio(o, f),
+        )
+    )
     t_ms = median_ms(theirs.unmerge, repeats, setup=lambda: theirs.merged_adapters.append("default"))
     o_ms = median_ms(ours.unmerge, repeats, setup=lambda: ours.merged_adapters.append("default"))
     rows.append(Row("layer", f"unmerge() {label}", t_ms, o_ms))
@@ -281,7 +338,7 @@ def markdown(rows: list[Row]) -> str:
         peft_ms = f"{r.peft_ms:.2f}" if r.peft_ms is not None else ""
         speedup = f"{r.speedup:.2f}x" if r.speedup is not None else ""
         floor_ms = f"{r.floor_ms:.2f}" if r.floor_ms is not None else ""
-        vs_floor = f"{r.ours_ms / r.floor_ms:.2f}" if r.floor_ms else ""
+        vs_floor = f"{r.vs_floor:.2f}" if r.vs_floor is not None else ""
         check = ", ".join(f"{k}={v:.3g}" for k, v in r.extra.items())
         lines.append(
             f"| {r.section} | {r.name} | {peft_ms} | {r.ours_ms:.2f} | {speedup} | {r.floor_name} | "
@@ -321,6 +378,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     vblora_rs.set_num_threads(args.threads)
     header = (
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, simd {vblora_rs._native.simd_level()}, "
+        f"kernel threads {ops.thread_backend()}, "
         f"torch {torch.__version__}, peft {peft.__version__}, vblora_rs {vblora_rs.__version__}, "
         f"threads {args.threads}, repeats {repeats}{' (quick)' if args.quick else ''}"
     )

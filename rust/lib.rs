@@ -17,17 +17,21 @@
 //!   lane arrays into shuffles), and a vector compare + movemask per 16 elements, built from a
 //!   generic loop, was no better (LLVM builds the mask bit by bit). Now: (1) a fast path that
 //!   needs no tie order at all: if the row's top k values are distinct and no other element
-//!   equals the k-th, every correct top-k is the same; pass 1 takes 16 lane maxima per
-//!   256-chunk (branch-free, finds NaN), the k-th largest lane max is a threshold `t <= v_k`,
-//!   pass 2 collects the elements `>= t` of only the chunks that can hold one, and sorts them;
-//!   any tie (or `t = -inf`, or > 64 candidates) falls back to the exact streamed heap select,
-//!   now also mask-based. (2) AVX2 intrinsics for the two vector steps (safe inside the
-//!   `target_feature` functions; loads via `bytemuck::cast`), passed down as closures made in
-//!   the AVX2 wrapper. (3) `prefetcht0` of the row two ahead, a chunk at a time: with pass 2 and
-//!   the softmax between rows the hardware prefetcher stalls (single thread 32 -> 28 ms).
-//!   One thread: 40 ms (mask only) -> 32 ms (fast path) -> 27.5 ms (prefetch; a branch-free
-//!   selection of the threshold and a lean prefetch loop, ~10% of the in-cache profile).
-//!   Two threads, Rust: 16-17 ms against 11.7 ms for a bare AVX2 max over the same bytes.
+//!   equals the k-th, every correct top-k is the same; pass 1 keeps one 8-lane maximum per
+//!   128-chunk (branch-free; NaN by one unordered compare per *two* vectors, true if either
+//!   is NaN), the k-th largest lane max is a threshold `t <= v_k` (branch-free for k = 1, 2),
+//!   pass 2 collects the elements `>= t` of only the chunks that can hold one (AVX2: chunk
+//!   maxima two at a time, then 16 elements per test), and sorts them; any tie (or `t = -inf`,
+//!   or > 64 candidates, or k > 8, or rows not a multiple of 8) falls back to the exact
+//!   streamed heap select, mask-based. (2) AVX2 intrinsics for the vector steps (safe inside
+//!   the `target_feature` functions; loads via `bytemuck::cast`), passed down as closures made
+//!   in the AVX2 wrapper. (3) `prefetcht0` of the row two ahead, one line per 16 elements
+//!   inside pass 1: with pass 2 between rows the hardware prefetcher stalls (without it, 2.07x
+//!   of `logits.sum()` instead of 1.70x). Pass 1 alone streams at the speed of a bare AVX2 max
+//!   (1.0x, Rust probe); the whole top-k is 1.25-1.36x of it, the rest being pass 2 and the
+//!   per-row bookkeeping, which memory stalls do not hide. From Python 1.34-1.44x of
+//!   `logits.sum()`, where the 16-lane version measured 1.70-1.86x (partly torch's spinning
+//!   workers, see threads below).
 //! * gather (`lowrank`): the fused kernel selects and gathers row by row, so the
 //!   `rows x num_vectors` softmax and the `(rows, k, L)` gather PEFT builds never exist. The
 //!   output is written, never read before written: accumulating into the fresh zeroed `Vec`
@@ -53,24 +57,23 @@
 //!   by size and rebuilt after `fork`; rayon's global pool is never used. Handing a call to the
 //!   pool costs ~20-40 us on this VM, visible on tiny calls (64-row low-rank factors).
 //!   torch's OpenMP workers (GNU libgomp) spin for a while after every parallel torch op; on 2
-//!   cores they take a core from our pool: `rank_update_` at 4096x4096 f32 right after a
-//!   parallel `copy_` took ~9 ms against ~4.5 ms back to back, and 4.2 ms after the same copy
-//!   with `OMP_WAIT_POLICY=PASSIVE` (torch's `addmm_` ~5.3 ms either way: it runs on those very
-//!   threads). Tried: one row at a time for small R instead of 6-row tiles (fewer prefetch
-//!   streams): no better, dropped. Documented in the README; not worked around here.
+//!   cores they took a core from a pool of our own: `rank_update_` at 4096x4096 f32 right after
+//!   a parallel `copy_` took 7-9 ms against 4.4 ms back to back. Hence `threads`: when torch's
+//!   backend is OpenMP the kernels run on torch's own team (`GOMP_parallel` of the runtime torch
+//!   loaded), where the spinning workers take the work: 4.2-5.0 ms after the same copy, below
+//!   torch's `addmm_` (5.3-5.7 ms). Tried: one row at a time for small R instead of 6-row tiles
+//!   (fewer prefetch streams): no better, dropped.
 //! * softmax: Rust's `expf` differs from torch's vectorised `exp` in the last bit on ~22% of
 //!   rows, so the Python layer takes the top-K *indices* from here and lets torch compute the
 //!   softmax of the k kept logits (a `(rows, k)` op); with that, merged weights equal PEFT's bit
 //!   for bit. `low_rank_from_logits` keeps its own softmax (within 2 ulp) for callers who do
 //!   not need bit parity.
 //!
-//! From Python, same run, medians of 7, 2 threads (torch 2.15 MKL, noisy 2-core VM; ranges
-//! over three runs): top-k+softmax 20-25 ms vs torch.topk+softmax 100-135 ms (5.2-6.1x) and
-//! vs `logits.sum()` 11-15 ms (1.63-1.94x: the 1.5x target is not met); `rank_update_` R = 4 at
-//! 4096x11008 f32 13.6-16.7 ms vs `W.addmm_(B, A)` 14.5-15.9 ms (0.94-1.05x), bf16 11-17 ms vs
-//! 360-380 ms; 16 adapters into 4096x4096 f32 via `ops.merge_` incl. the 32 low-rank
-//! computations 30-33 ms vs 16 PEFT-style merges 550-590 ms (16-20x); `low_rank_product`
-//! 23-36 ms vs `B @ A` 87-103 ms at 4096x11008, bit-identical.
+//! From Python, `benches/bench_vs_peft.py` (same run, interleaved rounds, 2 threads, torch 2.15
+//! MKL, noisy 2-core VM): top-k+softmax 16.1 ms vs torch.topk+softmax 71 ms (4.4x) and 1.41x of
+//! `logits.sum()` (1.34-1.44 over four runs); `merge()` f32 0.77-0.88x of `W.addmm_(B, A)`, bf16
+//! 17-23x PEFT; 16 adapters into 4096x4096 f32 28 ms vs 16 PEFT merges 583 ms (20.8x);
+//! TinyLlama-shaped bf16 `merge_and_unload` 0.35 s vs 6.3 s (17.7x). Table: docs/bench_vs_peft.md.
 
 pub mod element;
 pub mod error;
