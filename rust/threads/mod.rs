@@ -1,9 +1,9 @@
 //! Where the kernels' parallel work runs: a list of independent tasks, mapped on `num_threads`
 //! threads, results back in task order.
 //!
-//! Two backends. By default, rayon pools owned by this crate ([`rayon_pools`]). When the Python
+//! Two backends. By default, rayon pools owned by this crate (`rayon_pools`). When the Python
 //! layer finds torch's OpenMP runtime loaded in the process, it calls [`use_openmp`] and the
-//! kernels run on *that* runtime's thread team ([`openmp`]): the same threads torch's own CPU
+//! kernels run on *that* runtime's thread team (`openmp`): the same threads torch's own CPU
 //! ops use. That matters on machines with few cores. After every parallel torch op, libgomp's
 //! idle workers spin for a few milliseconds before they sleep (`OMP_WAIT_POLICY` unset); a
 //! kernel on separate rayon threads right after a torch op shares the cores with those
