@@ -51,6 +51,8 @@ pub enum KernelError {
     },
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// The OpenMP runtime at `path` cannot run the kernels (`why`).
+    OpenMp { path: String, why: &'static str },
 }
 
 impl fmt::Display for KernelError {
@@ -92,6 +94,9 @@ impl fmt::Display for KernelError {
                 bound,
             } => write!(f, "{arg} row {row} holds {value}, outside [0, {bound})"),
             KernelError::ThreadPool(msg) => write!(f, "could not build the thread pool: {msg}"),
+            KernelError::OpenMp { path, why } => {
+                write!(f, "cannot use the OpenMP runtime {path}: {why}")
+            }
         }
     }
 }

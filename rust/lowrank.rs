@@ -139,17 +139,14 @@ pub(crate) fn low_rank_from_topk_at<B: Element>(
             .map(|()| out);
     }
     let tasks = out.chunks_mut(ROWS_PER_TASK * len).enumerate().collect();
-    let failed = threads::map_tasks(num_threads, tasks, |(task, out)| {
+    let failed = threads::first_some(num_threads, tasks, |(task, out)| {
         let first = task * ROWS_PER_TASK;
         dispatch!(
             level,
             gather_rows(out, first, indices.cols(), &check_row, weights, bank),
             gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank)
         )
-    })?
-    .into_iter()
-    .flatten()
-    .next();
+    })?;
     failed.map_or(Ok(out), Err)
 }
 
@@ -227,17 +224,14 @@ pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
     }
     let mut out = vec![0.0_f32; rows * len];
     let tasks = out.chunks_mut(ROWS_PER_TASK * len).enumerate().collect();
-    let failed = threads::map_tasks(num_threads, tasks, |(task, out)| {
+    let failed = threads::first_some(num_threads, tasks, |(task, out)| {
         let first = task * ROWS_PER_TASK;
         dispatch!(
             level,
             select_gather_rows(out, first, logits, bank, k, portable_scan()),
             select_gather_rows_avx2::<T, B>(out, first, logits, bank, k)
         )
-    })?
-    .into_iter()
-    .flatten()
-    .next();
+    })?;
     match failed {
         Some(row) => Err(KernelError::Nan { arg: "logits", row }),
         None => Ok(out),

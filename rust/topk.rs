@@ -1020,17 +1020,14 @@ fn topk_many_at<T: Element>(
         }
         before += logits.rows();
     }
-    let failed = threads::map_tasks(num_threads, tasks, |(logits, first, before, idx, w)| {
+    let failed = threads::first_some(num_threads, tasks, |(logits, first, before, idx, w)| {
         let failed = dispatch!(
             level,
             topk_rows(logits, k, first, idx, w, kept_logits, portable_scan()),
             topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits)
         );
         failed.map(|row| before + row)
-    })?
-    .into_iter()
-    .flatten()
-    .next();
+    })?;
     match failed {
         Some(row) => Err(KernelError::Nan { arg: "logits", row }),
         None => Ok((indices, weights)),

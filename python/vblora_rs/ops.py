@@ -35,7 +35,7 @@ __all__ = [
 
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _num_threads: Optional[int] = None
-_backend = bind_torch_threads()
+bind_torch_threads()
 
 
 def thread_backend() -> str:

@@ -53,6 +53,24 @@ where
     }
 }
 
+/// The first `Some` of [`map_tasks`]'s results in task order (e.g. the first row that failed),
+/// as rayon's `find_map_first`; every task runs.
+pub fn first_some<T, R, F>(
+    num_threads: usize,
+    tasks: Vec<T>,
+    f: F,
+) -> Result<Option<R>, KernelError>
+where
+    T: Send,
+    R: Send,
+    F: Fn(T) -> Option<R> + Sync,
+{
+    Ok(map_tasks(num_threads, tasks, f)?
+        .into_iter()
+        .flatten()
+        .next())
+}
+
 /// Runs the tasks on a team of threads that each call the body `run_team` is given (OpenMP's
 /// model): a shared counter hands out task numbers, so a thread takes the next task as soon as it
 /// is free. A panic in a task stops the hand-out and is raised again on the caller once the team

@@ -48,8 +48,11 @@ pub(super) fn runtime() -> Option<&'static OpenMp> {
     RUNTIME.get().filter(|r| r.pid == std::process::id())
 }
 
-fn error(path: &str, why: &str) -> KernelError {
-    KernelError::ThreadPool(format!("cannot use the OpenMP runtime {path}: {why}"))
+fn error(path: &str, why: &'static str) -> KernelError {
+    KernelError::OpenMp {
+        path: path.to_owned(),
+        why,
+    }
 }
 
 impl OpenMp {

@@ -29,6 +29,7 @@ pub fn resolve(num_threads: usize) -> usize {
     }
 }
 
+/// The cached pool of `num_threads` threads (0: all cores) of this process, built on first use.
 pub(super) fn pool(num_threads: usize) -> Result<Arc<ThreadPool>, KernelError> {
     let threads = resolve(num_threads);
     let pid = std::process::id();
