@@ -16,10 +16,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import compact, ops
+from . import ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME, read_safetensors
 from .config import CONFIG_NAME, PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .tuner import topk_table as compact
 
 __all__ = ["AdapterFile", "ModuleEntry", "module_factors", "read_adapter"]
 

@@ -16,6 +16,9 @@ CONFIG_NAME = "adapter_config.json"
 # torch-free readers (vblora merge) and the torch side spell them once.
 WEIGHTS_NAME = "adapter_model.safetensors"
 PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"
+# suffixes of a top-K checkpoint's tensors (PEFT's names)
+TOPK_INDICES = "_topk_indices"
+TOPK_WEIGHTS = "_topk_weights"
 PEFT_TYPE = "VBLORA"
 
 # Fields PEFT's base ``PeftConfig`` writes next to the VB-LoRA ones; kept so both libraries read each

@@ -19,10 +19,11 @@ from typing import Optional, Union
 
 import torch
 
-from . import _native, compact, ops
+from . import _native, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .tuner import topk_table as compact
 
 __all__ = [
     "PACKED_WEIGHTS_NAME",

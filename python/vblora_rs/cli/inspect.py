@@ -249,7 +249,8 @@ def bank_usage(adapter: AdapterFile) -> BankUsage:
     import torch
     from tqdm import tqdm
 
-    from .. import compact, ops
+    from .. import ops
+    from ..tuner import topk_table as compact
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0

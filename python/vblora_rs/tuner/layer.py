@@ -1,10 +1,10 @@
-"""VB-LoRA layers: ``VBLoRALayer`` (adapter state and bookkeeping) and ``Linear`` (over ``nn.Linear`` or
-transformers' ``Conv1D``), behaving like PEFT's ``peft.tuners.vblora.layer``.
+"""VB-LoRA layers: ``VBLoRALayer`` and ``Linear``, subclasses of PEFT's ``peft.tuners.vblora`` classes.
 
-Two ways to build A and B: with autograd (training, or tensors the Rust kernels cannot take, e.g.
-CUDA) through torch ops exactly as PEFT does, and without autograd on CPU (merge, unmerge,
-``get_delta_weight``, no-grad forwards) through the Rust kernels, which select, softmax and gather
-in one pass and merge every adapter into the weight in one pass.
+PEFT's classes hold the adapter state and its bookkeeping; what is overridden here are the compute paths and the
+compact top-K form. Two ways to build A and B: with autograd (training, or tensors the Rust kernels cannot take,
+e.g. CUDA) through the same torch ops as PEFT, and without autograd on CPU (merge, unmerge, ``get_delta_weight``,
+no-grad forwards) through the Rust kernels, which select, softmax and gather in one pass and merge every adapter
+into the weight in one pass. Both give PEFT's results bit for bit.
 """
 
 from __future__ import annotations
@@ -15,22 +15,41 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.vblora import layer as peft_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import compact, lora_cache, ops
-from .errors import VBLoRAError
-from .lora_cache import _CachedLoRA, _evict, _param, _stamp
-from .ops import MergeTerm
-from .row_groups import BASE_ADAPTER, RowGroups
+from .. import ops
+from ..errors import VBLoRAError
+from ..ops import MergeTerm
+from . import cache as lora_cache
+from . import topk_table as compact
+from .batches import BASE_ADAPTER, RowGroups
+from .cache import CachedLoRA, evict, param_of, stamp
 
 TOPK_TRAINING_ERROR = (
     "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
 )
+# the VBLoRAConfig fields a layer reads, and their defaults when a layer is built without a config
+LAYER_FIELDS = {"topk": 2, "num_vectors": None, "vector_length": None, "vblora_dropout": 0.0, "init_logits_std": 0.01}
 
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
+
+
+def layer_settings(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The layer fields of ``config`` (PEFT's VBLoRAConfig, or None), with the keyword values given explicitly."""
+    settings = {}
+    for name, default in LAYER_FIELDS.items():
+        value = overrides.get(name)
+        if value is None:
+            value = getattr(config, name, default) if config is not None else default
+        if value is None:
+            raise TypeError(f"VB-LoRA layer: `{name}` is required (pass it or a VBLoRAConfig)")
+        settings[name] = value
+    return settings
 
 
 # One stateless Identity for every adapter without dropout (PEFT makes one per adapter per layer: a thousand
@@ -95,39 +114,23 @@ class LogitsDict(nn.ParameterDict):
         return super().__getitem__(key)
 
 
-def check_adapters_to_merge(layer: VBLoRALayer, adapter_names: Optional[list[str]]) -> list[str]:
-    """The adapters to merge: the active ones by default, minus those already merged (with PEFT's warnings)."""
-    if adapter_names is None:
-        adapter_names = layer.active_adapters
-    if isinstance(adapter_names, str):
-        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-    if layer.merged:
-        already = set(layer.merged_adapters)
-        adapter_names = [name for name in adapter_names if name not in already]
-        if adapter_names:
-            warnings.warn(
-                f"Already following adapters were merged {','.join(layer.merged_adapters)}. "
-                f"You are now additionally merging {','.join(adapter_names)}.",
-                stacklevel=3,
-            )
-        else:
-            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
-    return list(adapter_names)
+class VBLoRALayer(peft_layer.VBLoRALayer):
+    """PEFT's VB-LoRA layer state, plus the compact top-K form and the A/B cache."""
 
-
-class VBLoRALayer:
-    """Adapter state of a VB-LoRA layer: per-adapter logits, rank, top-K, dropout, and the shared bank."""
-
-    # Attributes that hold adapter weights, keyed by adapter name.
+    # Attributes that hold adapter weights, keyed by adapter name (PEFT's).
     adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")
     # Other per-adapter attributes (``vblora_topk``: the shared compact top-K tables, keyed by adapter;
     # ``vblora_topk_rows``: where this layer's rows start in them).
     other_param_names = ("r", "topk", "vblora_dropout", "vblora_topk", "vblora_topk_rows")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.topk: dict[str, int] = {}
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"Target module {base.__class__.__name__} is not supported. Currently, only the following modules "
+                "are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
+            )
+        super().__init__(base_layer, **kwargs)
         self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
@@ -141,76 +144,8 @@ class VBLoRALayer:
         # Adapters whose logits come from top-K weights: they cannot be trained (PEFT's RuntimeError); a flag
         # rather than PEFT's `isinf().any()` on every training forward, which syncs and breaks compiled graphs.
         self.vblora_from_topk: set[str] = set()
-        # A and B per adapter while no gradient needs them (see _CachedLoRA); a plain dict, not state.
-        self._lora_cache: dict[str, _CachedLoRA] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter: Union[str, list[str]] = "default"
-
-        base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
-            in_features, out_features = base.in_features, base.out_features
-        elif isinstance(base, Conv1D):
-            in_features, out_features = base.weight.shape
-        else:
-            raise TypeError(
-                f"Target module {base.__class__.__name__} is not supported. Currently, only the following modules "
-                "are supported: `torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kwargs = kwargs
-
-    # --- state ----------------------------------------------------------------------------------
-
-    def get_base_layer(self) -> nn.Module:
-        base = self
-        while hasattr(base, "base_layer"):
-            base = base.base_layer
-        return base
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.get_base_layer().weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.get_base_layer().bias
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        active = self._active_adapter
-        return [active] if isinstance(active, str) else list(active)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """Turn the adapters on (the active ones become trainable again) or off (frozen)."""
-        if enabled:
-            self.set_adapter(self.active_adapters)
-            self._disable_adapters = False
-        else:
-            for layer_name in self.adapter_layer_names:
-                getattr(self, layer_name).requires_grad_(False)
-            self._disable_adapters = True
-
-    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
-        """Make ``adapter_names`` the active adapters: they are trainable (unless ``inference_mode``), others frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for layer_name in self.adapter_layer_names:
-            for key, param in getattr(self, layer_name).items():
-                param.requires_grad_(key in names and not inference_mode)
-        self._active_adapter = adapter_names
+        # A and B per adapter while no gradient needs them (see cache.CachedLoRA); a plain dict, not state.
+        self._lora_cache: dict[str, CachedLoRA] = {}
 
     def has_adapter(self, adapter_name: str) -> bool:
         """Whether this layer holds ``adapter_name``, with dense logits or in compact top-K form."""
@@ -221,82 +156,61 @@ class VBLoRALayer:
     def is_compact(self, adapter_name: str) -> bool:
         return adapter_name in self.vblora_topk_rows
 
-    def _all_available_adapter_names(self) -> list[str]:
-        names: set[str] = set()
-        for attr in self.adapter_layer_names + self.other_param_names:
-            holder = getattr(self, attr)
-            if hasattr(holder, "keys"):
-                names.update(holder.keys())
-        return sorted(names)
-
     def delete_adapter(self, adapter_name: str) -> None:
-        for attr in self.adapter_layer_names + self.other_param_names:
-            holder = getattr(self, attr)
-            if adapter_name in holder:
-                del holder[adapter_name]
         self.vblora_from_topk.discard(adapter_name)
         self._lora_cache.pop(adapter_name, None)
-        if adapter_name in self.active_adapters:
-            remaining = [a for a in self.active_adapters if a != adapter_name]
-            if not remaining:
-                others = [a for a in self._all_available_adapter_names() if self.has_adapter(a)]
-                remaining = others[:1]
-            if remaining:
-                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
-            else:
-                self._active_adapter = []
+        super().delete_adapter(adapter_name)
 
-    def update_layer(
+    def update_layer(  # type: ignore[override]
         self,
         adapter_name: str,
         vblora_vector_bank: nn.ParameterDict,
         r: int,
-        topk: int,
-        num_vectors: int,
-        vector_length: int,
-        vblora_dropout: float = 0.0,
-        init_logits_std: float = 0.01,
+        config: Any = None,
         inference_mode: bool = False,
+        *,
         init_logits: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Add adapter ``adapter_name``: logits ``A (r, in/L, num_vectors)`` and ``B (out/L, r, num_vectors)``.
-        With ``init_logits=False`` no logits are allocated: the adapter is about to be filled in compact top-K
-        form (see :meth:`set_compact`)."""
-        if r <= 0:
-            raise ValueError(f"`r` {r} should be a positive integer value")
-        if topk <= 0:
-            raise ValueError(f"`topk` {topk} should be a positive integer value")
+        """Add adapter ``adapter_name``: logits ``A (r, in/L, num_vectors)`` and ``B (out/L, r, num_vectors)``,
+        moved and cast to the base layer's device and floating dtype as PEFT does. Settings come from ``config``
+        (PEFT's VBLoRAConfig) or the keywords (``topk``, ``num_vectors``, ``vector_length``, ``vblora_dropout``,
+        ``init_logits_std``). With ``init_logits=False`` the logits are left on the meta device: the adapter is
+        about to be filled from a checkpoint (in compact top-K form, see :meth:`set_compact`)."""
+        s = layer_settings(config, kwargs)
+        topk, num_vectors, vector_length = s["topk"], s["num_vectors"], s["vector_length"]
+        for name, value in (("r", r), ("topk", topk), ("num_vectors", num_vectors), ("vector_length", vector_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` {value} should be a positive integer value")
         if topk > num_vectors:
             raise ValueError(f"`topk` {topk} must not exceed `num_vectors` {num_vectors}")
         if self.in_features % vector_length != 0:
             raise ValueError(f"`in_features` {self.in_features} must be divisible by `vector_length` {vector_length}")
         if self.out_features % vector_length != 0:
             raise ValueError(f"`out_features` {self.out_features} must be divisible by `vector_length` {vector_length}")
-        if adapter_name in vblora_vector_bank:
-            shape = tuple(vblora_vector_bank[adapter_name].shape)
-            if shape != (num_vectors, vector_length):
-                raise ValueError(
-                    f"vector bank of adapter {adapter_name!r} has shape {shape}, expected "
-                    f"(num_vectors, vector_length) = ({num_vectors}, {vector_length})"
-                )
-        else:
+        if adapter_name not in vblora_vector_bank:
             raise ValueError(f"the vector bank holds no bank for adapter {adapter_name!r}")
+        shape = tuple(vblora_vector_bank[adapter_name].shape)
+        if shape != (num_vectors, vector_length):
+            raise ValueError(
+                f"vector bank of adapter {adapter_name!r} has shape {shape}, expected "
+                f"(num_vectors, vector_length) = ({num_vectors}, {vector_length})"
+            )
 
         self._lora_cache.pop(adapter_name, None)
         self.r[adapter_name] = r
         self.topk[adapter_name] = topk
-        self.vblora_dropout.set(adapter_name, vblora_dropout)
+        self.vblora_dropout.set(adapter_name, s["vblora_dropout"])
         self.vblora_vector_bank = vblora_vector_bank
-        if init_logits:
-            device = self._base_device()
-            self.vblora_logits_A[adapter_name] = nn.Parameter(
-                torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
-            )
-            self.vblora_logits_B[adapter_name] = nn.Parameter(
-                torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
-            )
-            self.reset_vblora_logits(adapter_name, init_logits_std)
+        device = None if init_logits else torch.device("meta")
+        self.vblora_logits_A[adapter_name] = nn.Parameter(
+            torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
+        )
+        self.vblora_logits_B[adapter_name] = nn.Parameter(
+            torch.zeros(self.out_features // vector_length, r, num_vectors, device=device), requires_grad=True
+        )
+        self.reset_vblora_logits(adapter_name, s["init_logits_std"])
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         # Only the new adapter's tensors change trainability (PEFT re-runs set_adapter over every adapter here,
         # which touches all banks in every layer: quadratic when a process loads many adapters).
         trainable = adapter_name in self.active_adapters and not inference_mode
@@ -305,16 +219,11 @@ class VBLoRALayer:
             if adapter_name in holder:
                 holder[adapter_name].requires_grad_(trainable)
 
-    def _base_device(self) -> torch.device:
-        weight = getattr(self.get_base_layer(), "weight", None)
-        return (
-            weight.device if isinstance(weight, torch.Tensor) and weight.device.type != "meta" else torch.device("cpu")
-        )
-
     def reset_vblora_logits(self, adapter_name: str, init_logits_std: float) -> None:
-        if adapter_name in self.vblora_logits_A:
+        logits_A = self._modules["vblora_logits_A"]._parameters.get(adapter_name)
+        if logits_A is not None and not logits_A.is_meta:
             with torch.no_grad():
-                nn.init.normal_(self.vblora_logits_A[adapter_name], 0, init_logits_std)
+                nn.init.normal_(logits_A, 0, init_logits_std)
                 nn.init.normal_(self.vblora_logits_B[adapter_name], 0, init_logits_std)
 
     # --- compact top-K form ---------------------------------------------------------------------
@@ -334,6 +243,18 @@ class VBLoRALayer:
         for holder in (self.vblora_logits_A, self.vblora_logits_B):
             if adapter_name in holder:
                 del holder[adapter_name]
+
+    def materialize_meta_logits(self, adapter_name: str) -> None:
+        """Give logits left on the meta device (see ``update_layer(init_logits=False)``) real, uninitialised memory
+        on the base layer's device, for a checkpoint to copy into."""
+        weight = getattr(self.get_base_layer(), "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
+        for holder in (self._modules["vblora_logits_A"], self._modules["vblora_logits_B"]):
+            logits = holder._parameters.get(adapter_name)
+            if logits is not None and logits.is_meta:
+                holder[adapter_name] = nn.Parameter(
+                    torch.empty(logits.shape, dtype=logits.dtype, device=device), requires_grad=logits.requires_grad
+                )
 
     def stored_topk(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(indices_A, weights_A, indices_B, weights_B)`` of a compact adapter as stored (PEFT's checkpoint
@@ -356,41 +277,37 @@ class VBLoRALayer:
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
 
 
-class Linear(nn.Linear, VBLoRALayer):
-    """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``."""
+
+
+class Linear(peft_layer.Linear, VBLoRALayer):
+    """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``.
+
+    Built by PEFT's tuner as ``Linear(base_layer, bank, adapter_name, config=config, r=r)``, or by hand with the
+    settings as keywords: ``Linear(base_layer, bank, adapter_name, r=4, num_vectors=64, vector_length=8, topk=2)``."""
 
     def __init__(
         self,
         base_layer: nn.Module,
         vblora_vector_bank: nn.ParameterDict,
         adapter_name: str,
-        r: int,
-        num_vectors: int,
-        vector_length: int,
-        topk: int = 2,
-        vblora_dropout: float = 0.0,
-        init_logits_std: float = 0.01,
-        fan_in_fan_out: bool = False,
+        config: Any = None,
+        r: Optional[int] = None,
         is_target_conv_1d_layer: bool = False,
+        fan_in_fan_out: Optional[bool] = None,
         init_logits: bool = True,
         **kwargs: Any,
     ) -> None:
+        if r is None:
+            r = getattr(config, "r", None)
+        settings = {k: kwargs.pop(k) for k in LAYER_FIELDS if k in kwargs}
         # nn.Module.__init__ only: the weights live in base_layer, not in this nn.Linear.
-        super(nn.Linear, self).__init__()
+        nn.Module.__init__(self)
         VBLoRALayer.__init__(self, base_layer, **kwargs)
+        if fan_in_fan_out is None:
+            fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(
-            adapter_name,
-            vblora_vector_bank,
-            r,
-            topk=topk,
-            num_vectors=num_vectors,
-            vector_length=vector_length,
-            vblora_dropout=vblora_dropout,
-            init_logits_std=init_logits_std,
-            init_logits=init_logits,
-        )
+        self.update_layer(adapter_name, vblora_vector_bank, r, config=config, init_logits=init_logits, **settings)
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
 
     # --- building A and B -----------------------------------------------------------------------
@@ -405,9 +322,8 @@ class Linear(nn.Linear, VBLoRALayer):
 
     def _get_low_rank_matrix(self, logits: torch.Tensor, vblora_vector_bank: torch.Tensor, topk: int) -> torch.Tensor:
         """``(..., num_vectors)`` logits -> ``(..., L)``: softmax over the top-K logits weighting their bank rows."""
-        if self._native(logits, vblora_vector_bank):
-            out = ops.low_rank_matrix(logits, vblora_vector_bank, topk)
-            return out if logits.dtype == torch.float32 else out.to(logits.dtype)
+        if logits.dtype == torch.float32 and self._native(logits, vblora_vector_bank):
+            return ops.low_rank_matrix(logits, vblora_vector_bank, topk)
         top_k_logits, indices = logits.topk(topk, dim=-1)
         topk_weights = F.softmax(top_k_logits, dim=-1)
         return (topk_weights.unsqueeze(-1) * vblora_vector_bank[indices]).sum(-2)
@@ -445,15 +361,18 @@ class Linear(nn.Linear, VBLoRALayer):
             return self._lora_matrices_from_topk(adapter, cast_to_fp32)
         logits_A = self.vblora_logits_A[adapter]
         logits_B = self.vblora_logits_B[adapter]
+        if logits_A.is_meta:
+            raise VBLoRAError(
+                f"adapter {adapter!r} has no weights yet: it was created to be filled from a checkpoint "
+                "(inference_mode=True with save_only_topk_weights=True); load its weights first"
+            )
         bank = self.vblora_vector_bank[adapter].to(logits_A.device)
         topk = self.topk[adapter]
-        if self._native(logits_A, logits_B, bank):
-            A, B = ops.low_rank_matrices(logits_A, logits_B, bank, topk)
-            if cast_to_fp32 or logits_A.dtype == torch.float32:
-                return A, B
-            return A.to(logits_A.dtype), B.to(logits_A.dtype)
         if cast_to_fp32:
             logits_A, logits_B, bank = logits_A.float(), logits_B.float(), bank.float()
+        # The kernels compute in float32: half-precision logits take PEFT's torch ops, which round at each step.
+        if logits_A.dtype == torch.float32 and self._native(logits_A, logits_B, bank):
+            return ops.low_rank_matrices(logits_A, logits_B, bank, topk)
         A = self._get_low_rank_matrix(logits_A, bank, topk).reshape(logits_A.shape[0], -1)
         # (out/L, r, L) -> (out/L, L, r) -> (out, r)
         B = self._get_low_rank_matrix(logits_B, bank, topk).transpose(1, 2).reshape(-1, logits_B.shape[1])
@@ -541,11 +460,12 @@ class Linear(nn.Linear, VBLoRALayer):
     def _cache_sources(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The tensors A and B of ``adapter`` are built from, and anything else they depend on."""
         modules = self._modules  # see has_adapter: no __getattr__ on the per-token path
-        bank = _param(modules["vblora_vector_bank"], adapter)
+        bank = param_of(modules["vblora_vector_bank"], adapter)
         if adapter in self.vblora_topk_rows:
             table = self.vblora_topk[adapter]
             return (table.indices, table.weights, bank), self.vblora_topk_rows[adapter]
-        return (_param(modules["vblora_logits_A"], adapter), _param(modules["vblora_logits_B"], adapter), bank), None
+        logits_A = param_of(modules["vblora_logits_A"], adapter)
+        return (logits_A, param_of(modules["vblora_logits_B"], adapter), bank), None
 
     def _forward_matrices(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for the forward, from the cache while no gradient flows to them (bit-identical to a rebuild:
@@ -565,9 +485,9 @@ class Linear(nn.Linear, VBLoRALayer):
             return entry.A, entry.B
         A, B = self._get_lora_matrices(adapter)
         cache.pop(adapter, None)
-        _evict(cache, lora_cache.get_lora_cache_size() - 1)
-        stamps = tuple(_stamp(t) for t in sources)
-        cache[adapter] = _CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
+        evict(cache, lora_cache.get_lora_cache_size() - 1)
+        stamps = tuple(stamp(t) for t in sources)
+        cache[adapter] = CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
         return A, B
 
     def clear_lora_cache(self) -> None:
@@ -602,7 +522,7 @@ class Linear(nn.Linear, VBLoRALayer):
             for active_adapter in self.active_adapters:
                 if not self.has_adapter(active_adapter):
                     continue
-                x = x.to(_param(self._modules["vblora_vector_bank"], active_adapter).dtype)
+                x = x.to(param_of(self._modules["vblora_vector_bank"], active_adapter).dtype)
                 result = result + self._adapter_output(active_adapter, x)
         return result.to(previous_dtype)
 
@@ -622,7 +542,7 @@ class Linear(nn.Linear, VBLoRALayer):
         for name in groups.groups:
             if name == BASE_ADAPTER or not self.has_adapter(name):
                 continue
-            dtype = _param(self.vblora_vector_bank, name).dtype
+            dtype = param_of(self.vblora_vector_bank, name).dtype
             if single:  # the whole batch: exactly the plain forward
                 result = result + self._adapter_output(name, x.to(dtype))
                 continue

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
-from .errors import VBLoRAError
-
-TOPK_INDICES = "_topk_indices"
-TOPK_WEIGHTS = "_topk_weights"
+from .. import ops
+from ..config import TOPK_INDICES, TOPK_WEIGHTS
+from ..errors import VBLoRAError
 
 
 def indices_dtype(num_vectors: int) -> torch.dtype:

@@ -7,7 +7,7 @@ from typing import Union
 
 import torch
 
-from .errors import VBLoRAError
+from ..errors import VBLoRAError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in ``adapter_names``
 

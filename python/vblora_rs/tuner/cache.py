@@ -30,7 +30,7 @@ def get_lora_cache_size() -> int:
     return _lora_cache_size
 
 
-def _stamp(t: torch.Tensor) -> tuple[Any, int, int]:
+def stamp(t: torch.Tensor) -> tuple[Any, int, int]:
     # The storage itself (its Python object is kept alive with the tensor's storage, and dies with it), the
     # version counter (bumped by every in-place op, copy_ included) and the address (views, offsets). The storage
     # is what catches `param.data = new` twice in a row (`.half().float()`), where the address may repeat and the
@@ -42,7 +42,7 @@ def _same(stamp: tuple[Any, int, int], t: torch.Tensor) -> bool:
     return stamp[0]() is t.untyped_storage() and stamp[1] == t._version and stamp[2] == t.data_ptr()
 
 
-class _CachedLoRA(NamedTuple):
+class CachedLoRA(NamedTuple):
     sources: tuple[tuple[Any, int, int], ...]
     extra: Any  # what else A and B depend on (a compact adapter's first row)
     inference: bool  # made under inference_mode: such tensors cannot be saved for backward outside of it
@@ -57,14 +57,14 @@ class _CachedLoRA(NamedTuple):
         return all(_same(s, t) for s, t in zip(self.sources, sources))
 
 
-def _param(holder: nn.ParameterDict, key: str) -> torch.Tensor:
+def param_of(holder: nn.ParameterDict, key: str) -> torch.Tensor:
     """``holder[key]`` without nn.Module's attribute lookup, which costs microseconds per call, per layer and
     forward; anything unusual (e.g. LogitsDict building a compact adapter's logits) takes the public path."""
     value = holder._parameters.get(key)
     return value if value is not None else holder[key]
 
 
-def _evict(cache: dict[str, _CachedLoRA], keep: int) -> None:
+def evict(cache: dict[str, CachedLoRA], keep: int) -> None:
     """Drop the oldest entries until at most ``keep`` remain. Forwards may run in several threads at once (the
     kernels release the GIL), so an entry may vanish under us: every step tolerates that."""
     while len(cache) > max(keep, 0):

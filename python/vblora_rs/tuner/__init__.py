@@ -1,0 +1,1 @@
+"""The torch + peft side: subclasses of ``peft.tuners.vblora``'s tuner and layers with the Rust paths."""

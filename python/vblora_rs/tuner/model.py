@@ -1,0 +1,358 @@
+"""The VB-LoRA tuner: a subclass of PEFT's ``peft.tuners.vblora.VBLoRAModel`` (what ``peft_model.base_model`` is).
+
+PEFT's tuner does target matching, injection, adapter management, ``modules_to_save`` and unloading; this subclass
+changes what is VB-LoRA's own:
+
+- the bank of an adapter is drawn once (PEFT draws it again for every target module and keeps the last draw);
+- layers are our :class:`~vblora_rs.tuner.layer.Linear` (Rust no-grad paths, compact top-K form, A/B cache);
+- PEFT's state-dict hooks: saving encodes top-K with one Rust call over every layer and writes compact adapters as
+  stored; loading a top-K checkpoint checks every tensor first and keeps the compact form (no dense logits);
+- ``adapter_names`` mixed batches (PEFT's ``_enable_peft_forward_hooks``), ``compact_``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.vblora import model as peft_model
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import topk_table as compact
+from . import weights_check
+from .batches import BASE_ADAPTER, RowGroups
+from .layer import Linear, VBLoRALayer
+
+BANK_KEY = "base_model.vblora_vector_bank"  # a checkpoint's bank (PEFT's key, without the adapter name)
+MODEL_PREFIX = "base_model.model."
+
+
+class VBLoRAModel(peft_model.VBLoRAModel):
+    """PEFT's VB-LoRA tuner, with the layers, bank and checkpoint hooks of vblora_rs."""
+
+    tuner_layer_cls = VBLoRALayer
+
+    # --- injection ------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        # One bank dict for the tuner's life: layers hold a reference to it, and PEFT's hook would replace it with
+        # an empty one whenever another adapter is added.
+        if "vblora_vector_bank" not in self._modules:
+            self.vblora_vector_bank = nn.ParameterDict({})
+        if "vblora_topk" not in self._modules:
+            # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
+            self.vblora_topk = nn.ModuleDict({})
+
+    def _init_vblora_vector_bank(self, config: Any, adapter_name: str) -> None:
+        if adapter_name in self.vblora_vector_bank:
+            return  # drawn once per adapter, not once per target module
+        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        bank = torch.empty(config.num_vectors, config.vector_length, device=device)
+        nn.init.uniform_(bank, -config.init_vector_bank_bound, config.init_vector_bank_bound)
+        self.vblora_vector_bank[adapter_name] = nn.Parameter(bank)
+
+    def _create_and_replace(
+        self,
+        vblora_config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: Optional[str],
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        self._init_vblora_vector_bank(vblora_config, adapter_name)
+        # An adapter created to load a top-K checkpoint for inference gets no dense logits: the checkpoint fills it
+        # in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB for a 7B model).
+        init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
+        if isinstance(target, Linear):
+            target.update_layer(
+                adapter_name, self.vblora_vector_bank, vblora_config.r, config=vblora_config, init_logits=init_logits
+            )
+            return
+        new_module = self._create_new_module(
+            vblora_config, self.vblora_vector_bank, adapter_name, target, init_logits=init_logits
+        )
+        if adapter_name not in self.active_adapter:
+            new_module.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(  # type: ignore[override]
+        vblora_config: Any, vblora_vector_bank: nn.ParameterDict, adapter_name: str, target: nn.Module, **kwargs: Any
+    ) -> Linear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            if vblora_config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                    "Setting fan_in_fan_out to False.",
+                    stacklevel=2,
+                )
+                vblora_config.fan_in_fan_out = False
+        elif isinstance(base, Conv1D):
+            kwargs["is_target_conv_1d_layer"] = True
+            if not vblora_config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                    stacklevel=2,
+                )
+                vblora_config.fan_in_fan_out = True
+        else:
+            raise TypeError(
+                f"Target module {target} is not supported. Currently, only the following modules are supported: "
+                "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
+            )
+        return Linear(target, vblora_vector_bank, adapter_name, config=vblora_config, r=vblora_config.r, **kwargs)
+
+    def vblora_layers(self) -> list[tuple[str, Linear]]:
+        """``(module name, layer)`` of every VB-LoRA layer of the model."""
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, VBLoRALayer)]
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.vblora_vector_bank:
+            del self.vblora_vector_bank[adapter_name]
+        if adapter_name in self.vblora_topk:
+            del self.vblora_topk[adapter_name]
+
+    # --- many adapters in one batch -------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """``adapter_names`` (one adapter per sample, ``"__base__"`` for none): checked once, then passed to every
+        adapter layer (as row groups shared by all layers) and auxiliary wrapper through forward pre-hooks."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        groups = RowGroups.of(adapter_names)
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(groups.groups) - {BASE_ADAPTER} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        batch_size = _batch_size(args, kwargs)
+        if batch_size is not None and batch_size != len(groups):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(groups)} and {batch_size} respectively."
+            )
+        layers = [m for m in self.model.modules() if isinstance(m, VBLoRALayer)]
+        if any(layer.merged for layer in layers):
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        thread = threading.get_ident()
+        handles = [
+            m.register_forward_pre_hook(
+                functools.partial(_pass_adapter_names, names=groups, thread=thread), with_kwargs=True
+            )
+            for m in layers
+        ]
+        handles += [
+            m.register_forward_pre_hook(
+                functools.partial(_pass_adapter_names, names=list(groups.names), thread=thread), with_kwargs=True
+            )
+            for m in self.model.modules()
+            if isinstance(m, AuxiliaryTrainingWrapper)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # --- compact top-K form ---------------------------------------------------------------------
+
+    def set_compact_adapter(
+        self, adapter_name: str, layers: list[tuple[str, Linear]], table: compact.TopKTable, starts: list[int]
+    ) -> None:
+        """Store ``adapter_name`` in compact form: ``table`` holds the stored top-K rows of A then B of each of
+        ``layers``, in order (already checked); ``starts[2 * i]`` is the first row of layer ``i``."""
+        self.vblora_topk[adapter_name] = table
+        for i, (_, layer) in enumerate(layers):
+            layer.set_compact(adapter_name, self.vblora_topk, starts[2 * i])
+
+    def compact_(self, adapter_name: str = "default") -> None:
+        """Convert ``adapter_name`` in place to compact top-K form for deployment: per sub-vector only the top-K
+        indices and weights PEFT's ``save_only_topk_weights`` would save are kept, the dense logits are freed,
+        and forward / merge / ``get_delta_weight`` give what PEFT gives after loading that top-K checkpoint.
+        The adapter can no longer be trained, and saves in top-K form from now on."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found in {sorted(self.peft_config)}")
+        layers = [(key, layer) for key, layer in self.vblora_layers() if layer.has_adapter(adapter_name)]
+        merged = [key for key, layer in layers if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before compact_")
+        config = self.peft_config[adapter_name]
+        dense = [
+            logits
+            for _, layer in layers
+            if not layer.is_compact(adapter_name)
+            for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name])
+        ]
+        with torch.no_grad():
+            encoded = iter(compact.encode_many(dense, config.topk, config.num_vectors))
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _, layer in layers:
+            if layer.is_compact(adapter_name):
+                idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
+                parts += [(idx_A, w_A), (idx_B, w_B)]
+            else:
+                parts += [next(encoded), next(encoded)]
+        table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+        self.set_compact_adapter(adapter_name, layers, table, starts)
+        config.save_only_topk_weights = True
+
+    # --- parameter counts -----------------------------------------------------------------------
+
+    def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
+        """(VB-LoRA parameters to be saved, in float32 equivalents; other savable parameters), as PEFT counts;
+        compact adapters count as the dense logits PEFT would hold."""
+        logits_params = vector_bank_params = other_params = 0
+        for _, layer in self.vblora_layers():
+            for name in layer.vblora_topk_rows:
+                grid_A, grid_B = layer.topk_grids(name)
+                rows = grid_A[0] * grid_A[1] + grid_B[0] * grid_B[1]
+                logits_params += rows * self.vblora_topk[name].num_vectors
+        for name, param in self.named_parameters():
+            if "vblora_logits" in name:
+                logits_params += param.numel()
+            elif "vblora_vector_bank" in name:
+                vector_bank_params += param.numel()
+            elif param.requires_grad:
+                other_params += param.numel()
+        config = self.peft_config[adapter]
+        if config.save_only_topk_weights:
+            nv = config.num_vectors
+            factor = 0.25 if nv < 2**8 else 0.5 if nv < 2**15 else 1 if nv < 2**31 else 2
+            topk_weight_params = logits_params / nv * (config.topk - 1)
+            topk_indices_params = logits_params / nv * config.topk * factor
+            return int(vector_bank_params + topk_weight_params + topk_indices_params), other_params
+        return vector_bank_params + logits_params, other_params
+
+    # --- PEFT's state-dict hooks ----------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """What PEFT saves for ``adapter_name`` (its keys and dtypes, adapter name still in the keys): top-K
+        encoding of every layer in one Rust call; compact adapters as stored (or as PEFT's dense logits)."""
+        to_return: dict[str, torch.Tensor] = {}
+        logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
+        if config.save_only_topk_weights:
+            encoded = compact.encode_many(list(logits.values()), config.topk, config.num_vectors)
+            for key, (idx, weights) in zip(logits, encoded):
+                to_return[f"{key}{compact.TOPK_INDICES}"] = idx
+                to_return[f"{key}{compact.TOPK_WEIGHTS}"] = weights
+        else:
+            to_return.update(logits)
+        to_return.update(_compact_layer_tensors(model, adapter_name, config.save_only_topk_weights))
+        to_return[f"{BANK_KEY}.{adapter_name}"] = state_dict[f"{BANK_KEY}.{adapter_name}"]
+        to_return.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
+        return _unaliased(to_return)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check every VB-LoRA tensor of the checkpoint against the model before anything changes (VBLoRAError
+        naming the tensor), then keep a top-K checkpoint in compact form instead of PEFT's dense ``-inf`` logits."""
+        tuner = _tuner_of(model)
+        layers = [(n, layer) for n, layer in tuner.vblora_layers() if adapter_name in layer.r]
+        state_dict = dict(state_dict)
+        topk = weights_check.take_topk_parts(layers, config, state_dict, adapter_name)
+        weights_check.check_dense_and_bank(layers, config, state_dict, adapter_name, dense=topk is None)
+        if topk is not None:
+            tuner.set_compact_adapter(adapter_name, layers, *topk)
+            # the table's buffers are loaded too, as far as load_state_dict can tell (no "missing keys" warning)
+            prefix = "base_model." if tuner is not model else ""
+            for name, buffer in tuner.vblora_topk[adapter_name].named_buffers():
+                state_dict[f"{prefix}vblora_topk.{adapter_name}.{name}"] = buffer
+        else:  # dense logits left on the meta device for a top-K checkpoint that turned out dense: give them memory
+            for _, layer in layers:
+                layer.materialize_meta_logits(adapter_name)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _tuner_of(model: nn.Module) -> VBLoRAModel:
+    """The VB-LoRA tuner of a PeftModel (or the tuner itself)."""
+    tuner = model if isinstance(model, VBLoRAModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, VBLoRAModel):
+        raise TypeError(f"expected a PeftModel with vblora_rs's VB-LoRA tuner, got {type(model).__name__}")
+    return tuner
+
+
+def _compact_layer_tensors(model: nn.Module, adapter_name: str, topk_form: bool) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (model keys) of the layers holding ``adapter_name`` in compact form: the stored top-K
+    tensors as they are, or (full mode) the dense logits PEFT would hold."""
+    out: dict[str, torch.Tensor] = {}
+    tuner = _tuner_of(model)
+    for name, layer in tuner.vblora_layers():
+        if not layer.is_compact(adapter_name):
+            continue
+        idx_A, w_A, idx_B, w_B = layer.stored_topk(adapter_name)
+        num_vectors = layer.vblora_topk[adapter_name].num_vectors
+        for key, idx, w in (("vblora_logits_A", idx_A, w_A), ("vblora_logits_B", idx_B, w_B)):
+            model_key = f"{MODEL_PREFIX}{name}.{key}.{adapter_name}"
+            if topk_form:
+                out[model_key + compact.TOPK_INDICES] = idx.to(compact.indices_dtype(num_vectors))
+                out[model_key + compact.TOPK_WEIGHTS] = w
+            else:
+                out[model_key] = compact.dense_logits(idx, w, num_vectors)
+    return out
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (top-K tensors of several layers encoded together, views of
+    one compact table): copy every tensor whose storage another one already uses, keep the first as it is."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in seen and value.numel() else value
+        seen.add(storage)
+    return out
+
+
+def _pass_adapter_names(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: Any, thread: int
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    # Hooks live on shared modules: a call in another thread (with its own adapter_names, or none) runs this hook
+    # too, and must not get these names.
+    if threading.get_ident() != thread:
+        return None
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+def _batch_size(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
+    """Samples in a call's inputs: dim 0 of the first tensor among the positional arguments, else of the usual
+    input keywords (None if there is no tensor to tell)."""
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    for key in ("input_ids", "inputs_embeds", "x", "pixel_values", "input_values", "input_features"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None

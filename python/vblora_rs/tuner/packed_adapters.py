@@ -1,0 +1,133 @@
+"""Packed adapter files (``adapter_packed.safetensors``, see ``docs/packed-format.md``) to and from PEFT models.
+
+PEFT reads and writes its own ``adapter_model.safetensors``; the packed single file is ours, so it has its own two
+calls. Both go through PEFT's state-dict functions, so the tensors are exactly those of PEFT's top-K checkpoint and
+loading takes the same checks and compact form as ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+import peft
+import torch
+from peft.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from .. import config as config_file
+from .. import packed
+from ..errors import VBLoRAError
+from .peft_backend import apply_to_peft
+
+
+def _half_dtype(half: Union[bool, torch.dtype, None]) -> Optional[torch.dtype]:
+    if half is True:
+        return torch.float16
+    if half is False or half is None:
+        return None
+    if half in (torch.float16, torch.bfloat16):
+        return half  # type: ignore[return-value]
+    raise ValueError(f"half must be a bool, torch.float16 or torch.bfloat16, got {half!r}")
+
+
+def _file_config(config: Any) -> config_file.VBLoRAConfig:
+    """PEFT's config as the torch-free config the packed file stores."""
+    data = config.to_dict()
+    return config_file.VBLoRAConfig.from_dict(data, source="the adapter's config")
+
+
+def _peft_config(stored: config_file.VBLoRAConfig) -> peft.VBLoRAConfig:
+    """The torch-free config read from a packed file as PEFT's VBLoRAConfig."""
+    names = {f.name for f in dataclasses.fields(peft.VBLoRAConfig)}
+    return peft.VBLoRAConfig(**{k: v for k, v in stored.to_dict().items() if k in names and k != "peft_type"})
+
+
+def save_packed(
+    model: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    half: Union[bool, torch.dtype] = False,
+) -> Optional[packed.PackReport]:
+    """Write ``adapter_name`` of a PeftModel as ``adapter_config.json`` + ``adapter_packed.safetensors`` in
+    ``save_directory`` (top-K, indices bit-packed; lossless). ``half=True`` (float16) or ``half=torch.bfloat16``
+    stores bank and weights in half precision and returns the report of the error that costs per layer. A PEFT
+    weights file already in the folder is removed, so the folder holds one adapter."""
+    half_dtype = _half_dtype(half)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found in {sorted(model.peft_config)}")
+    directory = os.fspath(save_directory)
+    if os.path.isfile(directory):
+        raise VBLoRAError(f"{directory}: is a file, expected a directory")
+    config = model.peft_config[adapter_name]
+    keep = config.save_only_topk_weights
+    config.save_only_topk_weights = True  # PEFT's own top-K tensors are what the file packs
+    try:
+        tensors = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        stored = copy.deepcopy(config)
+    finally:
+        config.save_only_topk_weights = keep
+    stored.inference_mode = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    report = packed.write_packed(
+        os.path.join(directory, packed.PACKED_WEIGHTS_NAME), tensors, _file_config(stored), half_dtype
+    )
+    stored.save_pretrained(directory)
+    stale = os.path.join(directory, config_file.WEIGHTS_NAME)
+    if os.path.isfile(stale):
+        os.unlink(stale)
+    return report if half_dtype is not None else None
+
+
+def packed_file_of(path: Union[str, os.PathLike]) -> str:
+    """The packed file of ``path``: the file itself, or the one in the folder."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    candidate = os.path.join(path, packed.PACKED_WEIGHTS_NAME)
+    if not os.path.isdir(path):
+        raise VBLoRAError(f"{path}: no such file or folder")
+    if not os.path.isfile(candidate):
+        raise VBLoRAError(f"{path}: holds no {packed.PACKED_WEIGHTS_NAME}")
+    return candidate
+
+
+def load_packed(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> peft.PeftModel:
+    """Load a packed adapter (a folder holding ``adapter_packed.safetensors``, or the file) onto ``model``: a base
+    model (returns a new PeftModel, of the config's task type) or a PeftModel (adds ``adapter_name`` to it, as
+    ``load_adapter``). Everything is checked before the model changes; the adapter loads in compact form."""
+    apply_to_peft()
+    stored, tensors = packed.read_packed(packed_file_of(path))
+    config = _peft_config(stored)
+    config.inference_mode = not is_trainable
+    if isinstance(model, peft.PeftModel):
+        if adapter_name in model.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists")
+        model.add_adapter(adapter_name, config)
+        try:
+            set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+        except Exception:
+            model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            model.eval()
+        return model
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel) if config.task_type else peft.PeftModel
+    wrapped = cls(model, config, adapter_name)
+    try:
+        set_peft_model_state_dict(wrapped, tensors, adapter_name=adapter_name)
+    except Exception:
+        wrapped.base_model.unload()  # hand the user's model back as it was
+        raise
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped

@@ -1,0 +1,30 @@
+"""The one switch that makes PEFT serve its VBLORA method with vblora_rs's classes, and its undo.
+
+PEFT picks a method's tuner class from ``peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING`` whenever it builds or loads a
+model (``get_peft_model``, ``PeftModel.from_pretrained``, ``load_adapter``, ``get_peft_model_state_dict``...).
+:func:`apply_to_peft` puts our tuner (a subclass of PEFT's) in the VBLORA entry; nothing else of PEFT is replaced.
+Models built while it is applied keep our classes after :func:`remove_from_peft`.
+"""
+
+from __future__ import annotations
+
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel
+from peft.utils import PeftType
+
+from .model import VBLoRAModel
+
+
+def apply_to_peft() -> None:
+    """Make PEFT build and load VB-LoRA adapters with vblora_rs's tuner and layers (idempotent)."""
+    PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VBLORA] = VBLoRAModel
+
+
+def remove_from_peft() -> None:
+    """Give PEFT its own VB-LoRA classes back (idempotent)."""
+    PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VBLORA] = PeftVBLoRAModel
+
+
+def is_applied() -> bool:
+    """Whether PEFT currently serves VBLORA with vblora_rs's tuner."""
+    return PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.VBLORA) is VBLoRAModel

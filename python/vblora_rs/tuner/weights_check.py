@@ -1,0 +1,121 @@
+"""Checks of a VB-LoRA checkpoint's tensors against the model, run by the load hook before anything changes.
+
+PEFT loads what matches and warns about the rest; a VB-LoRA checkpoint that does not fit (a shape, an index out
+of the bank, a weight that is NaN, a missing layer, a non-finite bank) would give wrong outputs, so every such
+problem raises :class:`~vblora_rs.VBLoRAError` naming the adapter and tensor, and the model is left as it was.
+Checkpoint keys here are PEFT's, without the adapter name (``base_model.model.<module>.vblora_logits_A...``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..errors import VBLoRAError
+from . import topk_table as compact
+
+BANK_KEY = "base_model.vblora_vector_bank"
+MODEL_PREFIX = "base_model.model."
+LOGITS = ("vblora_logits_A", "vblora_logits_B")
+
+
+def _where(adapter_name: str) -> str:
+    return f"checkpoint of adapter {adapter_name!r}"
+
+
+def is_topk_checkpoint(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith((compact.TOPK_INDICES, compact.TOPK_WEIGHTS)) for k in state_dict)
+
+
+def take_topk_parts(
+    layers: list[tuple[str, Any]], config: Any, state_dict: dict[str, torch.Tensor], adapter_name: str
+) -> Optional[tuple[compact.TopKTable, list[int]]]:
+    """Pop the top-K tensors of every layer of ``adapter_name`` out of ``state_dict`` and check them; returns the
+    table holding their ``(indices, weights)`` (A then B per layer) with each matrix's first row, or None for a
+    checkpoint without top-K tensors. Values are checked on the whole table at once, then tensor by tensor only
+    to name the one at fault."""
+    if not is_topk_checkpoint(state_dict):
+        return None
+    where = _where(adapter_name)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    keys: list[str] = []
+    for name, layer in layers:
+        for key, grid in zip(LOGITS, layer.topk_grids(adapter_name)):
+            ckpt = f"{MODEL_PREFIX}{name}.{key}"
+            if ckpt in state_dict:
+                raise VBLoRAError(f"{where}: tensor {ckpt} holds dense logits in a top-K checkpoint")
+            missing = [ckpt + s for s in (compact.TOPK_INDICES, compact.TOPK_WEIGHTS) if ckpt + s not in state_dict]
+            if missing:
+                raise VBLoRAError(f"{where}: missing tensor {missing[0]}")
+            idx, w = state_dict.pop(ckpt + compact.TOPK_INDICES), state_dict.pop(ckpt + compact.TOPK_WEIGHTS)
+            if tuple(idx.shape[:-1]) != grid:
+                raise VBLoRAError(
+                    f"{where}: tensor {ckpt}{compact.TOPK_INDICES} has shape {tuple(idx.shape)}, the model expects "
+                    f"{(*grid, config.topk)}"
+                )
+            compact.check_layout(where, ckpt, idx, w, config.topk)
+            if parts and w.dtype != parts[0][1].dtype:
+                raise VBLoRAError(
+                    f"{where}: tensor {ckpt}{compact.TOPK_WEIGHTS} has dtype {w.dtype}, the others {parts[0][1].dtype}"
+                )
+            keys.append(ckpt)
+            parts.append((idx, w))
+    stray = [k for k in state_dict if k.endswith((compact.TOPK_INDICES, compact.TOPK_WEIGHTS))]
+    if stray:
+        raise VBLoRAError(f"{where}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
+    for key, (idx, w) in zip(keys, parts):  # before the table narrows them to PEFT's dtype (which would wrap)
+        if compact.index_problem(idx, config.num_vectors):
+            compact.check_stored(where, key, idx, w, config.num_vectors, config.topk)
+    table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
+    if compact.value_problem(table.indices, table.weights, config.num_vectors):
+        for key, (idx, w) in zip(keys, parts):  # name the tensor at fault
+            compact.check_stored(where, key, idx, w, config.num_vectors, config.topk)
+    return table, starts
+
+
+def _check_shape(where: str, key: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise VBLoRAError(f"{where}: entry {key} is a {type(value).__name__}, not a tensor")
+    if not value.dtype.is_floating_point:
+        raise VBLoRAError(f"{where}: tensor {key} has dtype {value.dtype}, expected a float dtype")
+    if tuple(value.shape) != tuple(shape):
+        raise VBLoRAError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    if value.is_meta:
+        return True
+    t = value.detach().cpu()
+    return bool(np.isfinite((t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()).all())
+
+
+def check_dense_and_bank(
+    layers: list[tuple[str, Any]], config: Any, state_dict: dict[str, torch.Tensor], adapter_name: str, dense: bool
+) -> None:
+    """The bank (present, ``(num_vectors, vector_length)``, finite) and, for a ``dense`` checkpoint, every layer's
+    logits (present, the layer's shape, no NaN or +inf: ``-inf`` is what PEFT writes outside the top-K)."""
+    where = _where(adapter_name)
+    bank = state_dict.get(BANK_KEY)
+    if bank is None:
+        raise VBLoRAError(f"{where}: missing tensor {BANK_KEY}")
+    _check_shape(where, BANK_KEY, bank, (config.num_vectors, config.vector_length))
+    if not _all_finite(bank):
+        raise VBLoRAError(f"{where}: tensor {BANK_KEY} holds NaN or infinite values")
+    for name, layer in layers if dense else []:
+        if layer.is_compact(adapter_name):
+            continue
+        for key in LOGITS:
+            ckpt = f"{MODEL_PREFIX}{name}.{key}"
+            value = state_dict.get(ckpt)
+            if value is None:
+                raise VBLoRAError(f"{where}: missing tensor {ckpt}")
+            _check_shape(where, ckpt, value, tuple(layer._modules[key]._parameters[adapter_name].shape))
+            v = value.detach()
+            if not v.is_meta and (bool(torch.isnan(v).any()) or bool(torch.isposinf(v).any())):
+                raise VBLoRAError(f"{where}: tensor {ckpt} holds NaN or +inf logits")
+    known = {f"{MODEL_PREFIX}{name}.{key}" for name, _ in layers for key in LOGITS}
+    stray = [k for k in state_dict if "vblora_logits" in k and k not in known]
+    if stray:
+        raise VBLoRAError(f"{where}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
