@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
-from typing import Callable
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -128,3 +130,35 @@ def model_case(request: pytest.FixtureRequest) -> str:
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# --- PEFT's own classes as the reference ---------------------------------------------------------------------
+# vblora_rs.get_peft_model (and the other public names) make PEFT serve VB-LoRA with our classes for the rest of
+# the process. A reference model must be built with PEFT's own classes: these build it with our backend taken out
+# for the call. Models keep the classes they were built with; PEFT's state-dict hooks, which PEFT looks up by method
+# at call time, handle a model of PEFT's classes as PEFT does (see vblora_rs.tuner.model).
+
+
+@contextlib.contextmanager
+def peft_only() -> Iterator[None]:
+    import vblora_rs
+
+    applied = vblora_rs.is_applied()
+    vblora_rs.remove_from_peft()
+    try:
+        yield
+    finally:
+        if applied:
+            vblora_rs.apply_to_peft()
+
+
+def peft_get_peft_model(*args: Any, **kwargs: Any) -> Any:
+    """``peft.get_peft_model`` with PEFT's own VB-LoRA classes."""
+    with peft_only():
+        return peft.get_peft_model(*args, **kwargs)
+
+
+def peft_from_pretrained(*args: Any, **kwargs: Any) -> Any:
+    """``peft.PeftModel.from_pretrained`` with PEFT's own VB-LoRA classes."""
+    with peft_only():
+        return peft.PeftModel.from_pretrained(*args, **kwargs)

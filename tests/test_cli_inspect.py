@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES
+from conftest import MODEL_CASES, peft_get_peft_model
 from safetensors.torch import load_file, save_file
 from vblora_rs.cli import main
 from vblora_rs.cli.inspect import TensorSpec, histogram, safetensors_header_bytes, st_dtype
@@ -55,7 +55,7 @@ def saved_pair(tmp_path: Path, case: str, **overrides: Any) -> dict[str, Path]:
     builder, cfg_kwargs, _ = MODEL_CASES[case]
     torch.manual_seed(0)
     kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **cfg_kwargs, **overrides}
-    model = peft.get_peft_model(builder(), peft.VBLoRAConfig(**kwargs))
+    model = peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs))
     paths = {}
     for storage in ("full", "topk"):
         model.peft_config["default"].save_only_topk_weights = storage == "topk"

@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_from_pretrained, peft_get_peft_model
 from safetensors.torch import load_file, save_file
 from vblora_rs import merge_plan
 from vblora_rs.cli import main
@@ -39,7 +39,7 @@ def save_adapter(case: str, folder: Path, seed: int, topk: bool = False, **overr
     builder, cfg_kwargs, _ = MODEL_CASES[case]
     torch.manual_seed(seed)
     kwargs = {**ADAPTER_KW, **cfg_kwargs, "save_only_topk_weights": topk, **overrides}
-    model = peft.get_peft_model(builder(), peft.VBLoRAConfig(**kwargs))
+    model = peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs))
     model.save_pretrained(folder)
     return folder
 
@@ -50,7 +50,7 @@ def peft_merged(base: Path, adapters: list[Path], dtype: torch.dtype) -> torch.n
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     names = [f"a{i}" for i in range(len(adapters))]
-    peft_model = peft.PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    peft_model = peft_from_pretrained(model, adapters[0], adapter_name=names[0])
     for name, path in zip(names[1:], adapters[1:]):
         peft_model.load_adapter(path, adapter_name=name)
     return peft_model.merge_and_unload(adapter_names=names)
@@ -214,7 +214,7 @@ def test_prefix_mismatch_is_matched_by_suffix(tmp_path: Path) -> None:
     torch.manual_seed(5)
     bare = MODEL_CASES["llama"][0]().model
     cfg = {**ADAPTER_KW, **MODEL_CASES["llama"][1]}
-    peft.get_peft_model(bare, peft.VBLoRAConfig(**cfg)).save_pretrained(tmp_path / "adapter")
+    peft_get_peft_model(bare, peft.VBLoRAConfig(**cfg)).save_pretrained(tmp_path / "adapter")
     assert run_cli(base, tmp_path / "adapter", "-o", tmp_path / "out") == 0
     ours, original = merged_tensors(tmp_path / "out"), merged_tensors(base)
     assert not torch.equal(
@@ -283,7 +283,7 @@ def test_missing_module(tmp_path: Path) -> None:
     torch.manual_seed(0)
     bigger = builder()
     bigger.model.layers.append(copy.deepcopy(bigger.model.layers[0]))
-    peft.get_peft_model(bigger, peft.VBLoRAConfig(**cfg)).save_pretrained(tmp_path / "adapter")
+    peft_get_peft_model(bigger, peft.VBLoRAConfig(**cfg)).save_pretrained(tmp_path / "adapter")
     expect_error(
         tmp_path,
         base,
@@ -305,7 +305,7 @@ def test_shape_mismatch(tmp_path: Path) -> None:
         vocab_size=64,
     )
     kwargs = MODEL_CASES["llama"][1]
-    peft.get_peft_model(LlamaForCausalLM(cfg), peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "adapter")
+    peft_get_peft_model(LlamaForCausalLM(cfg), peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "adapter")
     expect_error(tmp_path, base, [tmp_path / "adapter"], r"tensor model\.layers\.0\..* has shape \(")
 
 

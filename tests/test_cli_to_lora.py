@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_from_pretrained
 from safetensors.torch import load_file, save_file
 from vblora_rs.adapter_files import module_factors, read_adapter
 from vblora_rs.cli import main
@@ -42,7 +42,7 @@ def save_adapter(tmp_path: Path, case: str, saver: str, **overrides: Any) -> tup
 
 
 def load_lora(case: str, path: Path) -> torch.nn.Module:
-    model = peft.PeftModel.from_pretrained(MODEL_CASES[case][0](), path)
+    model = peft_from_pretrained(MODEL_CASES[case][0](), path)
     assert isinstance(model.peft_config["default"], peft.LoraConfig)
     return model
 
@@ -90,7 +90,7 @@ def test_factors_equal_peft_bit_for_bit(tmp_path: Path, case: str, storage: str)
     adapter = read_adapter(src)
     assert adapter.storage == storage
     factors = module_factors(adapter)
-    theirs = peft.PeftModel.from_pretrained(MODEL_CASES[case][0](), src)
+    theirs = peft_from_pretrained(MODEL_CASES[case][0](), src)
     layers = {
         n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "vblora_logits_A")
     }

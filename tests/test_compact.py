@@ -10,10 +10,10 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_from_pretrained
 from safetensors.torch import load_file, save_file
 from test_parity_peft import build_pair
-from vblora_rs.layer import TOPK_TRAINING_ERROR
+from vblora_rs.tuner.layer import TOPK_TRAINING_ERROR
 
 
 def vblora_modules(model) -> dict:
@@ -29,7 +29,7 @@ def load_both(tmp_path, case: str, **overrides):
     theirs, _, inputs = build_pair(case, save_only_topk_weights=True, **overrides)
     theirs.save_pretrained(tmp_path / "peft")
     builder = MODEL_CASES[case][0]
-    peft_model = peft.PeftModel.from_pretrained(builder(), tmp_path / "peft")
+    peft_model = peft_from_pretrained(builder(), tmp_path / "peft")
     ours = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "peft")
     return peft_model, ours, inputs
 
@@ -100,7 +100,7 @@ def test_compact_in_place_equals_peft_top_k_round_trip(tmp_path, case: str) -> N
     theirs, ours, inputs = build_pair(case)
     theirs.peft_config["default"].save_only_topk_weights = True
     theirs.save_pretrained(tmp_path / "peft")
-    reference = peft.PeftModel.from_pretrained(MODEL_CASES[case][0](), tmp_path / "peft")
+    reference = peft_from_pretrained(MODEL_CASES[case][0](), tmp_path / "peft")
     ours.compact_("default")
     assert not any("vblora_logits" in name for name, _ in ours.named_parameters())
     ours.eval()
@@ -127,7 +127,7 @@ def test_ties_and_zero_weights_follow_torch_topk_order(tmp_path) -> None:
         w[..., 2, :] = torch.tensor([0.5, 0.5])  # two halves and a zero
     save_file(tensors, str(path), metadata={"format": "pt"})
     builder = MODEL_CASES["llama"][0]
-    peft_model = peft.PeftModel.from_pretrained(builder(), tmp_path / "peft")
+    peft_model = peft_from_pretrained(builder(), tmp_path / "peft")
     ours = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "peft")
     theirs_layers = peft_modules(peft_model)
     for name, layer in vblora_modules(ours).items():
@@ -157,7 +157,7 @@ def test_several_compact_adapters_merge_in_one_pass_and_delete(tmp_path) -> None
     builder = MODEL_CASES["mlp"][0]
     ours = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "a")
     ours.load_adapter(tmp_path / "b", "b")
-    peft_model = peft.PeftModel.from_pretrained(builder(), tmp_path / "a")
+    peft_model = peft_from_pretrained(builder(), tmp_path / "a")
     peft_model.load_adapter(tmp_path / "b", "b")
     merged_ours = ours.merge_and_unload(adapter_names=["default", "b"])
     merged_theirs = peft_model.merge_and_unload(adapter_names=["default", "b"])
@@ -168,7 +168,7 @@ def test_several_compact_adapters_merge_in_one_pass_and_delete(tmp_path) -> None
     ours.load_adapter(tmp_path / "b", "b")
     ours.delete_adapter("b")
     assert "b" not in ours.base_model.vblora_topk and "default" in ours.base_model.vblora_topk
-    reference = peft.PeftModel.from_pretrained(builder(), tmp_path / "a")
+    reference = peft_from_pretrained(builder(), tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(output_tensor(ours(**inputs)), output_tensor(reference(**inputs)))
 

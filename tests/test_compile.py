@@ -13,7 +13,7 @@ import torch._dynamo as dynamo
 from conftest import MODEL_CASES, make_mlp
 from torch import nn
 from vblora_rs import VBLoRAConfig, get_peft_model
-from vblora_rs.layer import TOPK_TRAINING_ERROR
+from vblora_rs.tuner.layer import TOPK_TRAINING_ERROR
 
 # dynamo and aot_autograd, without inductor's code generation (minutes on a busy CPU); inductor runs on the MLP
 BACKEND = "aot_eager"

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_get_peft_model
 from vblora_rs.optim import create_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,7 +25,7 @@ def pair(case: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     base = builder().to("cuda", dtype)
     kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **kw}
     torch.manual_seed(1234)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
+    theirs = peft_get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
     ours = vblora_rs.get_peft_model(copy.deepcopy(base), vblora_rs.VBLoRAConfig(**kwargs))
     theirs.to("cuda", dtype)
     ours.to("cuda", dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import peft
 import pytest
 import torch
 from conftest import MLP, make_gpt2, make_llama, make_mlp, make_opt
@@ -22,7 +23,9 @@ def cfg(**kw: object) -> VBLoRAConfig:
 def test_public_api_and_layout() -> None:
     base = make_mlp()
     model = get_peft_model(base, cfg(target_modules=["lin0", "lin1"]))
-    assert PeftModel is VBLoRAModel and isinstance(model, VBLoRAModel)
+    # PEFT's own model class, with our tuner (a subclass of PEFT's) as base_model
+    assert PeftModel is peft.PeftModel and isinstance(model, peft.PeftModel)
+    assert isinstance(model.base_model, VBLoRAModel) and isinstance(model.base_model, peft.VBLoRAModel)
     assert model.base_model.model is base
     assert isinstance(model.lin0, Linear)  # attribute access falls through to the user's model
     bank = model.vblora_vector_bank
@@ -98,7 +101,7 @@ def test_default_targets_gpt2_conv1d() -> None:
 
 
 def test_unknown_model_type_needs_targets() -> None:
-    with pytest.raises(ValueError, match="no default VB-LoRA targets"):
+    with pytest.raises(ValueError, match="Please specify `target_modules`"):
         get_peft_model(make_mlp(), cfg(target_modules=None))
 
 
@@ -126,7 +129,7 @@ def test_fan_in_fan_out_corrected_with_warning() -> None:
 
 
 def test_unsupported_module_type_names_module() -> None:
-    with pytest.raises(TypeError, match=r"module 'relu'.*ReLU is not supported"):
+    with pytest.raises(TypeError, match=r"module 'relu'.*ReLU\(\) is not supported"):
         get_peft_model(make_mlp(), cfg(target_modules=["relu"]))
 
 
@@ -149,12 +152,15 @@ def test_failed_injection_leaves_model_untouched() -> None:
         ({"r": -2}, "`r` -2 should be a positive integer"),
         ({"topk": 0}, "`topk` 0 should be a positive integer"),
         ({"topk": 17}, "`topk` 17 must not exceed `num_vectors` 16"),
-        ({"bias": "some"}, "`bias` must be"),
+        ({"bias": "some"}, "Requested bias: some, is not implemented"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        cfg(target_modules=["lin0"], **kwargs)
+    # PEFT's config takes any values; the injection refuses them, naming the module, and leaves the model as it was
+    base = make_mlp()
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        get_peft_model(base, cfg(target_modules=["lin0"], **kwargs))
+    assert type(base.lin0) is nn.Linear
 
 
 @pytest.mark.parametrize(
@@ -327,10 +333,13 @@ def test_training_step_updates_adapter_only() -> None:
 
 
 def test_no_warnings_on_plain_use() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # warnings transformers raises inside PEFT's own calls (deprecations) are not ours to fix
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = get_peft_model(make_llama(), cfg(target_modules=["q_proj", "v_proj"]))
         model(torch.randint(0, 64, (1, 4)))
+    ours = [w for w in caught if "vblora_rs" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
 
 
 def test_ops_low_rank_matrices_match_layer() -> None:

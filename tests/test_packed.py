@@ -16,12 +16,13 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import make_llama, make_mlp
+from conftest import make_llama, make_mlp, peft_from_pretrained, peft_get_peft_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from vblora_rs import VBLoRAConfig, VBLoRAError, _native, get_peft_model
-from vblora_rs.checkpoint import BANK_KEY, adapter_state_dict
+from vblora_rs.checkpoint import BANK_KEY
 from vblora_rs.cli import main as cli_main
 from vblora_rs.packed import (
     PACKED_WEIGHTS_NAME,
@@ -49,7 +50,7 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 def ours_topk(**extra: object) -> tuple[dict[str, torch.Tensor], VBLoRAConfig]:
     torch.manual_seed(0)
     config = VBLoRAConfig(save_only_topk_weights=True, init_logits_std=1.0, **{**MLP_CFG, **extra})
-    return adapter_state_dict(get_peft_model(make_mlp(), config)), config
+    return get_peft_model_state_dict(get_peft_model(make_mlp(), config)), config
 
 
 # --- round trips --------------------------------------------------------------------------------------------------
@@ -64,7 +65,10 @@ def test_round_trip_is_bit_exact(tmp_path: Path, extra: dict) -> None:
     assert parts == report.total_bytes and report.layer_errors == {} and report.max_error == 0.0
     back_config, back = read_packed(tmp_path / "a.safetensors")
     assert_same_tensors(back, tensors)
-    assert back_config.to_dict() == config.to_dict()
+    stored, given = back_config.to_dict(), config.to_dict()  # the file's torch-free config vs PEFT's
+    for field in ("r", "num_vectors", "vector_length", "topk", "modules_to_save", "bias", "init_logits_std"):
+        assert stored[field] == given[field], field
+    assert sorted(stored["target_modules"]) == sorted(given["target_modules"])
 
 
 def peft_checkpoint(tmp_path: Path, model_name: str, dtype: torch.dtype, full: bool) -> tuple[Path, object]:
@@ -79,7 +83,7 @@ def peft_checkpoint(tmp_path: Path, model_name: str, dtype: torch.dtype, full: b
     config = peft.VBLoRAConfig(save_only_topk_weights=not full, init_logits_std=1.0, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base, config).to(dtype)
+        model = peft_get_peft_model(base, config).to(dtype)
         folder = tmp_path / f"peft_{model_name}_{'full' if full else 'topk'}"
         model.save_pretrained(folder)
     return folder, model
@@ -122,8 +126,8 @@ def test_cli_pack_full_adapter_equals_peft_topk_save_and_loads_in_peft(tmp_path:
     x = torch.randn(3, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = peft.PeftModel.from_pretrained(make_mlp(), tmp_path / "peft_topk")
-        loaded = peft.PeftModel.from_pretrained(make_mlp(), tmp_path / "unpacked")
+        reference = peft_from_pretrained(make_mlp(), tmp_path / "peft_topk")
+        loaded = peft_from_pretrained(make_mlp(), tmp_path / "unpacked")
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))
 
@@ -312,7 +316,7 @@ def test_write_packed_refuses_bad_input(tmp_path: Path, edit, match: str) -> Non
 def test_full_logits_need_conversion(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = VBLoRAConfig(**MLP_CFG)
-    full = adapter_state_dict(get_peft_model(make_mlp(), config))
+    full = get_peft_model_state_dict(get_peft_model(make_mlp(), config))
     with pytest.raises(VBLoRAError, match="holds full logits: convert with topk_tensors_from_full"):
         write_packed(tmp_path / "a.safetensors", full, config)
     topk = topk_tensors_from_full(full, config)

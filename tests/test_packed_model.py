@@ -1,14 +1,13 @@
-"""``save_pretrained(format="packed")`` / ``from_pretrained`` of packed files, against PEFT's top-K checkpoints."""
+"""``vblora_rs.save_packed`` / ``vblora_rs.load_packed`` of packed files, against PEFT's top-K checkpoints."""
 
 from __future__ import annotations
 
 import os
 
-import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_from_pretrained
 from safetensors.torch import load_file
 from test_parity_peft import build_pair
 from vblora_rs.packed import PACKED_WEIGHTS_NAME
@@ -20,15 +19,15 @@ def test_peft_top_k_to_packed_and_back_is_lossless(tmp_path, case: str) -> None:
     theirs.save_pretrained(tmp_path / "peft")
     builder = MODEL_CASES[case][0]
     ours = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "peft")
-    assert ours.save_pretrained(tmp_path / "packed", format="packed")["default"].half is None
+    assert vblora_rs.save_packed(ours, tmp_path / "packed") is None
     assert sorted(os.listdir(tmp_path / "packed")) == ["adapter_config.json", PACKED_WEIGHTS_NAME]
     assert os.path.getsize(tmp_path / "packed" / PACKED_WEIGHTS_NAME) < os.path.getsize(
         tmp_path / "peft" / "adapter_model.safetensors"
     )
 
-    from_packed = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "packed")
-    from_file = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "packed" / PACKED_WEIGHTS_NAME)
-    reference = peft.PeftModel.from_pretrained(builder(), tmp_path / "peft")
+    from_packed = vblora_rs.load_packed(builder(), tmp_path / "packed")
+    from_file = vblora_rs.load_packed(builder(), tmp_path / "packed" / PACKED_WEIGHTS_NAME)
+    reference = peft_from_pretrained(builder(), tmp_path / "peft")
     with torch.no_grad():
         expected = output_tensor(reference(**inputs))
         for model in (from_packed, from_file):
@@ -38,24 +37,24 @@ def test_peft_top_k_to_packed_and_back_is_lossless(tmp_path, case: str) -> None:
         assert torch.equal(merged[key], value), key
 
     from_file.save_pretrained(tmp_path / "again")  # PEFT's top-K format again, bit for bit
-    assert sorted(os.listdir(tmp_path / "again")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "again")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert original.keys() == again.keys()
     for key, value in original.items():
         assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
-    peft.PeftModel.from_pretrained(builder(), tmp_path / "again")  # and PEFT reads it
+    peft_from_pretrained(builder(), tmp_path / "again")  # and PEFT reads it
 
 
 def test_full_logits_model_saves_packed_directly(tmp_path) -> None:
     theirs, ours, inputs = build_pair("gpt2")
     theirs.peft_config["default"].save_only_topk_weights = True
     theirs.save_pretrained(tmp_path / "peft")
-    ours.save_pretrained(tmp_path / "packed", format="packed")
+    vblora_rs.save_packed(ours, tmp_path / "packed")
     assert ours.peft_config["default"].save_only_topk_weights is False  # the model's config is not changed
     builder = MODEL_CASES["gpt2"][0]
-    loaded = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "packed")
-    reference = peft.PeftModel.from_pretrained(builder(), tmp_path / "peft")
+    loaded = vblora_rs.load_packed(builder(), tmp_path / "packed")
+    reference = peft_from_pretrained(builder(), tmp_path / "peft")
     with torch.no_grad():
         assert torch.equal(output_tensor(loaded(**inputs)), output_tensor(reference(**inputs)))
 
@@ -63,8 +62,8 @@ def test_full_logits_model_saves_packed_directly(tmp_path) -> None:
 @pytest.mark.parametrize("half", [True, torch.bfloat16])
 def test_half_packed_reports_the_error_it_costs(tmp_path, half) -> None:
     _, ours, inputs = build_pair("llama", save_only_topk_weights=True)
-    report = ours.save_pretrained(tmp_path / "half", format="packed", half=half)["default"]
-    ours.save_pretrained(tmp_path / "full", format="packed")
+    report = vblora_rs.save_packed(ours, tmp_path / "half", half=half)
+    vblora_rs.save_packed(ours, tmp_path / "full")
     assert report.half == (torch.float16 if half is True else torch.bfloat16)
     assert len(report.layer_errors) == len(list(ours.base_model.vblora_layers()))
     assert 0 < report.max_error < 1e-2
@@ -72,27 +71,24 @@ def test_half_packed_reports_the_error_it_costs(tmp_path, half) -> None:
         tmp_path / "full" / PACKED_WEIGHTS_NAME
     )
     builder = MODEL_CASES["llama"][0]
-    lossy = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "half")
-    exact = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "full")
+    lossy = vblora_rs.load_packed(builder(), tmp_path / "half")
+    exact = vblora_rs.load_packed(builder(), tmp_path / "full")
     for (name, a), (_, b) in zip(lossy.base_model.vblora_layers(), exact.base_model.vblora_layers()):
         error = float((a.get_delta_weight("default") - b.get_delta_weight("default")).abs().max())
         assert error <= report.max_error * 1.01 + 1e-9, name
 
 
-def test_bad_format_arguments(tmp_path) -> None:
+def test_bad_half_argument(tmp_path) -> None:
     _, ours, _ = build_pair("mlp")
-    with pytest.raises(ValueError, match="format must be"):
-        ours.save_pretrained(tmp_path / "x", format="zip")
-    with pytest.raises(ValueError, match="needs format='packed'"):
-        ours.save_pretrained(tmp_path / "x", half=True)
     with pytest.raises(ValueError, match="half must be"):
-        ours.save_pretrained(tmp_path / "x", format="packed", half=torch.float64)
+        vblora_rs.save_packed(ours, tmp_path / "x", half=torch.float64)
+    with pytest.raises(ValueError, match="not found"):
+        vblora_rs.save_packed(ours, tmp_path / "x", adapter_name="nope")
 
 
-def test_saving_one_format_replaces_the_other(tmp_path) -> None:
+def test_saving_packed_replaces_peft_weights(tmp_path) -> None:
     _, ours, _ = build_pair("mlp", save_only_topk_weights=True)
     ours.save_pretrained(tmp_path)
-    ours.save_pretrained(tmp_path, format="packed")
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", PACKED_WEIGHTS_NAME]
-    ours.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    vblora_rs.save_packed(ours, tmp_path)
+    # the PEFT weights file is replaced by the packed one, PEFT's model card stays
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", PACKED_WEIGHTS_NAME]

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor
+from conftest import MODEL_CASES, output_tensor, peft_from_pretrained, peft_get_peft_model
 from safetensors.torch import load_file
 
 F32 = {"atol": 1e-6, "rtol": 0.0}
@@ -22,7 +22,7 @@ def build_pair(case: str, dtype: torch.dtype = torch.float32, **overrides: objec
     base = builder().to(dtype)
     kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **cfg_kwargs, **overrides}
     torch.manual_seed(1234)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
+    theirs = peft_get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
     ours = vblora_rs.get_peft_model(copy.deepcopy(base), vblora_rs.VBLoRAConfig(**kwargs))
     # Our state-dict keys are PEFT's: a strict load proves the layout and copies PEFT's adapter values.
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -165,9 +165,9 @@ def test_checkpoints_load_both_ways(tmp_path, case: str, topk_only: bool) -> Non
     ours.save_pretrained(tmp_path / "ours")
     builder = MODEL_CASES[case][0]
 
-    peft_from_peft = peft.PeftModel.from_pretrained(builder(), tmp_path / "peft")
+    peft_from_peft = peft_from_pretrained(builder(), tmp_path / "peft")
     ours_from_peft = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "peft")
-    peft_from_ours = peft.PeftModel.from_pretrained(builder(), tmp_path / "ours")
+    peft_from_ours = peft_from_pretrained(builder(), tmp_path / "ours")
     ours_from_ours = vblora_rs.PeftModel.from_pretrained(builder(), tmp_path / "ours")
     with torch.no_grad():
         reference = output_tensor(peft_from_peft(**inputs))

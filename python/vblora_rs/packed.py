@@ -229,10 +229,17 @@ def _layer_errors(
     return errors
 
 
+def _json_default(value: object) -> object:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _stored_config(config: VBLoRAConfig) -> str:
     stored = copy.deepcopy(config)
     stored.save_only_topk_weights = True  # the file holds top-K data, whatever the source adapter kept
-    return json.dumps(stored.to_dict(), sort_keys=True, separators=(",", ":"))
+    # PEFT's config keeps target_modules as a set; JSON has lists
+    return json.dumps(stored.to_dict(), sort_keys=True, separators=(",", ":"), default=_json_default)
 
 
 def write_packed(

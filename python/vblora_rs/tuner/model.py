@@ -26,6 +26,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import VBLoRAError
 from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
@@ -70,6 +71,14 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        try:
+            self._create_and_replace_module(vblora_config, adapter_name, target, target_name, parent)
+        except (ValueError, TypeError) as exc:  # name the module at fault
+            raise type(exc)(f"module {current_key!r}: {exc}") from exc
+
+    def _create_and_replace_module(
+        self, vblora_config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
+    ) -> None:
         self._init_vblora_vector_bank(vblora_config, adapter_name)
         # An adapter created to load a top-K checkpoint for inference gets no dense logits: the checkpoint fills it
         # in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB for a 7B model).
@@ -114,6 +123,25 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             )
         return Linear(target, vblora_vector_bank, adapter_name, config=vblora_config, r=vblora_config.r, **kwargs)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection; if it fails part-way, the adapter is taken out again and modules it alone had wrapped
+        get their base layer back, so the model is as it was."""
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            self._undo_injection(model, adapter_name)
+            raise
+
+    def _undo_injection(self, model: nn.Module, adapter_name: str) -> None:
+        for key, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, VBLoRALayer)]:
+            if adapter_name in layer.r:
+                layer.delete_adapter(adapter_name)
+            if not layer.r:  # no adapter left: the layer was created for this one
+                parent_name, _, child = key.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+        if adapter_name in self.vblora_vector_bank:
+            del self.vblora_vector_bank[adapter_name]
+
     def vblora_layers(self) -> list[tuple[str, Linear]]:
         """``(module name, layer)`` of every VB-LoRA layer of the model."""
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, VBLoRALayer)]
@@ -139,19 +167,19 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             return
         groups = RowGroups.of(adapter_names)
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+            raise VBLoRAError("Cannot pass `adapter_names` when the model is in training mode.")
         unknown = sorted(set(groups.groups) - {BASE_ADAPTER} - set(self.peft_config))
         if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+            raise VBLoRAError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
         batch_size = _batch_size(args, kwargs)
         if batch_size is not None and batch_size != len(groups):
-            raise ValueError(
+            raise VBLoRAError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(groups)} and {batch_size} respectively."
             )
         layers = [m for m in self.model.modules() if isinstance(m, VBLoRALayer)]
         if any(layer.merged for layer in layers):
-            raise ValueError(
+            raise VBLoRAError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
         thread = threading.get_ident()
@@ -256,6 +284,8 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     ) -> dict[str, torch.Tensor]:
         """What PEFT saves for ``adapter_name`` (its keys and dtypes, adapter name still in the keys): top-K
         encoding of every layer in one Rust call; compact adapters as stored (or as PEFT's dense logits)."""
+        if not isinstance(_tuner_or_none(model), VBLoRAModel):  # a model built with PEFT's own classes
+            return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         to_return: dict[str, torch.Tensor] = {}
         logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
         if config.save_only_topk_weights:
@@ -276,7 +306,9 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     ) -> dict[str, torch.Tensor]:
         """Check every VB-LoRA tensor of the checkpoint against the model before anything changes (VBLoRAError
         naming the tensor), then keep a top-K checkpoint in compact form instead of PEFT's dense ``-inf`` logits."""
-        tuner = _tuner_of(model)
+        tuner = _tuner_or_none(model)
+        if not isinstance(tuner, VBLoRAModel):  # a model built with PEFT's own classes
+            return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = [(n, layer) for n, layer in tuner.vblora_layers() if adapter_name in layer.r]
         state_dict = dict(state_dict)
         topk = weights_check.take_topk_parts(layers, config, state_dict, adapter_name)
@@ -293,9 +325,14 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
+def _tuner_or_none(model: nn.Module) -> Optional[nn.Module]:
+    """The tuner of a PeftModel (or the tuner itself); None for a model with injected layers and no tuner."""
+    return model if isinstance(model, peft_model.VBLoRAModel) else getattr(model, "base_model", None)
+
+
 def _tuner_of(model: nn.Module) -> VBLoRAModel:
-    """The VB-LoRA tuner of a PeftModel (or the tuner itself)."""
-    tuner = model if isinstance(model, VBLoRAModel) else getattr(model, "base_model", None)
+    """vblora_rs's VB-LoRA tuner of a PeftModel (or the tuner itself)."""
+    tuner = _tuner_or_none(model)
     if not isinstance(tuner, VBLoRAModel):
         raise TypeError(f"expected a PeftModel with vblora_rs's VB-LoRA tuner, got {type(model).__name__}")
     return tuner

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import peft
 import torch
-from peft.mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
