@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test install install-test rust-test py-test lint wheel
+.PHONY: demo test install install-test rust-test py-test py-test-peft-oldest lint wheel
 
 install:
 	$(PIP) install --quiet --progress-bar off .
@@ -20,7 +20,17 @@ rust-test:
 py-test:
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
-test: install-test rust-test py-test
+# The oldest supported peft (pyproject's lower bound), installed beside the machine's newest in a folder of its
+# own that goes first on the path: the model-level tests against it.
+PEFT_OLDEST := 0.21.0
+PEFT_OLDEST_DIR := target/peft-$(PEFT_OLDEST)
+py-test-peft-oldest:
+	test -d $(PEFT_OLDEST_DIR)/peft || $(PIP) install --quiet --progress-bar off --no-deps --target $(PEFT_OLDEST_DIR) peft==$(PEFT_OLDEST)
+	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR)) $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_OLDEST)', peft.__version__"
+	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_parity_peft.py \
+		tests/test_model.py tests/test_checkpoint.py tests/test_compact.py tests/test_layer_dtypes.py
+
+test: install-test rust-test py-test py-test-peft-oldest
 
 lint:
 	cargo fmt --check
