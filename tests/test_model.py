@@ -362,3 +362,16 @@ def test_ops_low_rank_matrices_match_layer() -> None:
     torch.testing.assert_close(B2, B, atol=1e-7, rtol=0)
     with pytest.raises(ValueError, match="with the same r"):
         ops.low_rank_matrices(logits_A, logits_B[:, :2], bank, 2)
+
+
+def test_bank_drawn_once_per_adapter_and_redrawn_on_request() -> None:
+    # injection draws one bank for all targets; PEFT's tests redraw it through the tuner's init method
+    model = get_peft_model(make_mlp(), cfg(target_modules=["lin0", "lin1", "lin2"]))
+    bank = model.vblora_vector_bank["default"]
+    assert all(m.vblora_vector_bank["default"] is bank for m in (model.lin0, model.lin1, model.lin2))
+    with torch.no_grad():
+        bank.zero_()
+    model.base_model._init_vblora_vector_bank(model.peft_config["default"], "default")
+    new = model.vblora_vector_bank["default"]
+    assert new is not bank and bool(new.abs().sum() > 0)
+    assert all(m.vblora_vector_bank["default"] is new for m in (model.lin0, model.lin1, model.lin2))

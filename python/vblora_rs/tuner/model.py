@@ -53,8 +53,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             self.vblora_topk = nn.ModuleDict({})
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str) -> None:
-        if adapter_name in self.vblora_vector_bank:
-            return  # drawn once per adapter, not once per target module
+        """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter)."""
         device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         bank = torch.empty(config.num_vectors, config.vector_length, device=device)
         nn.init.uniform_(bank, -config.init_vector_bank_bound, config.init_vector_bank_bound)
@@ -79,7 +78,8 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     def _create_and_replace_module(
         self, vblora_config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
     ) -> None:
-        self._init_vblora_vector_bank(vblora_config, adapter_name)
+        if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
+            self._init_vblora_vector_bank(vblora_config, adapter_name)
         # An adapter created to load a top-K checkpoint for inference gets no dense logits: the checkpoint fills it
         # in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB for a 7B model).
         init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
