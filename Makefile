@@ -26,9 +26,10 @@ PEFT_OLDEST := 0.21.0
 PEFT_OLDEST_DIR := target/peft-$(PEFT_OLDEST)
 py-test-peft-oldest:
 	test -d $(PEFT_OLDEST_DIR)/peft || $(PIP) install --quiet --progress-bar off --no-deps --target $(PEFT_OLDEST_DIR) peft==$(PEFT_OLDEST)
-	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR)) $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_OLDEST)', peft.__version__"
-	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR)) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_parity_peft.py \
-		tests/test_model.py tests/test_checkpoint.py tests/test_compact.py tests/test_layer_dtypes.py
+	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_OLDEST)', peft.__version__"
+	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_parity_peft.py \
+		tests/test_model.py tests/test_checkpoint.py tests/test_compact.py tests/test_layer_dtypes.py \
+		tests/test_peft_model_level.py
 
 test: install-test rust-test py-test py-test-peft-oldest
 
