@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME
+from .config import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME
 from .errors import VBLoRAError
 
 __all__ = [
@@ -29,9 +29,6 @@ __all__ = [
     "read_safetensors",
     "write_safetensors_atomically",
 ]
-
-BANK_KEY = "base_model.vblora_vector_bank"
-MODEL_PREFIX = "base_model.model."
 
 
 def write_safetensors_atomically(tensors: dict[str, torch.Tensor], target: str) -> None:

@@ -19,6 +19,9 @@ PACKED_WEIGHTS_NAME = "adapter_packed.safetensors"
 # suffixes of a top-K checkpoint's tensors (PEFT's names)
 TOPK_INDICES = "_topk_indices"
 TOPK_WEIGHTS = "_topk_weights"
+# where PEFT puts a module's keys, and the bank's key, in a checkpoint (the adapter name removed)
+MODEL_PREFIX = "base_model.model."
+BANK_KEY = "base_model.vblora_vector_bank"
 PEFT_TYPE = "VBLORA"
 
 # Fields PEFT's base ``PeftConfig`` writes next to the VB-LoRA ones; kept so both libraries read each

@@ -26,14 +26,12 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
 from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
 from .layer import Linear, VBLoRALayer
-
-BANK_KEY = "base_model.vblora_vector_bank"  # a checkpoint's bank (PEFT's key, without the adapter name)
-MODEL_PREFIX = "base_model.model."
 
 
 class VBLoRAModel(peft_model.VBLoRAModel):

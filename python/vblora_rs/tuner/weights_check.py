@@ -13,11 +13,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
 from . import topk_table as compact
 
-BANK_KEY = "base_model.vblora_vector_bank"
-MODEL_PREFIX = "base_model.model."
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
