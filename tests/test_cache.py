@@ -289,3 +289,27 @@ def test_threads_with_their_own_adapter_names_and_a_small_cache() -> None:
             assert all(pool.map(run, names * 3))
     finally:
         vblora_rs.set_lora_cache_size(32)
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_fused_and_foreach_optimizer_steps_invalidate(kind: str) -> None:
+    # these optimizers write the parameters in place without bumping their version counters
+    model = get_peft_model(make_mlp(), VBLoRAConfig(target_modules=["lin0"], vector_length=8, num_vectors=16))
+    model.eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        before = model(x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5, **{kind: True})
+    model.train()
+    model(x).sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+        vblora_rs.set_lora_cache_size(0)
+        try:
+            rebuilt = model(x)
+        finally:
+            vblora_rs.set_lora_cache_size(32)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, rebuilt)

@@ -4,6 +4,10 @@ PEFT rebuilds A and B (top-K, softmax, gather) on every forward, even under no_g
 most of VB-LoRA's decoding overhead. A layer keeps the A and B of its most recently used adapters while no
 gradient flows to them, stamped with the tensors they come from; any change of those tensors (optimizer step,
 load_state_dict's copy_, in-place edits, .to(), a new Parameter) makes the stamp stale.
+
+Fused and foreach optimizers (``AdamW(fused=True)``, transformers' default ``adamw_torch_fused``) write the
+parameters in place without bumping their version counters, so every entry also records how many optimizer
+steps the process had taken (one global post-step hook on ``torch.optim.Optimizer``): any step invalidates it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,23 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _lora_cache_size = 32
+_optimizer_steps = 0
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process so far (any optimizer, any parameters)."""
+    return _optimizer_steps
 
 
 def set_lora_cache_size(n: int) -> None:
@@ -46,11 +65,12 @@ class CachedLoRA(NamedTuple):
     sources: tuple[tuple[Any, int, int], ...]
     extra: Any  # what else A and B depend on (a compact adapter's first row)
     inference: bool  # made under inference_mode: such tensors cannot be saved for backward outside of it
+    steps: int  # optimizer_steps() when made
     A: torch.Tensor
     B: torch.Tensor
 
     def valid(self, sources: tuple[torch.Tensor, ...], extra: Any) -> bool:
-        if self.extra != extra or len(self.sources) != len(sources):
+        if self.extra != extra or len(self.sources) != len(sources) or self.steps != _optimizer_steps:
             return False
         if self.inference and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             return False

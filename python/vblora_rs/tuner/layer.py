@@ -487,7 +487,8 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         cache.pop(adapter, None)
         evict(cache, lora_cache.get_lora_cache_size() - 1)
         stamps = tuple(stamp(t) for t in sources)
-        cache[adapter] = CachedLoRA(stamps, extra, torch.is_inference_mode_enabled(), A, B)
+        inference = torch.is_inference_mode_enabled()
+        cache[adapter] = CachedLoRA(stamps, extra, inference, lora_cache.optimizer_steps(), A, B)
         return A, B
 
     def clear_lora_cache(self) -> None:
