@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test install install-test rust-test py-test lint wheel
+.PHONY: demo test install install-test rust-test py-test py-test-portable lint wheel
 
 install:
 	$(PIP) install --quiet --progress-bar off .
@@ -19,6 +19,10 @@ rust-test:
 
 py-test:
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# The suite again on the portable SIMD loops and one thread: paths only some CPUs or thread counts take.
+py-test-portable:
+	VBLORA_RS_SIMD=portable OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 
 test: install-test rust-test py-test
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import peft
 import pytest
+import tolerances
 import torch
 import vblora_rs
 from conftest import MODEL_CASES, output_tensor
@@ -18,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from vblora_rs.adapter_files import module_factors, read_adapter
 from vblora_rs.cli import main
 
-ATOL = 1e-5
+# outputs of the same deltas through another order of products, over the deepest of MODEL_CASES' models
+ATOL = max(tolerances.model(case)["atol"] for case in MODEL_CASES)
 LIBS = {"peft": peft, "vblora_rs": vblora_rs}
 
 
