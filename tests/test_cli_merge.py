@@ -260,7 +260,7 @@ def test_other_weight_files_and_folders_are_not_copied(tmp_path: Path, capsys: p
     ]
     err = capsys.readouterr().err
     assert "not copied (weights in another format, unmerged)" in err and "pytorch_model.bin" in err
-    assert "not copied (a folder)" in err
+    assert "not copied (not a regular file)" in err
 
 
 # --- refusals: nothing is written ---------------------------------------------------------------------
@@ -312,15 +312,24 @@ def test_shape_mismatch(tmp_path: Path) -> None:
     expect_error(tmp_path, base, [tmp_path / "adapter"], r"tensor model\.layers\.0\..* has shape \(")
 
 
-def test_adapters_disagree_on_fan_in_fan_out(tmp_path: Path) -> None:
-    base = save_base("gpt2", tmp_path / "base")
-    a1 = save_adapter("gpt2", tmp_path / "a1", seed=1)
-    a2 = tmp_path / "a2"
-    shutil.copytree(a1, a2)
-    rewrite_json(a2 / "adapter_config.json", fan_in_fan_out=False)
-    expect_error(tmp_path, base, [a1, a2], "fan_in_fan_out")
-    # Alone, the wrong flag shows as a shape mismatch (GPT-2's Conv1D weights are (in, out)).
-    expect_error(tmp_path, base, [a2], r"has shape .* needs")
+@pytest.mark.parametrize(("case", "said"), [("gpt2", False), ("gpt2", "false"), ("llama", True)])
+def test_the_layer_type_decides_fan_in_fan_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, said: object
+) -> None:
+    """PEFT decides fan_in_fan_out per layer from its class (Conv1D: true, Linear: false) whatever the config
+    says; so does the merge, from the base's model_type. A wrong flag (or the string "false") in the config
+    of an adapter over square weights used to merge the delta transposed, silently."""
+    base = save_base(case, tmp_path / "base")
+    adapter = save_adapter(case, tmp_path / "adapter", seed=1)
+    expected = peft_merged(base, [adapter], torch.float32).state_dict()
+    if isinstance(said, bool):
+        rewrite_json(adapter / "adapter_config.json", fan_in_fan_out=said)
+        assert run_cli(base, adapter, "-o", tmp_path / "out") == 0
+        assert "fan_in_fan_out=" in capsys.readouterr().err  # the ignored flag is reported
+        assert_matches(merged_tensors(tmp_path / "out"), expected, one_rounding=True)
+    else:  # not a JSON boolean: refused, as from_pretrained refuses it
+        rewrite_json(adapter / "adapter_config.json", fan_in_fan_out=said)
+        expect_error(tmp_path, base, [adapter], "fan_in_fan_out must be true or false")
 
 
 def test_unreadable_inputs(tmp_path: Path) -> None:
@@ -332,7 +341,7 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
     expect_error(tmp_path, base, [adapter], "adapter_model.safetensors: not a safetensors file")
     weights.write_bytes(good)
     (adapter / "adapter_config.json").write_text("{broken")
-    expect_error(tmp_path, base, [adapter], "adapter_config.json: not a readable JSON file")
+    expect_error(tmp_path, base, [adapter], "adapter_config.json: not valid JSON")
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     expect_error(tmp_path, base, [adapter], "not a VB-LoRA adapter")
     shutil.rmtree(adapter)
@@ -343,7 +352,7 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
     expect_error(tmp_path, base, [adapter], f"{shard.name}: not a safetensors file")
     shard.unlink()
     expect_error(tmp_path, base, [adapter], f"{shard.name}: file not found")
-    expect_error(tmp_path, tmp_path / "nothing", [adapter], "not a folder")
+    expect_error(tmp_path, tmp_path / "nothing", [adapter], "the folder does not exist")
 
 
 def test_bad_topk_tensors_and_extra_tensors(tmp_path: Path) -> None:
@@ -356,7 +365,7 @@ def test_bad_topk_tensors_and_extra_tensors(tmp_path: Path) -> None:
     bad[key] = good[key].clone()
     bad[key].view(-1)[0] = 300  # num_vectors is 300
     save_file(bad, path)
-    expect_error(tmp_path, base, [adapter], f"tensor {key.replace('.', '[.]')} row 0 holds 300, outside")
+    expect_error(tmp_path, base, [adapter], f"tensor {key.replace('.', '[.]')} row 0 holds index 300, outside")
     bad = {**good, "base_model.model.lm_head.weight": torch.zeros(64, 32)}
     save_file(bad, path)
     expect_error(tmp_path, base, [adapter], "neither VB-LoRA logits nor the vector bank")

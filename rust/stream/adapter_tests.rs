@@ -224,7 +224,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "range",
         t,
-        format!("tensor {ia} row 1 holds 20, outside [0, 20)"),
+        format!("tensor {ia} row 1 holds index 20, outside [0, 20)"),
     ));
     let mut t = case.topk_tensors();
     let mut w = vec![0.3_f32; case.r * case.in_t * (k - 1)];
@@ -233,7 +233,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "neg",
         t,
-        format!("tensor {wa} row 1 holds a NaN, infinite or negative weight"),
+        format!("tensor {wa} row 1 holds weight -0.1, weights must be >= 0"),
     ));
     let mut t = case.topk_tensors();
     w[3] = 0.8;
@@ -241,11 +241,11 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "sum",
         t,
-        format!("tensor {wa} row 1 has weights summing above 1"),
+        format!("tensor {wa} row 1 has weights summing to 1.1"),
     ));
     let mut t = case.topk_tensors();
     t[1].3 = le_bytes(&vec![1_i16; case.r * case.in_t * k]);
-    cases.push(("repeat", t, format!("tensor {ia} row 0 repeats an index")));
+    cases.push(("repeat", t, format!("tensor {ia} row 0 repeats index 1")));
     let mut t = case.topk_tensors();
     t[1].1 = Dtype::F16;
     cases.push((
