@@ -381,6 +381,7 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         (["--weights", "1", "2"], "--weights has 2 values for 1 adapters"),
         (["--weights", "nan"], "--weights must be finite"),
         (["--threads", "-1"], "--threads must be >= 0"),
+        (["--threads", str(2**64)], "--threads must be >= 0 (0: all cores) and at most 4096"),
     ]:
         assert run_cli(base, adapter, "-o", tmp_path / "out", *extra) == 1
         assert message in capsys.readouterr().err

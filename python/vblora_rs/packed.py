@@ -23,6 +23,8 @@ from . import _native, compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .storage.config_file import check_config
+from .storage.json_file import parse_object
 
 __all__ = [
     "PACKED_WEIGHTS_NAME",
@@ -204,13 +206,14 @@ def _layer_errors(
     layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor, progress: bool = False
 ) -> dict[str, float]:
     """Per module, max |B@A - B'@A'| (float32) between the original and the half-stored adapter."""
-    from tqdm import tqdm
+    from .progress import bar
 
     errors: dict[str, float] = {}
     k = layout.indices.shape[1]
     at = 0
-    modules = tqdm(layout.modules, desc="half-precision error", unit="layer", delay=1.0, disable=not progress)
-    for path, r, in_sub, out_sub in modules:
+    shown = bar(len(layout.modules), "half-precision error", unit="layer", enabled=progress)
+    for path, r, in_sub, out_sub in layout.modules:
+        shown.update(1)
         n_a, n_b = r * in_sub, out_sub * r
         idx_a = layout.indices[at : at + n_a].reshape(r, in_sub, k)
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
@@ -225,6 +228,7 @@ def _layer_errors(
         (A, B), (A2, B2) = factors
         errors[path] = _max_delta_difference(A, B, A2, B2)
         at += n_a + n_b
+    shown.close()
     return errors
 
 
@@ -313,12 +317,8 @@ def _index_bits(num_vectors: int) -> int:
 def _config_from_metadata(path: str, decoded: dict) -> VBLoRAConfig:
     meta = decoded["metadata"]
     source = f"{path} (metadata field `config`)"
-    try:
-        data = json.loads(meta["config"])
-    except json.JSONDecodeError as exc:
-        raise VBLoRAError(f"{source}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise VBLoRAError(f"{source}: expected a JSON object")
+    data = parse_object(meta["config"], source)
+    check_config(data, source)
     config = VBLoRAConfig.from_dict(data, source=source)
     for name in ("num_vectors", "vector_length", "topk"):
         if getattr(config, name) != decoded[name]:

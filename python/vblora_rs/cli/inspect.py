@@ -247,13 +247,15 @@ class BankUsage:
 def bank_usage(adapter: AdapterFile) -> BankUsage:
     """Selections per bank vector: the stored indices (top-K), or the top-k of the logits as PEFT picks them."""
     import torch
-    from tqdm import tqdm
 
     from .. import compact, ops
+    from ..progress import bar
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0
-    for name in tqdm(adapter.modules, desc="bank usage", unit="module", delay=1.0):
+    progress = bar(len(adapter.modules), "bank usage", unit="module")
+    for name in adapter.modules:
+        progress.update(1)
         if adapter.storage == "full":
             pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
         else:
@@ -263,6 +265,7 @@ def bank_usage(adapter: AdapterFile) -> BankUsage:
             counts += torch.bincount(indices.reshape(-1).long(), minlength=counts.numel())
             top1_sum += float(weights.float().amax(-1).double().sum())
             rows += weights[..., 0].numel()
+    progress.close()
     return BankUsage(counts.tolist(), top1_sum / rows if rows else 0.0, rows)
 
 
