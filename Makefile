@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test install install-test rust-test py-test py-test-portable lint wheel
+.PHONY: demo test install install-test rust-test py-test py-test-portable fuzz lint wheel
 
 install:
 	$(PIP) install --quiet --progress-bar off .
@@ -23,6 +23,12 @@ py-test:
 # The suite again on the portable SIMD loops and one thread: paths only some CPUs or thread counts take.
 py-test-portable:
 	VBLORA_RS_SIMD=portable OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider
+
+# Mutation fuzzing of adapter files through from_pretrained, vblora merge, inspect and to-lora, outcomes counted:
+# anything but success or an error naming the input fails the run.
+FUZZ_MUTANTS ?= 2000
+fuzz:
+	VBLORA_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PYTHON) -m pytest -q -p no:cacheprovider -s tests/test_fuzz.py
 
 test: install-test rust-test py-test
 

@@ -276,3 +276,32 @@ def test_the_locator(tmp_path: Path) -> None:
     with pytest.raises(VBLoRAError, match="holds both"):
         locate(adapter)
     assert locate(adapter / "adapter_packed.safetensors").kind == "packed"
+
+
+# --- legal files that used to be refused ------------------------------------------------------------------
+
+
+def unpad_header(path: Path) -> None:
+    """Rewrite a safetensors file with its header JSON unpadded and of odd length (legal: readers may not
+    assume 8-byte alignment), so that the tensors start at an odd offset."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n])).encode()
+    if len(header) % 2 == 0:
+        header += b" "
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
+
+
+def test_an_unpadded_header_and_a_bank_beyond_float16_are_legal(tmp_path: Path) -> None:
+    from vblora_rs.cli import main
+
+    adapter = save_adapter("llama", tmp_path / "adapter", seed=1, topk=True)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[BANK][0, 0] = 1e5  # above float16's 65504: legal in a float32 bank
+    save_file(tensors, str(path))
+    unpad_header(path)
+    assert (int.from_bytes(path.read_bytes()[:8], "little") + 8) % 4 != 0
+    assert main(["inspect", str(adapter), "--json"]) == 0
+    assert main(["to-lora", str(adapter), "-o", str(tmp_path / "lora")]) == 0
+    assert main(["pack", str(adapter), "-o", str(tmp_path / "packed")]) == 0
