@@ -182,7 +182,8 @@ def test_plot_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["inspect", str(path), "--plot", str(tmp_path / "usage.png")]) == 0
     assert (tmp_path / "usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".plot.")]
-    assert "bank usage:" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "bank usage:" in out.out and f"wrote {tmp_path / 'usage.png'}" in out.err
 
 
 def test_plot_without_matplotlib(
