@@ -57,3 +57,13 @@ def test_merge_in_a_log_prints_lines_not_bars_and_to_lora_output_is_not_private(
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "lora").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_pack_writes_files_of_the_usual_mode(tmp_path: Path) -> None:
+    adapter = save_adapter("llama", tmp_path / "adapter", seed=1, topk=True)
+    old = os.umask(0o022)
+    try:
+        assert vblora("pack", adapter, "-o", tmp_path / "packed").returncode == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "packed" / "adapter_packed.safetensors").stat().st_mode) == 0o644

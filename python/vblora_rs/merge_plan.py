@@ -21,11 +21,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import stat
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -464,19 +460,6 @@ def shard_updates(plan: Plan, shard: str, num_threads: int = 0) -> dict[str, Fac
     }
 
 
-@contextmanager
-def _no_interrupt() -> Iterator[None]:
-    """Ctrl-C waits until the block is done (main thread only; elsewhere signals do not reach Python)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def write_merged(
     plan: Plan,
     out: str,
@@ -504,13 +487,8 @@ def write_merged(
         if plan.base.index is not None:
             _write_json(os.path.join(tmp, INDEX_FILE), _output_index(plan))
         _copy_extra(plan, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private
-        # From here the output is in place or untouched: Ctrl-C waits for the move and the old folder's removal,
-        # so "interrupted" always means nothing was written.
-        with _no_interrupt():
-            atomic.install(tmp, out, replace=force)
+        atomic.usual_mode(tmp, folder=True)  # mkdtemp's 0700 would make the model private
+        atomic.install(tmp, out, replace=force)  # Ctrl-C waits for it: "interrupted" means nothing was written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,7 @@ from . import _native, compact, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .storage import atomic
 from .storage.config_file import check_config
 from .storage.json_file import parse_object
 
@@ -294,6 +295,7 @@ def write_packed(
         if source is None or not message.startswith(f"{path}: argument "):
             raise
         raise VBLoRAError(f"{source}: {message[len(path) + 2 :]}") from None
+    atomic.usual_mode(path)  # the encoder's temporary file was private
     bank_bytes = bank.numel() * bank.element_size()
     indices_bytes = (layout.indices.numel() * _index_bits(config.num_vectors) + 7) // 8
     weights_bytes = weights.numel() * weights.element_size()

@@ -204,9 +204,11 @@ def _packed_size(adapter: AdapterFile, half: Optional[Any], name: str) -> Format
         limit = float(torch.finfo(half).max)
         tensors = {**tensors, BANK_KEY: tensors[BANK_KEY].clamp(-limit, limit)}
     with tempfile.TemporaryDirectory(prefix="vblora_inspect_") as tmp:
-        report = packed.write_packed(
-            os.path.join(tmp, packed.PACKED_WEIGHTS_NAME), tensors, adapter.config, half, report_errors=False
-        )
+        scratch = os.path.join(tmp, packed.PACKED_WEIGHTS_NAME)
+        try:
+            report = packed.write_packed(scratch, tensors, adapter.config, half, report_errors=False)
+        except VBLoRAError as exc:  # about the adapter, not the scratch file it was measured with
+            raise VBLoRAError(f"{adapter.weights_path}: {str(exc).replace(scratch + ': ', '')}") from None
     parts = dict.fromkeys(PARTS, 0)
     parts.update(bank=report.bank_bytes, indices=report.indices_bytes, weights=report.weights_bytes)
     parts["extras"] = sum(spec.nbytes for spec in _extra_specs(adapter))

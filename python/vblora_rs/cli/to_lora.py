@@ -151,9 +151,7 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
         with open(os.path.join(staging, LORA_CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the adapter private
+        atomic.usual_mode(staging, folder=True)  # mkdtemp's 0700 would make the adapter private
         atomic.install(staging, out, replace=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,11 @@ import ctypes.util
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -95,15 +99,42 @@ def temp_folder(target: str) -> str:
     return tempfile.mkdtemp(prefix=f".{name}{TEMP_MARK}{os.getpid()}-", dir=parent)
 
 
+def usual_mode(path: str, folder: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0666 or 0777 less the umask): files written
+    through a private temporary (``mkstemp``, the safetensors crate) would otherwise stay 0600/0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
 @dataclass
 class Installed:
     replaced: bool  # an existing target was replaced
     atomic: bool  # in one rename (else: moved aside, then renamed)
 
 
+@contextmanager
+def no_interrupt() -> Iterator[None]:
+    """Ctrl-C waits until the block is done (main thread only; elsewhere signals do not reach Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def install(tmp: str, target: str, replace: bool) -> Installed:
     """Move the finished folder ``tmp`` to ``target``. Without ``replace`` an existing target is an error (also
-    when another process creates it meanwhile); with it, the old target is swapped out and deleted."""
+    when another process creates it meanwhile); with it, the old target is swapped out and deleted. Ctrl-C waits
+    for the move and the old folder's removal, so an interrupted command has either installed or left nothing."""
+    with no_interrupt():
+        return _install(tmp, target, replace)
+
+
+def _install(tmp: str, target: str, replace: bool) -> Installed:
     target = os.path.abspath(target)
     if not replace:
         try:
@@ -116,7 +147,7 @@ def install(tmp: str, target: str, replace: bool) -> Installed:
         os.rename(tmp, target)  # fails on a non-empty folder created meanwhile
         return Installed(False, False)
     if not os.path.lexists(target):
-        return install(tmp, target, replace=False)
+        return _install(tmp, target, replace=False)
     if rename2(tmp, target, RENAME_EXCHANGE):
         # tmp now holds the old target
         shutil.rmtree(tmp, ignore_errors=True)
