@@ -5,7 +5,9 @@ use std::path::Path;
 use half::bf16;
 use safetensors::tensor::Dtype;
 
-use super::adapter::{adapter_factors, AdapterConfig, Factors, BANK_KEY};
+use super::adapter::{
+    adapter_factors, adapter_modules, AdapterConfig, Factors, Shape, Want, BANK_KEY,
+};
 use super::header::tests::{build, tmp_dir, write_tmp};
 use super::test_data::{le_bytes, rand_f32};
 
@@ -203,6 +205,50 @@ fn full_and_topk_files_give_the_same_factors() {
         ..Case::new()
     }
     .check(&got[M]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shapes_come_first_and_factors_only_for_the_modules_asked_for() {
+    let dir = tmp_dir("shapes");
+    let case = Case::new();
+    let path = write(&dir, "topk", &case.topk_tensors());
+    let shapes = adapter_modules(&path, &CFG, Want::Shapes, 1).unwrap();
+    let want = Shape {
+        rank: case.r,
+        fan_in: case.in_t * CFG.vector_length,
+        fan_out: case.out_t * CFG.vector_length,
+    };
+    assert_eq!(shapes[M].shape, want);
+    assert!(shapes[M].factors.is_none());
+    let none = adapter_modules(&path, &CFG, Want::Factors(&[]), 1).unwrap();
+    assert!(none[M].factors.is_none());
+    let built = adapter_modules(&path, &CFG, Want::Factors(&[M.to_owned()]), 1).unwrap();
+    case.check(built[M].factors.as_ref().unwrap());
+    // A shapes-only read still validates every row.
+    let mut t = case.topk_tensors();
+    t[1].3 = le_bytes(&vec![1_i16; case.r * case.in_t * CFG.topk]);
+    let bad = write(&dir, "repeat", &t);
+    let err = adapter_modules(&bad, &CFG, Want::Shapes, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("repeats index 1"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_infinite_logit_is_refused() {
+    let dir = tmp_dir("inflogit");
+    let case = Case::new();
+    let mut t = case.full();
+    let mut la = case.la.clone();
+    la[CFG.num_vectors + 2] = f32::INFINITY;
+    t[1].3 = le_bytes(&la);
+    let path = write(&dir, "inf", &t);
+    let err = adapter_modules(&path, &CFG, Want::Shapes, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 1 holds +inf logits"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
