@@ -305,3 +305,49 @@ def test_an_unpadded_header_and_a_bank_beyond_float16_are_legal(tmp_path: Path) 
     assert main(["inspect", str(adapter), "--json"]) == 0
     assert main(["to-lora", str(adapter), "-o", str(tmp_path / "lora")]) == 0
     assert main(["pack", str(adapter), "-o", str(tmp_path / "packed")]) == 0
+
+
+def test_a_packed_config_that_is_not_a_json_object(tmp_path: Path) -> None:
+    from vblora_rs.storage.config_file import parse_config
+
+    for text, message in [("[1]", "expected a JSON object, got list"), ("{nope", "not valid JSON")]:
+        with pytest.raises(VBLoRAError, match=f"f.safetensors \\(its config\\): {message}"):
+            parse_config(text, "f.safetensors (its config)")
+
+
+def test_a_failed_write_under_to_lora_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors reports a full disk as SafetensorError, which is no OSError."""
+    import safetensors.torch
+    from vblora_rs.cli import main
+
+    class SafetensorError(Exception):
+        pass
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    adapter = save_adapter("opt", tmp_path / "adapter", seed=1)
+    assert main(["to-lora", str(adapter), "-o", str(tmp_path / "lora")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "lora: writing" in err
+    assert not (tmp_path / "lora").exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_hugging_face_cache_snapshot_of_links_merges(tmp_path: Path) -> None:
+    """Hub downloads are links from snapshots/REV/ into the repository's blobs/: those are followed."""
+    saved = save_base("opt", tmp_path / "saved")
+    adapter = save_adapter("opt", tmp_path / "adapter", seed=1)
+    repo = tmp_path / "hub" / "models--x--opt"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(saved.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert run_cli(snapshot, adapter, "-o", tmp_path / "out") == 0
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(saved))
+    assert not any((tmp_path / "out" / n).is_symlink() for n in os.listdir(tmp_path / "out"))

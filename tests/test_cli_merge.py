@@ -89,6 +89,11 @@ def assert_matches(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
             scale = float(want.abs().max())  # the base weight dominates the sum
             torch.testing.assert_close(got, want, **tolerances.delta(got.dtype, n=4, scale=scale), msg=name)
             continue
+        if not tolerances.same_bits_as_torch():  # the portable path rounds the float32 sums differently
+            f32 = tolerances.delta(torch.float32, 4, float(want.float().abs().max()))["atol"]
+            ulp = torch.finfo(want.dtype).eps * want.float().abs()
+            assert ((got.float() - want.float()).abs() <= 2 * ulp + f32).all(), name
+            continue
         ulps = ulp_distance(got, want)
         assert int(ulps.max()) <= 2, name
         total += ulps.numel()

@@ -95,3 +95,20 @@ def probable(dtype: torch.dtype, n: int, depth: int = 1, scale: float = 1.0) -> 
     the rounding of the inputs to ``dtype`` (one ``u``)."""
     bound = (LAMBDA * math.sqrt(n) * depth + 1) * unit_roundoff(dtype)
     return {"rtol": bound, "atol": bound * scale}
+
+
+def same_bits_as_torch() -> bool:
+    """Whether the kernels run the arithmetic torch's CPU kernels run, bit for bit: only on the AVX2+FMA path
+    (README, "How it is built"). On the portable path (``VBLORA_RS_SIMD=portable``, CPUs without FMA) the same
+    sums are rounded differently, so bit-parity tests compare within the reordering bound there."""
+    from vblora_rs import _native
+
+    return _native.simd_level() == "avx2+fma"
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, tol: dict[str, float], msg: str = "") -> None:
+    """Bit-identical where :func:`same_bits_as_torch`, else within ``tol``."""
+    if same_bits_as_torch():
+        assert torch.equal(got, want), msg
+    else:
+        torch.testing.assert_close(got, want, **tol, msg=msg or None)
