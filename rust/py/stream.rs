@@ -53,9 +53,6 @@ fn factors_dict(
     py: Python<'_>,
     modules: std::collections::BTreeMap<String, stream::Module>,
 ) -> PyResult<Bound<'_, PyDict>> {
-    // A Ctrl-C that arrived while the GIL was released surfaces here as KeyboardInterrupt, before
-    // any numpy call runs Python code with the interrupt pending.
-    py.check_signals()?;
     let out = PyDict::new(py);
     for (module, m) in modules {
         if let Some(f) = m.factors {
