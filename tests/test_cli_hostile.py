@@ -152,6 +152,7 @@ def test_a_repeated_index_is_refused_by_every_reader(tmp_path: Path) -> None:
         ({"layers_to_transform": ["0"]}, "layers_to_transform must be an integer or a list of integers"),
         ({"target_modules": "(.+)+X"}, "nests repetitions"),
         ({"target_modules": "(q_proj"}, "is not a valid regular expression"),
+        ({"layers_pattern": "(.+)+"}, "layers_pattern .* makes a regex that nests repetitions"),
         ({"fan_in_fan_out": "false"}, "fan_in_fan_out must be true or false"),
         ({"topk": 300, "num_vectors": 256}, "topk=300 is above num_vectors=256"),
     ],

@@ -100,6 +100,11 @@ def check_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     if pattern is not None and not isinstance(pattern, str):
         if not isinstance(pattern, list) or not all(isinstance(v, str) for v in pattern):
             raise VBLoRAError(f"{source}: layers_pattern must be a string or a list of strings, got {pattern!r}")
+    for part in [pattern] if isinstance(pattern, str) else pattern or []:
+        # PEFT places each pattern inside a regex of its own, matched against every module name
+        problem = regex_problem(rf".*\.{part}\.(\d+)\.")
+        if problem:
+            raise VBLoRAError(f"{source}: layers_pattern {part!r} makes a regex that {problem}")
     return config
 
 
