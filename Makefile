@@ -26,7 +26,7 @@ py-test-portable:
 
 # Mutation fuzzing of adapter files through from_pretrained, vblora merge, inspect and to-lora, outcomes counted:
 # anything but success or an error naming the input fails the run.
-FUZZ_MUTANTS ?= 2000
+FUZZ_MUTANTS ?= 5000
 fuzz:
 	VBLORA_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PYTHON) -m pytest -q -p no:cacheprovider -s tests/test_fuzz.py
 
