@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test install install-test rust-test py-test py-test-peft-oldest lint wheel
+.PHONY: demo test install install-test rust-test py-test py-test-portable py-test-peft-oldest fuzz lint wheel
 
 install:
 	$(PIP) install --quiet --progress-bar off .
@@ -30,6 +30,18 @@ py-test-peft-oldest:
 	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_parity_peft.py \
 		tests/test_model.py tests/test_checkpoint.py tests/test_compact.py tests/test_layer_dtypes.py \
 		tests/test_peft_model_level.py
+
+
+# The suite again on the portable SIMD loops and one thread: paths only some CPUs or thread counts take.
+py-test-portable:
+	VBLORA_RS_SIMD=portable OMP_NUM_THREADS=1 RAYON_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider
+
+# Mutation fuzzing of adapter files through from_pretrained, vblora merge, inspect and to-lora, outcomes counted:
+# anything but success or an error naming the input fails the run.
+FUZZ_MUTANTS ?= 5000
+fuzz:
+	VBLORA_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PYTHON) -m pytest -q -p no:cacheprovider -s tests/test_fuzz.py
+
 
 test: install-test rust-test py-test py-test-peft-oldest
 

@@ -49,6 +49,13 @@ pub enum KernelError {
         value: i64,
         bound: usize,
     },
+    /// A finite value of `arg` became infinite or NaN at `(row, col)`: the result overflows `dtype`.
+    Overflow {
+        arg: &'static str,
+        row: usize,
+        col: usize,
+        dtype: &'static str,
+    },
     /// The thread pool could not be built.
     ThreadPool(String),
     /// The OpenMP runtime at `path` cannot run the kernels (`why`).
@@ -93,6 +100,15 @@ impl fmt::Display for KernelError {
                 value,
                 bound,
             } => write!(f, "{arg} row {row} holds {value}, outside [0, {bound})"),
+            KernelError::Overflow {
+                arg,
+                row,
+                col,
+                dtype,
+            } => write!(
+                f,
+                "{arg} at ({row}, {col}) is finite but its merged value is not: the result overflows {dtype}"
+            ),
             KernelError::ThreadPool(msg) => write!(f, "could not build the thread pool: {msg}"),
             KernelError::OpenMp { path, why } => {
                 write!(f, "cannot use the OpenMP runtime {path}: {why}")

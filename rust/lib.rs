@@ -82,6 +82,7 @@ pub mod matrix;
 pub mod merge;
 pub mod packed;
 mod simd;
+pub mod stored_topk;
 pub mod stream;
 pub mod threads;
 pub mod topk;

@@ -19,7 +19,8 @@ with warnings.catch_warnings():
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads unless the run asks for its own count (`make py-test-portable` runs on one)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
 
 class MLP(nn.Module):

@@ -182,7 +182,8 @@ def test_plot_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["inspect", str(path), "--plot", str(tmp_path / "usage.png")]) == 0
     assert (tmp_path / "usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".plot.")]
-    assert "bank usage:" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "bank usage:" in out.out and f"wrote {tmp_path / 'usage.png'}" in out.err
 
 
 def test_plot_without_matplotlib(
@@ -197,7 +198,7 @@ def test_plot_without_matplotlib(
 
 def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path / "missing")]) == 1
-    assert f"{tmp_path / 'missing'}: no such adapter folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'}: does not exist" in capsys.readouterr().err
     path = saved_pair(tmp_path, "llama")["topk"]
     key = "base_model.model.model.layers.1.mlp.up_proj.vblora_logits_B_topk_indices"
     tensors = load_file(path / "adapter_model.safetensors")
@@ -208,7 +209,7 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.out == "" and f"{path}/adapter_model.safetensors: tensor {key} has dtype torch.float32" in out.err
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "VBLORA", "topk": 0}))
     assert main(["inspect", str(path)]) == 1
-    assert "invalid VB-LoRA config" in capsys.readouterr().err
+    assert "topk must be an integer from 1 to" in capsys.readouterr().err
 
 
 def test_adapter_saved_by_vblora_rs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -80,7 +81,7 @@ def test_two_process_step_equals_one_process_full_batch(tmp_path: Path) -> None:
         assert got.keys() == expected.keys()
         for key in expected:
             # the averaged gradient of two half-batch means is the full-batch mean's gradient
-            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+            torch.testing.assert_close(got[key], expected[key], **tolerances.model("llama", backward=True), msg=key)
     # and the step did move the adapter
     (bank_key,) = [k for k in expected if k.endswith("vblora_vector_bank.default")]
     assert not torch.equal(expected[bank_key], build().base_model.vblora_vector_bank["default"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import tolerances
 import torch
 from conftest import make_gpt2, make_mlp
 from peft.utils import ModulesToSaveWrapper
@@ -14,7 +15,8 @@ from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, VBLoRAError, get_peft_model
 
 NAMES = ["default", "second", "__base__", "default", "second", "second"]
-TOL = {"atol": 1e-5, "rtol": 1e-5}  # matmul rounding over different row counts
+# matmul rounding over different row counts, through the deepest of the models tested here
+TOL = max((tolerances.model(case) for case in ECOSYSTEM), key=lambda t: t["rtol"])
 
 
 def with_adapters(case: str, compact_second: bool = False) -> nn.Module:

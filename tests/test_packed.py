@@ -296,11 +296,11 @@ def test_half_rounding_keeps_every_row_a_valid_softmax_prefix(tmp_path: Path) ->
         (lambda t: t.__setitem__("x.vblora_logits_B", torch.zeros(1)), "x.vblora_logits_B has no matching"),
         (
             lambda t: t.__setitem__("base_model.model.lin0.vblora_logits_A_topk_indices", torch.full((2, 2, 2), 30)),
-            r"index 0 \(sub-vector 0, lin0.vblora_logits_A\[0, 0\], slot 0\) is 30, outside \[0, 30\)",
+            r"argument `indices` row 0 \(lin0.vblora_logits_A\[0, 0\]\) holds index 30, outside \[0, 30\)",
         ),
         (
             lambda t: t.__setitem__("base_model.model.lin0.vblora_logits_A_topk_weights", torch.full((2, 2, 1), 1.5)),
-            r"argument `weights` row 0 \(lin0.vblora_logits_A\[0, 0\]\) sums to 1.5",
+            r"argument `weights` row 0 \(lin0.vblora_logits_A\[0, 0\]\) has weights summing to 1.5",
         ),
     ],
 )
@@ -333,7 +333,7 @@ def test_full_logits_need_conversion(tmp_path: Path) -> None:
 def test_binding_checks_its_arguments(tmp_path: Path) -> None:
     path = str(tmp_path / "x.safetensors")
     meta = {"indices_dtype": "uint8", "key_prefix": "", "config": "{}"}
-    idx, bank = np.zeros((6, 2), np.int64), np.zeros((4, 3), np.float32)
+    idx, bank = np.tile(np.array([0, 1], np.int64), (6, 1)), np.zeros((4, 3), np.float32)
     ok = np.full((6, 1), 0.5, np.float32)
     assert _native.encode_packed(path, meta, [("m", 1, 2, 4)], idx, ok, bank, []) == os.path.getsize(path)
     with pytest.raises(VBLoRAError, match=r"weights has shape \(1, 6\), expected \(6, 1\)"):

@@ -126,21 +126,47 @@ def safetensors_header(
     shape)}, __metadata__ or None, bytes of data)``, tensors in data order, dtypes as safetensors names
     (``"F32"``, ``"BF16"``, ...). A damaged file raises :class:`VBLoRAError` naming it."""
 
-def adapter_factors(
+def adapter_shapes(
     path: str | os.PathLike[str], topk: int, num_vectors: int, vector_length: int, num_threads: int
+) -> dict[str, tuple[int, int, int]]:
+    """``{module: (rank, fan_in, fan_out)}`` of a PEFT VB-LoRA ``adapter_model.safetensors`` after validating
+    the whole file (shapes against the config, top-K rows by the one rule of ``check_topk_rows``, logits free
+    of NaN and +inf, a finite bank, no stray tensors), in time and memory linear in the file; no factor is
+    built. Errors name the file and tensor."""
+
+def adapter_factors(
+    path: str | os.PathLike[str],
+    topk: int,
+    num_vectors: int,
+    vector_length: int,
+    num_threads: int,
+    modules: list[str] | None = None,
 ) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
-    """Low-rank factors of every module of a PEFT VB-LoRA ``adapter_model.safetensors`` (full logits or
-    top-K), keyed by the stored module path (``base_model.model.<module>``): ``(A (r, in), B (out, r))``
-    float32, so that PEFT's delta is ``B @ A``. Top-K rows are decoded as PEFT loads them (weights
-    ``[w, 1 - sum(w)]``, their logs ordered largest first, softmax). Every tensor is validated (shapes
-    against the config, indices in range, weights finite, >= 0 and summing to at most 1, no stray
-    tensors such as trained biases); errors name the file and tensor."""
+    """Low-rank factors of ``modules`` (every module when None) of a PEFT VB-LoRA ``adapter_model.safetensors``
+    (full logits or top-K), keyed by the stored module path (``base_model.model.<module>``):
+    ``(A (r, in), B (out, r))`` float32, so that PEFT's delta is ``B @ A``. Top-K rows are decoded as PEFT loads
+    them (weights ``[w, 1 - sum(w)]``, their logs ordered largest first, softmax). The file is validated as by
+    :func:`adapter_shapes`; check the shapes against the model first, since factors can be far larger than
+    the file."""
+
+def packed_adapter_shapes(
+    path: str | os.PathLike[str], num_threads: int
+) -> tuple[str, dict[str, tuple[int, int, int]]]:
+    """Like :func:`adapter_shapes` for a packed adapter file: the ``adapter_config.json`` text the file carries,
+    and ``{module: (rank, fan_in, fan_out)}``."""
 
 def packed_adapter_factors(
-    path: str | os.PathLike[str], num_threads: int
+    path: str | os.PathLike[str], num_threads: int, modules: list[str] | None = None
 ) -> tuple[str, dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]]:
     """Like :func:`adapter_factors` for a packed adapter file (``adapter_packed.safetensors``, fully checked by
     the packed decoder): the ``adapter_config.json`` text the file carries, and ``{module: (A, B)}``."""
+
+def check_topk_rows(
+    indices: npt.NDArray[np.int64], weights: npt.NDArray[np.float32], num_vectors: int
+) -> tuple[int, str, str] | None:
+    """The first bad row of stored top-K ``indices (rows, k)`` and ``weights (rows, k - 1)`` (C-contiguous)
+    as ``(row, "indices" | "weights", reason)``, or None: every index in ``[0, num_vectors)``, none repeated
+    within a row, every weight finite and >= 0, a row's weights summing (in float64) to at most 1 + 1e-6."""
 
 def merge_safetensors(
     src: str | os.PathLike[str],

@@ -4,22 +4,24 @@
 logits or top-K), checks every VB-LoRA tensor against the config, and groups the tensors by module.
 :func:`module_factors` turns each module into plain LoRA factors ``A (r, in)`` and ``B (out, r)``.
 
-Weight files are found by name (:data:`WEIGHT_READERS`): a new file format is one more entry there, whose
-reader returns the config and the tensors under PEFT's checkpoint keys.
+Adapters are found by the one locator (:mod:`.storage.locate`); each kind has a reader returning the config and
+the tensors under PEFT's checkpoint keys.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from . import ops
-from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, WEIGHTS_NAME, read_safetensors
-from .config import CONFIG_NAME, PACKED_WEIGHTS_NAME, VBLoRAConfig
+from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, read_safetensors
+from .config import CONFIG_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .storage.config_file import read_config
+from .storage.locate import locate
 from .tuner import topk_table as compact
 
 __all__ = ["AdapterFile", "ModuleEntry", "module_factors", "read_adapter"]
@@ -29,7 +31,7 @@ LOGITS_A = ".vblora_logits_A"
 LOGITS_B = ".vblora_logits_B"
 FULL = "full"
 TOPK = "topk"
-PACKED = "packed"
+PACKED = "packed"  # the storage kind, as storage.locate names the packed file kind
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -95,6 +97,7 @@ class AdapterFile:
 
 
 def _read_peft(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+    read_config(os.path.join(folder, CONFIG_NAME))  # types, bounds, regexes, JSON depth: before anything else
     return VBLoRAConfig.from_pretrained(folder), read_safetensors(weights_path)
 
 
@@ -104,42 +107,16 @@ def _read_packed(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str
     return read_packed(weights_path)  # the config travels inside the packed file
 
 
-# Weight file name -> reader of (config, tensors under PEFT's keys), tried in this order.
-WEIGHT_READERS: dict[str, Callable[[str, str], tuple[VBLoRAConfig, dict[str, torch.Tensor]]]] = {
-    WEIGHTS_NAME: _read_peft,
-    PACKED_WEIGHTS_NAME: _read_packed,
-}
-
-
-def _locate(path: str) -> tuple[str, str]:
-    """The adapter folder and its weights file, from the folder or from one of its files."""
-    if os.path.isdir(path):
-        for name in WEIGHT_READERS:
-            if os.path.isfile(os.path.join(path, name)):
-                return path, os.path.join(path, name)
-        names = " or ".join(WEIGHT_READERS)
-        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-            raise VBLoRAError(f"{path}: not an adapter folder (no {CONFIG_NAME}, no {names})")
-        raise VBLoRAError(f"{path}: no {names} found")
-    if os.path.isfile(path):
-        folder = os.path.dirname(path) or "."
-        if os.path.basename(path) in WEIGHT_READERS:
-            return folder, path
-        if os.path.basename(path) == CONFIG_NAME:
-            return _locate(folder)
-        raise VBLoRAError(f"{path}: expected an adapter folder or its {' or '.join(WEIGHT_READERS)}")
-    raise VBLoRAError(f"{path}: no such adapter folder")
-
-
 def read_adapter(path: Union[str, os.PathLike]) -> AdapterFile:
-    """Read and check a VB-LoRA adapter folder (or its weights file). Bad input raises VBLoRAError naming the
-    file and the tensor at fault."""
-    folder, weights_path = _locate(os.fspath(path))
-    config, tensors = WEIGHT_READERS[os.path.basename(weights_path)](folder, weights_path)
-    storage, modules = _index(config, tensors, weights_path)
-    if os.path.basename(weights_path) == PACKED_WEIGHTS_NAME:
+    """Read and check a VB-LoRA adapter (anything :func:`.storage.locate.locate` accepts). Bad input raises
+    VBLoRAError naming the file and the tensor at fault."""
+    found = locate(path)
+    read = _read_packed if found.kind == PACKED else _read_peft
+    config, tensors = read(found.folder, found.weights_path)
+    storage, modules = _index(config, tensors, found.weights_path)
+    if found.kind == PACKED:
         storage = PACKED  # top-K data, in the packed file
-    return AdapterFile(config, tensors, weights_path, storage, modules)
+    return AdapterFile(config, tensors, found.weights_path, storage, modules)
 
 
 # --- checking -----------------------------------------------------------------------------------------
@@ -270,11 +247,13 @@ def _check_topk(
 def module_factors(adapter: AdapterFile, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (A (r, in), B (out, r))}`` in float32, equal to PEFT's ``_get_lora_matrices`` of the adapter.
     ``progress`` shows a bar (on stderr) once the work has taken a second."""
-    from tqdm import tqdm
+    from .progress import bar
 
     config, bank = adapter.config, adapter.bank
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in tqdm(adapter.modules, desc="modules", unit="module", delay=1.0, disable=not progress):
+    shown = bar(len(adapter.modules), "modules", unit="module", enabled=progress)
+    for name in adapter.modules:
+        shown.update(1)
         try:
             if adapter.storage == FULL:
                 logits_A, logits_B = adapter.logits(name)
@@ -287,4 +266,5 @@ def module_factors(adapter: AdapterFile, progress: bool = False) -> dict[str, tu
         except VBLoRAError as exc:
             raise VBLoRAError(f"{adapter.weights_path}: module {name}: {exc}") from None
         out[name] = (A.contiguous(), B.contiguous())
+    shown.close()
     return out

@@ -1,15 +1,18 @@
 """``vblora merge`` without torch: plan the merge of VB-LoRA adapters into a safetensors model, check
 everything, then stream it shard by shard through the Rust writer.
 
-Planning reads only the base's safetensors headers and the adapters (configs and their few megabytes of
-factors), maps each adapted module to one base tensor, and checks names, shapes, dtypes and the adapters'
-agreement before a single byte is written. Writing goes into a temporary folder next to the output, which
-is renamed into place at the end; any error or Ctrl-C removes it, so the output is whole or absent. The
-base folder is only ever read.
+Planning reads only the base's safetensors headers and the adapters (validated whole, in time and memory
+linear in their files, but no factor built yet), maps each adapted module to one base tensor, and checks names,
+shapes, dtypes and the adapters' agreement before a single byte is written. Whether a weight is stored
+transposed (``fan_in_fan_out``) is decided per layer from the base model's type, as PEFT decides it from the
+layer class, never from the adapter's config. Writing builds the factors of one shard's tensors at a time
+(memory bounded by that shard's adapted weights) into a temporary folder next to the output, moved into place
+in one step at the end (:mod:`.storage.atomic`); any error or Ctrl-C removes it, so the output is whole or
+absent. The base folder is only ever read.
 
 Several adapters merge in one pass: their factors stack along the rank, ``u = [w1 B1 | w2 B2 ...]``,
-``v = [A1; A2; ...]`` (transposed for ``fan_in_fan_out`` models such as GPT-2's Conv1D), so each weight is
-read, updated with one rounding and written once.
+``v = [A1; A2; ...]`` (transposed for layers stored ``(in, out)``, GPT-2's Conv1D), so each weight is read,
+updated with one rounding and written once.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from . import _native
-from .config import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 from .errors import VBLoRAError
+from .storage import atomic, finite
+from .storage.config_file import parse_config, read_config
+from .storage.json_file import read_object
+from .storage.locate import PACKED, locate
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,12 +41,26 @@ PEFT_PREFIX = "base_model.model."
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 FLOAT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 MERGEABLE = ("F32", "F16", "BF16")
-# PEFT's VBLoRAConfig defaults, used where a config leaves a field out (as PEFT itself does).
-CONFIG_DEFAULTS = {"topk": 2, "num_vectors": 256, "vector_length": 256, "fan_in_fan_out": False}
 # Weight files in other formats hold the unmerged weights: never copied into the output.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors")
+# What a transformers model folder needs besides its weights: configs, tokenizer and processor files, remote
+# code, the model card and license. Anything else (dotfiles such as an .hf_token, notes, archives) stays behind.
+MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken", ".md")
+MODEL_FILE_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
+# transformers model types whose layers of these names are Conv1D, weights stored (in, out): PEFT sets
+# fan_in_fan_out for them whatever the config says; every other adapted layer is an nn.Linear, stored (out, in).
+CONV1D_LAYERS: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),
+    "decision_transformer": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),
+    "imagegpt": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "clvp": frozenset({"c_fc", "c_proj"}),
+}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Factors = tuple[np.ndarray, np.ndarray]
+# (rank, fan_in, fan_out) of a module's A (rank, fan_in) and B (fan_out, rank)
+Shape = tuple[int, int, int]
 
 
 @dataclass
@@ -58,15 +78,34 @@ class Base:
     index: Optional[dict]
     # tensor name -> its shard
     where: dict[str, Shard]
+    # config.json's model_type ("" without one): decides which layers are stored transposed
+    model_type: str = ""
 
 
 @dataclass
 class Adapter:
     path: str
-    fan_in_fan_out: bool
+    config: dict
     weight: float
-    # stored module path -> (A (r, in), B (out, r)), float32
-    factors: dict[str, Factors]
+    # stored module path -> (rank, fan_in, fan_out)
+    shapes: dict[str, Shape]
+    packed: bool
+
+    def factors(self, modules: list[str], num_threads: int) -> dict[str, Factors]:
+        """``{module: (A (r, in), B (out, r))}`` in float32 for ``modules`` only."""
+        if self.packed:
+            return _native.packed_adapter_factors(self.path, num_threads, modules)[1]
+        c = self.config
+        return _native.adapter_factors(self.path, c["topk"], c["num_vectors"], c["vector_length"], num_threads, modules)
+
+
+@dataclass
+class Part:
+    """One adapter's module merged into one base tensor."""
+
+    adapter: Adapter
+    module: str
+    transposed: bool  # the base stores this layer (in, out)
 
 
 @dataclass
@@ -74,8 +113,8 @@ class Plan:
     base: Base
     adapters: list[Adapter]
     out_dtype: Optional[str]
-    # shard name -> {tensor name: (u, v)}
-    updates: dict[str, dict[str, Factors]]
+    # shard name -> {tensor name: the parts merged into it}
+    updates: dict[str, dict[str, list[Part]]]
     # other files of the base copied as they are (config.json gets the new dtype with --dtype)
     extra_files: list[str]
     notes: list[str] = field(default_factory=list)
@@ -92,19 +131,6 @@ class Plan:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as exc:
-        raise VBLoRAError(f"{path}: file not found") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VBLoRAError(f"{path}: not a readable JSON file: {exc}") from exc
-    if not isinstance(data, dict):
-        raise VBLoRAError(f"{path}: expected a JSON object")
-    return data
-
-
 def _shard(folder: str, name: str) -> Shard:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
@@ -115,18 +141,22 @@ def _shard(folder: str, name: str) -> Shard:
 
 def read_base(folder: str) -> Base:
     """The base model's shards (headers only) and index."""
+    if not os.path.exists(folder):
+        raise VBLoRAError(f"{folder}: the folder does not exist")
     if not os.path.isdir(folder):
         raise VBLoRAError(f"{folder}: not a folder (BASE must be a transformers model folder)")
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index_path):
-        index = _read_json(index_path)
+        index = read_object(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise VBLoRAError(f"{index_path}: no weight_map")
-        names = sorted(set(weight_map.values()), key=str)
-        for name in names:
+        for tensor, name in weight_map.items():
             if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-                raise VBLoRAError(f"{index_path}: shard name {name!r} is not a file name in this folder")
+                raise VBLoRAError(
+                    f"{index_path}: weight_map places {tensor} in {name!r}, not a file name in this folder"
+                )
+        names = sorted(set(weight_map.values()))
         shards = [_shard(folder, name) for name in names]
         by_name = {s.name: s for s in shards}
         for tensor, name in weight_map.items():
@@ -145,51 +175,37 @@ def read_base(folder: str) -> Base:
             if tensor in where:
                 raise VBLoRAError(f"{shard.path}: tensor {tensor} is also in {where[tensor].path}")
             where[tensor] = shard
-    return Base(folder, shards, index, where)
+    model_type = ""
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        value = read_object(config_path).get("model_type", "")
+        model_type = value if isinstance(value, str) else ""
+    return Base(folder, shards, index, where, model_type)
 
 
-def _packed_file(path: str) -> Optional[str]:
-    """The packed weights file of ``path`` (the file itself, or a folder holding one), else None."""
-    if os.path.isfile(path):
-        return path
-    candidate = os.path.join(path, PACKED_WEIGHTS_NAME)
-    if os.path.isfile(candidate) and not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return candidate
-    return None
-
-
-def read_adapter(folder: str, weight: float, num_threads: int) -> Adapter:
-    """An adapter's config and its factors (validated by the Rust reader): a PEFT folder, or a packed file or a
-    folder holding one (whose config travels inside the file)."""
-    packed = _packed_file(folder)
-    if packed is not None:
-        config_text, factors = _native.packed_adapter_factors(packed, num_threads)
-        config = {**CONFIG_DEFAULTS, **json.loads(config_text)}
-        _check_config(packed, config)
-        return Adapter(packed, bool(config["fan_in_fan_out"]), weight, factors)
-    config_path = os.path.join(folder, CONFIG_NAME)
-    config = {**CONFIG_DEFAULTS, **_read_json(config_path)}
-    _check_config(config_path, config)
-    weights_path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
-        raise VBLoRAError(f"{weights_path}: file not found")
-    factors = _native.adapter_factors(
-        weights_path, config["topk"], config["num_vectors"], config["vector_length"], num_threads
+def read_adapter(path: str, weight: float, num_threads: int) -> Adapter:
+    """An adapter's checked config and its modules' shapes, after the Rust reader validated the whole file
+    (no factor is built here). ``path`` is anything :func:`.storage.locate.locate` accepts."""
+    found = locate(path)
+    if found.kind == PACKED:
+        config_text, shapes = _native.packed_adapter_shapes(found.weights_path, num_threads)
+        config = parse_config(config_text, f"{found.weights_path} (its config)")
+        _check_mergeable(found.weights_path, config)
+        return Adapter(found.weights_path, config, weight, shapes, packed=True)
+    assert found.config_path is not None
+    config = read_config(found.config_path)
+    _check_mergeable(found.config_path, config)
+    shapes = _native.adapter_shapes(
+        found.weights_path, config["topk"], config["num_vectors"], config["vector_length"], num_threads
     )
-    return Adapter(weights_path, bool(config["fan_in_fan_out"]), weight, factors)
+    return Adapter(found.weights_path, config, weight, shapes, packed=False)
 
 
-def _check_config(config_path: str, config: dict) -> None:
-    peft_type = config.get("peft_type", "VBLORA")
-    if str(peft_type).upper() != "VBLORA":
-        raise VBLoRAError(f"{config_path}: peft_type is {peft_type!r}, not a VB-LoRA adapter")
-    if config.get("bias", "none") != "none":
+def _check_mergeable(config_path: str, config: dict) -> None:
+    if config["bias"] != "none":
         raise VBLoRAError(f"{config_path}: bias={config['bias']!r}: merging trained biases is not supported")
     if config.get("modules_to_save"):
         raise VBLoRAError(f"{config_path}: modules_to_save is set: merging those modules is not supported")
-    for key in ("topk", "num_vectors", "vector_length"):
-        if not isinstance(config[key], int) or isinstance(config[key], bool):
-            raise VBLoRAError(f"{config_path}: {key} must be an integer, got {config[key]!r}")
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -234,15 +250,23 @@ def _target(module: str, names: _Names, adapter: Adapter) -> str:
     return found[0]
 
 
-def _check_tensor(shard: Shard, name: str, module: str, adapter: Adapter, out_dtype: Optional[str]) -> None:
-    a, b = adapter.factors[module]
-    expected = (a.shape[1], b.shape[0]) if adapter.fan_in_fan_out else (b.shape[0], a.shape[1])
+def transposed_layer(model_type: str, tensor: str) -> bool:
+    """Whether the base stores the layer of weight ``tensor`` as ``(in, out)`` (a Conv1D), as PEFT decides
+    ``fan_in_fan_out`` from the layer class."""
+    parts = tensor.split(".")
+    layer = parts[-2] if len(parts) >= 2 else ""
+    return layer in CONV1D_LAYERS.get(model_type, frozenset())
+
+
+def _check_tensor(shard: Shard, name: str, part: Part, out_dtype: Optional[str]) -> None:
+    _, fan_in, fan_out = part.adapter.shapes[part.module]
+    expected = (fan_in, fan_out) if part.transposed else (fan_out, fan_in)
     dtype, shape = shard.tensors[name]
     if tuple(shape) != expected:
-        layout = "(in, out) as fan_in_fan_out=true says" if adapter.fan_in_fan_out else "(out, in)"
+        layout = "(in, out), a Conv1D layer" if part.transposed else "(out, in), a Linear layer"
         raise VBLoRAError(
-            f"{shard.path}: tensor {name} has shape {tuple(shape)}, but module {module} of {adapter.path} "
-            f"needs {expected}, {layout}"
+            f"{shard.path}: tensor {name} has shape {tuple(shape)}, but module {part.module} of "
+            f"{part.adapter.path} needs {expected}, {layout}"
         )
     effective = DTYPES[out_dtype] if out_dtype and dtype in FLOAT_SIZES else dtype
     if effective not in MERGEABLE:
@@ -251,12 +275,19 @@ def _check_tensor(shard: Shard, name: str, module: str, adapter: Adapter, out_dt
         )
 
 
-def _stack(parts: list[tuple[Adapter, Factors]]) -> Factors:
+def _stack(tensor: str, parts: list[tuple[Part, Factors]]) -> Factors:
     """``(u, v)`` with ``u @ v = sum_i w_i * delta_i`` in the base tensor's layout."""
     us, vs = [], []
-    for adapter, (a, b) in parts:
-        scaled_b = b if adapter.weight == 1.0 else b * np.float32(adapter.weight)
-        if adapter.fan_in_fan_out:  # W is (in, out): W += A^T @ B^T
+    for part, (a, b) in parts:
+        weight = part.adapter.weight
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled_b = b if weight == 1.0 else b * np.float32(weight)
+        problem = finite.overflow_problem(scaled_b)
+        if problem:
+            raise VBLoRAError(
+                f"{part.adapter.path}: module {part.module}: B scaled by --weights {weight} {problem}"
+            )
+        if part.transposed:  # W is (in, out): W += A^T @ B^T
             us.append(a.T)
             vs.append(scaled_b.T)
         else:  # W is (out, in): W += B @ A
@@ -267,23 +298,50 @@ def _stack(parts: list[tuple[Adapter, Factors]]) -> Factors:
     return u, v
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_allowed(base_path: str, real: str) -> bool:
+    """A symlinked file of the base may point inside BASE, or (a Hugging Face cache snapshot,
+    ``.../models--X/snapshots/REV``) into the same repository's ``blobs`` folder; nowhere else."""
+    base_real = os.path.realpath(base_path)
+    if _inside(real, base_real):
+        return True
+    snapshots = os.path.dirname(base_real)
+    if os.path.basename(snapshots) == "snapshots":
+        return _inside(real, os.path.join(os.path.dirname(snapshots), "blobs"))
+    return False
+
+
 def _extra_files(base: Base) -> tuple[list[str], list[str]]:
-    """Files of the base copied to the output, and notes on what is left out."""
+    """Files of the base copied to the output (what a model folder needs), and notes on what is left out."""
     shard_names = {s.name for s in base.shards}
     files, notes = [], []
     for name in sorted(os.listdir(base.path)):
         path = os.path.join(base.path, name)
         if name in shard_names or name == INDEX_FILE:
             continue
-        if not os.path.isfile(path):
-            notes.append(f"not copied (a folder): {path}")
+        if name.startswith("."):
+            notes.append(f"not copied (a hidden file): {path}")
+        elif os.path.islink(path) and not _link_allowed(base.path, os.path.realpath(path)):
+            notes.append(f"not copied (a link out of BASE): {path}")
+        elif not os.path.isfile(path):
+            notes.append(f"not copied (not a regular file): {path}")
         elif name.endswith(OTHER_WEIGHTS) or name.endswith(".index.json"):
             notes.append(f"not copied (weights in another format, unmerged): {path}")
+        elif not (name.endswith(MODEL_FILE_SUFFIXES) or name.startswith(MODEL_FILE_PREFIXES)):
+            notes.append(f"not copied (not a model, tokenizer or processor file): {path}")
         elif not os.access(path, os.R_OK):
             raise VBLoRAError(f"{path}: not readable")
         else:
             files.append(name)
     return files, notes
+
+
+def _float32_weight(weight: float) -> None:
+    if not math.isfinite(weight) or abs(weight) > FLOAT32_MAX:
+        raise VBLoRAError(f"--weights must be finite float32 values (at most {FLOAT32_MAX:.4g}), got {weight}")
 
 
 def plan_merge(
@@ -300,34 +358,36 @@ def plan_merge(
         weights = [1.0] * len(adapter_dirs)
     if len(weights) != len(adapter_dirs):
         raise VBLoRAError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
-    if not all(math.isfinite(w) for w in weights):
-        raise VBLoRAError(f"--weights must be finite numbers, got {weights}")
+    for w in weights:
+        _float32_weight(w)
     if out_dtype is not None and out_dtype not in DTYPES:
         raise VBLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {out_dtype!r}")
     base = read_base(base_dir)
     adapters = [read_adapter(d, w, num_threads) for d, w in zip(adapter_dirs, weights)]
-    for adapter in adapters[1:]:
-        if adapter.fan_in_fan_out != adapters[0].fan_in_fan_out:
-            raise VBLoRAError(
-                f"{adapter.path} has fan_in_fan_out={adapter.fan_in_fan_out} but {adapters[0].path} has "
-                f"{adapters[0].fan_in_fan_out}: they cannot both fit this model's weights"
-            )
     names = _Names(list(base.where))
-    per_tensor: dict[str, list[tuple[Adapter, Factors]]] = {}
+    per_tensor: dict[str, list[Part]] = {}
+    notes: list[str] = []
     for adapter in adapters:
         seen: dict[str, str] = {}
-        for module in adapter.factors:
+        said = adapter.config["fan_in_fan_out"]
+        for module in adapter.shapes:
             target = _target(module, names, adapter)
             if target in seen:
                 raise VBLoRAError(f"{adapter.path}: modules {seen[target]} and {module} both map to {target}")
             seen[target] = module
-            _check_tensor(base.where[target], target, module, adapter, out_dtype)
-            per_tensor.setdefault(target, []).append((adapter, adapter.factors[module]))
-    updates: dict[str, dict[str, Factors]] = {}
+            part = Part(adapter, module, transposed_layer(base.model_type, target))
+            if part.transposed != said and not any(adapter.path in n for n in notes):
+                notes.append(
+                    f"{adapter.path}: fan_in_fan_out={str(said).lower()} in its config is ignored: the layer type "
+                    f"decides, as in PEFT ({target} is stored {'(in, out)' if part.transposed else '(out, in)'})"
+                )
+            _check_tensor(base.where[target], target, part, out_dtype)
+            per_tensor.setdefault(target, []).append(part)
+    updates: dict[str, dict[str, list[Part]]] = {}
     for target, parts in per_tensor.items():
-        updates.setdefault(base.where[target].name, {})[target] = _stack(parts)
-    files, notes = _extra_files(base)
-    return Plan(base, adapters, out_dtype, updates, files, notes)
+        updates.setdefault(base.where[target].name, {})[target] = parts
+    files, file_notes = _extra_files(base)
+    return Plan(base, adapters, out_dtype, updates, files, notes + file_notes)
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -369,7 +429,7 @@ def _copy_extra(plan: Plan, folder: str) -> None:
     for name in plan.extra_files:
         src, dst = os.path.join(plan.base.path, name), os.path.join(folder, name)
         if name == "config.json" and plan.out_dtype:
-            config = _read_json(src)
+            config = read_object(src)
             # transformers 5 writes "dtype", older versions "torch_dtype"; from_pretrained(dtype="auto") reads it.
             config["dtype"] = plan.out_dtype
             if "torch_dtype" in config:
@@ -377,24 +437,27 @@ def _copy_extra(plan: Plan, folder: str) -> None:
             _write_json(dst, config)
         else:
             shutil.copyfile(src, dst)
+        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))  # a private file stays private
 
 
-def _install(tmp: str, out: str) -> None:
-    """Rename the finished ``tmp`` to ``out``, replacing what is there (the caller checked --force)."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    parent = os.path.dirname(os.path.abspath(out))
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-    moved = os.path.join(old, "previous")
-    os.rename(out, moved)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(moved, out)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def shard_updates(plan: Plan, shard: str, num_threads: int = 0) -> dict[str, Factors]:
+    """``{tensor: (u, v)}`` of one shard: the factors of the modules merged into it, built now (memory: this
+    shard's adapted weights, not the whole model's)."""
+    tensors = plan.updates.get(shard, {})
+    wanted: dict[int, list[str]] = {}
+    for parts in tensors.values():
+        for part in parts:
+            wanted.setdefault(id(part.adapter), []).append(part.module)
+    built: dict[tuple[int, str], Factors] = {}
+    for adapter in plan.adapters:
+        modules = wanted.get(id(adapter))
+        if modules:
+            for module, factors in adapter.factors(modules, num_threads).items():
+                built[(id(adapter), module)] = factors
+    return {
+        tensor: _stack(tensor, [(p, built[(id(p.adapter), p.module)]) for p in parts])
+        for tensor, parts in tensors.items()
+    }
 
 
 def write_merged(
@@ -405,19 +468,18 @@ def write_merged(
     force: bool = False,
 ) -> None:
     """Stream every shard of the base with the plan's updates into a temporary folder next to ``out``,
-    add the index and the other files, then move it to ``out`` (replacing it only with ``force``). On any
-    error, nothing is left behind and an existing ``out`` is kept."""
+    add the index and the other files, then move it to ``out`` in one step (replacing it only with ``force``;
+    without it, an ``out`` that another run created meanwhile makes this one fail). On any error, nothing is
+    left behind and an existing ``out`` is kept."""
     check_output(out, plan.base.path, [os.path.dirname(a.path) for a in plan.adapters], force)
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = atomic.temp_folder(out)
     try:
         for shard in plan.base.shards:
             _native.merge_safetensors(
                 shard.path,
                 os.path.join(tmp, shard.name),
-                plan.updates.get(shard.name, {}),
+                shard_updates(plan, shard.name, num_threads),
                 plan.out_dtype,
                 num_threads,
                 progress,
@@ -425,10 +487,8 @@ def write_merged(
         if plan.base.index is not None:
             _write_json(os.path.join(tmp, INDEX_FILE), _output_index(plan))
         _copy_extra(plan, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private
-        _install(tmp, out)
+        atomic.usual_mode(tmp, folder=True)  # mkdtemp's 0700 would make the model private
+        atomic.install(tmp, out, replace=force)  # Ctrl-C waits for it: "interrupted" means nothing was written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

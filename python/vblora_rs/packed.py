@@ -23,6 +23,9 @@ from . import _native, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .storage import atomic
+from .storage.config_file import check_config
+from .storage.json_file import parse_object
 from .tuner import topk_table as compact
 
 __all__ = [
@@ -205,13 +208,14 @@ def _layer_errors(
     layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor, progress: bool = False
 ) -> dict[str, float]:
     """Per module, max |B@A - B'@A'| (float32) between the original and the half-stored adapter."""
-    from tqdm import tqdm
+    from .progress import bar
 
     errors: dict[str, float] = {}
     k = layout.indices.shape[1]
     at = 0
-    modules = tqdm(layout.modules, desc="half-precision error", unit="layer", delay=1.0, disable=not progress)
-    for path, r, in_sub, out_sub in modules:
+    shown = bar(len(layout.modules), "half-precision error", unit="layer", enabled=progress)
+    for path, r, in_sub, out_sub in layout.modules:
+        shown.update(1)
         n_a, n_b = r * in_sub, out_sub * r
         idx_a = layout.indices[at : at + n_a].reshape(r, in_sub, k)
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
@@ -226,6 +230,7 @@ def _layer_errors(
         (A, B), (A2, B2) = factors
         errors[path] = _max_delta_difference(A, B, A2, B2)
         at += n_a + n_b
+    shown.close()
     return errors
 
 
@@ -298,6 +303,7 @@ def write_packed(
         if source is None or not message.startswith(f"{path}: argument "):
             raise
         raise VBLoRAError(f"{source}: {message[len(path) + 2 :]}") from None
+    atomic.usual_mode(path)  # the encoder's temporary file was private
     bank_bytes = bank.numel() * bank.element_size()
     indices_bytes = (layout.indices.numel() * _index_bits(config.num_vectors) + 7) // 8
     weights_bytes = weights.numel() * weights.element_size()
@@ -321,12 +327,8 @@ def _index_bits(num_vectors: int) -> int:
 def _config_from_metadata(path: str, decoded: dict) -> VBLoRAConfig:
     meta = decoded["metadata"]
     source = f"{path} (metadata field `config`)"
-    try:
-        data = json.loads(meta["config"])
-    except json.JSONDecodeError as exc:
-        raise VBLoRAError(f"{source}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise VBLoRAError(f"{source}: expected a JSON object")
+    data = parse_object(meta["config"], source)
+    check_config(data, source)
     config = VBLoRAConfig.from_dict(data, source=source)
     for name in ("num_vectors", "vector_length", "topk"):
         if getattr(config, name) != decoded[name]:

@@ -187,10 +187,13 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
     expect_len("indices", p.indices.len(), s, p.topk)?;
     expect_len("weights", p.weights.len(), s, p.topk - 1)?;
     expect_len("bank", p.bank.len(), p.num_vectors, p.vector_length)?;
-    p.weights.check_weight_rows(p.topk - 1).map_err(|e| {
-        let at = h::locate(&p.modules, e.row());
-        PackedError::argument("weights", format!("row {} ({at}) {}", e.row(), e.reason()))
-    })?;
+    p.weights
+        .check_rows(&p.indices, p.topk, p.num_vectors)
+        .map_err(|(row, e)| {
+            let at = h::locate(&p.modules, row);
+            let arg = if e.in_indices() { "indices" } else { "weights" };
+            PackedError::argument(arg, format!("row {row} ({at}) {}", e.reason()))
+        })?;
     if let Some((i, v)) = p.bank.first_non_finite() {
         return Err(PackedError::argument(
             "bank",
@@ -409,13 +412,17 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
 
     let indices = bits::unpack(packed, count, bits, nv)
         .map_err(|e| PackedError::tensor(h::TOPK_INDICES, index_message(&e, topk, &modules)))?;
-    weights.check_weight_rows(topk - 1).map_err(|e| {
-        let at = h::locate(&modules, e.row());
-        PackedError::tensor(
-            h::TOPK_WEIGHTS,
-            format!("row {} ({at}) {}", e.row(), e.reason()),
-        )
-    })?;
+    weights
+        .check_rows(&indices, topk, num_vectors)
+        .map_err(|(row, e)| {
+            let at = h::locate(&modules, row);
+            let name = if e.in_indices() {
+                h::TOPK_INDICES
+            } else {
+                h::TOPK_WEIGHTS
+            };
+            PackedError::tensor(name, format!("row {row} ({at}) {}", e.reason()))
+        })?;
     if let Some((i, v)) = bank.first_non_finite() {
         return Err(PackedError::tensor(
             h::VECTOR_BANK,

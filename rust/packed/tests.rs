@@ -68,9 +68,17 @@ fn sample(
 ) -> Packed<'static> {
     let mut rng = Rng(seed | 1);
     let s: usize = modules.iter().map(|m| m.sub_vectors().unwrap()).sum();
-    let indices = (0..s * topk)
-        .map(|_| rng.below(num_vectors as u64) as i64)
-        .collect();
+    // Distinct indices in every row, as PEFT's topk gives them.
+    let mut indices = Vec::with_capacity(s * topk);
+    for _ in 0..s {
+        let row_start = indices.len();
+        while indices.len() < row_start + topk {
+            let v = rng.below(num_vectors as u64) as i64;
+            if !indices[row_start..].contains(&v) {
+                indices.push(v);
+            }
+        }
+    }
     let mut weights = Vec::with_capacity(s * (topk - 1));
     for _ in 0..s {
         let raw: Vec<f32> = (0..topk).map(|_| rng.unit() + 1e-3).collect();
@@ -269,8 +277,11 @@ fn encode_refuses_bad_input() {
         let msg = encode(&p).unwrap_err().to_string();
         assert!(msg.contains(want), "{msg:?} lacks {want:?}");
     };
-    check(&|p| p.indices.to_mut()[5] = 30, "argument `indices` index 5 (sub-vector 2, layers.0.q.vblora_logits_A[0, 2], slot 1) is 30, outside [0, 30)");
-    check(&|p| p.indices.to_mut()[0] = -1, "is -1, outside [0, 30)");
+    check(&|p| p.indices.to_mut()[5] = 30, "argument `indices` row 2 (layers.0.q.vblora_logits_A[0, 2]) holds index 30, outside [0, 30)");
+    check(
+        &|p| p.indices.to_mut()[0] = -1,
+        "holds index -1, outside [0, 30)",
+    );
     check(
         &|p| p.indices.to_mut().push(0),
         "argument `indices` holds 37 values, expected 18 x 2",
@@ -300,7 +311,7 @@ fn encode_refuses_bad_input() {
     );
     check(
         &|p| p.weights = floats(Kind::F32, vec![1.5; 18]),
-        "argument `weights` row 0 (layers.0.q.vblora_logits_A[0, 0]) sums to 1.5",
+        "argument `weights` row 0 (layers.0.q.vblora_logits_A[0, 0]) has weights summing to 1.5",
     );
     check(
         &|p| p.weights = floats(Kind::F32, vec![f32::NAN; 18]),
@@ -398,9 +409,9 @@ fn tensor_problems_name_the_tensor() {
         (retype("topk_indices", "I8"), "tensor `topk_indices` is I8 [23], expected U8 [23] (18 sub-vectors x topk 2 x 5 bits)"),
         (edit_header(&file, |h| h["topk_weights"]["shape"] = json!([9, 2])), "tensor `topk_weights` has shape [9, 2], expected [18, 1]"),
         (edit_header(&file, |h| h["vector_bank"]["shape"] = json!([8, 30])), "tensor `vector_bank` has shape [8, 30]"),
-        (with_tensor_bytes(&file, "topk_weights", |d| d[4..8].copy_from_slice(&f32::NAN.to_le_bytes())), "tensor `topk_weights` row 1 (layers.0.q.vblora_logits_A[0, 1]) holds NaN"),
-        (with_tensor_bytes(&file, "topk_weights", |d| d[..4].copy_from_slice(&(-0.25_f32).to_le_bytes())), "row 0 (layers.0.q.vblora_logits_A[0, 0]) holds -0.25, weights must be >= 0"),
-        (with_tensor_bytes(&file, "topk_weights", |d| d[68..72].copy_from_slice(&1.5_f32.to_le_bytes())), "row 17 (layers.0.v.vblora_logits_B[1, 0]) sums to 1.5"),
+        (with_tensor_bytes(&file, "topk_weights", |d| d[4..8].copy_from_slice(&f32::NAN.to_le_bytes())), "tensor `topk_weights` row 1 (layers.0.q.vblora_logits_A[0, 1]) holds weight NaN"),
+        (with_tensor_bytes(&file, "topk_weights", |d| d[..4].copy_from_slice(&(-0.25_f32).to_le_bytes())), "row 0 (layers.0.q.vblora_logits_A[0, 0]) holds weight -0.25, weights must be >= 0"),
+        (with_tensor_bytes(&file, "topk_weights", |d| d[68..72].copy_from_slice(&1.5_f32.to_le_bytes())), "row 17 (layers.0.v.vblora_logits_B[1, 0]) has weights summing to 1.5"),
         (with_tensor_bytes(&file, "vector_bank", |d| d[40..44].copy_from_slice(&f32::INFINITY.to_le_bytes())), "tensor `vector_bank` row 1 holds inf"),
         // index 1 (bits 5..10) becomes 31 >= 30
         (with_tensor_bytes(&file, "topk_indices", |d| { d[0] |= 0b1110_0000; d[1] |= 0b11; }), "tensor `topk_indices` index 1 (sub-vector 0, layers.0.q.vblora_logits_A[0, 0], slot 1) is 31, outside [0, 30)"),

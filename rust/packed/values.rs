@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use safetensors::Dtype;
 
 use crate::element::Element;
+use crate::stored_topk::{self, RowProblem};
 
 /// A flat float tensor, borrowed (encoding) or owned (decoded), in its stored dtype.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,10 +117,15 @@ impl FloatData<'_> {
         with_slice!(self, v => first_non_finite(v))
     }
 
-    /// Checks the stored top-K weights, `width = k - 1` per row: each finite and `>= 0`, and each
-    /// row summing (in f64) to at most `1 + 1e-6`, since the last weight is 1 minus that sum.
-    pub(crate) fn check_weight_rows(&self, width: usize) -> Result<(), WeightError> {
-        with_slice!(self, v => check_weight_rows(v, width))
+    /// Checks every stored top-K row, `indices (rows, k)` with these `rows * (k - 1)` weights,
+    /// by the one rule of `crate::stored_topk`; the first bad row and why.
+    pub(crate) fn check_rows(
+        &self,
+        indices: &[i64],
+        k: usize,
+        num_vectors: usize,
+    ) -> Result<(), (usize, RowProblem)> {
+        with_slice!(self, v => stored_topk::check_rows(indices, v, k, num_vectors))
     }
 }
 
@@ -129,62 +135,6 @@ fn first_non_finite<T: Element>(values: &[T]) -> Option<(usize, f32)> {
         .map(|v| v.to_f32())
         .enumerate()
         .find(|(_, x)| !x.is_finite())
-}
-
-/// How far above 1 the k-1 stored weights of a row may sum (PEFT's own loader tolerance).
-pub const SUM_TOLERANCE: f64 = 1e-6;
-
-/// A bad row of top-K weights.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WeightError {
-    NonFinite { row: usize, value: f32 },
-    Negative { row: usize, value: f32 },
-    SumAboveOne { row: usize, sum: f64 },
-}
-
-impl WeightError {
-    pub fn row(&self) -> usize {
-        match self {
-            WeightError::NonFinite { row, .. }
-            | WeightError::Negative { row, .. }
-            | WeightError::SumAboveOne { row, .. } => *row,
-        }
-    }
-
-    /// The reason, without the row (callers say where the row is).
-    pub fn reason(&self) -> String {
-        match self {
-            WeightError::NonFinite { value, .. } => format!("holds {value}, weights must be finite"),
-            WeightError::Negative { value, .. } => format!("holds {value}, weights must be >= 0"),
-            WeightError::SumAboveOne { sum, .. } => format!(
-                "sums to {sum}, above 1 + {SUM_TOLERANCE} (the last weight, 1 minus that sum, would be negative)"
-            ),
-        }
-    }
-}
-
-fn check_weight_rows<T: Element>(values: &[T], width: usize) -> Result<(), WeightError> {
-    if width == 0 {
-        return Ok(());
-    }
-    for (row, chunk) in values.chunks(width).enumerate() {
-        let mut sum = 0.0_f64;
-        for v in chunk {
-            let value = v.to_f32();
-            if !value.is_finite() {
-                return Err(WeightError::NonFinite { row, value });
-            }
-            // `-0.0` passes: it equals 0 and PEFT's softmax can store it as it is.
-            if value < 0.0 {
-                return Err(WeightError::Negative { row, value });
-            }
-            sum += f64::from(value);
-        }
-        if sum > 1.0 + SUM_TOLERANCE {
-            return Err(WeightError::SumAboveOne { row, sum });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -216,33 +166,19 @@ mod tests {
     }
 
     #[test]
-    fn weight_rows_are_checked() {
-        let ok = FloatData::F32(Cow::Owned(vec![0.5, 0.5, 0.25, 0.0, -0.0, 1.0]));
-        assert_eq!(ok.check_weight_rows(2), Ok(()));
-        let check = |v: Vec<f32>| FloatData::F32(Cow::Owned(v)).check_weight_rows(2);
-        assert!(matches!(
-            check(vec![0.1, 0.1, f32::NAN, 0.0]),
-            Err(WeightError::NonFinite { row: 1, .. })
-        ));
-        assert!(matches!(
-            check(vec![0.1, f32::INFINITY]),
-            Err(WeightError::NonFinite { row: 0, .. })
-        ));
-        assert!(matches!(
-            check(vec![0.1, 0.1, -0.5, 0.0]),
-            Err(WeightError::Negative { row: 1, .. })
-        ));
-        assert!(matches!(
-            check(vec![0.6, 0.5]),
-            Err(WeightError::SumAboveOne { row: 0, .. })
-        ));
-        // float32 rounding just above 1 passes, as PEFT's loader lets it.
-        assert_eq!(check(vec![0.6, 0.400_000_1]), Ok(()));
-        let bf = FloatData::BF16(Cow::Owned(vec![bf16::from_f32(-2.0)]));
-        assert!(matches!(
-            bf.check_weight_rows(1),
-            Err(WeightError::Negative { value, .. }) if value == -2.0
-        ));
+    fn rows_are_checked_in_every_dtype() {
+        let ok = FloatData::F32(Cow::Owned(vec![0.5, 0.25]));
+        assert_eq!(ok.check_rows(&[0, 1, 2, 3], 2, 4), Ok(()));
+        let bf = FloatData::BF16(Cow::Owned(vec![bf16::from_f32(0.5), bf16::from_f32(-2.0)]));
+        assert_eq!(
+            bf.check_rows(&[0, 1, 2, 3], 2, 4),
+            Err((1, RowProblem::Negative { value: -2.0 }))
+        );
+        let half = FloatData::F16(Cow::Owned(vec![f16::from_f32(0.5)]));
+        assert_eq!(
+            half.check_rows(&[1, 1], 2, 4),
+            Err((0, RowProblem::RepeatedIndex { value: 1 }))
+        );
     }
 
     #[test]

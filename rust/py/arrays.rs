@@ -50,6 +50,15 @@ pub(crate) struct Array<'py, T: NpElement> {
 impl<'py, T: NpElement> Array<'py, T> {
     fn borrow(name: &'static str, arr: &Bound<'py, PyArray2<T>>) -> PyResult<Self> {
         let (rows, cols) = (arr.shape()[0], arr.shape()[1]);
+        // A tensor read from a safetensors file whose header is not padded to 8 bytes (legal, and PEFT loads
+        // it) can start at any byte: borrow an aligned copy rather than refuse it.
+        let copy;
+        let arr = if (arr.data() as usize) % std::mem::align_of::<T>() == 0 {
+            arr
+        } else {
+            copy = arr.call_method0("copy")?.cast_into::<PyArray2<T>>()?;
+            &copy
+        };
         let arr = arr
             .try_readonly()
             .map_err(|e| error(format!("{name} cannot be borrowed: {e}")))?;

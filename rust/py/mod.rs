@@ -50,12 +50,17 @@ fn count(name: &str, value: i64, min: usize) -> PyResult<usize> {
 }
 
 /// A 2-D numpy array over `data` (no copy: numpy takes ownership of the `Vec`).
+///
+/// A Ctrl-C that arrived while the GIL was released is raised here as `KeyboardInterrupt` first:
+/// numpy's first use imports its C API, and an import that runs with the interrupt pending fails
+/// inside rust-numpy as a panic (`PanicException`) instead of the interrupt.
 fn to_numpy<T: numpy::Element>(
     py: Python<'_>,
     data: Vec<T>,
     rows: usize,
     cols: usize,
 ) -> PyResult<Bound<'_, PyArray2<T>>> {
+    py.check_signals()?;
     PyArray::from_vec(py, data).reshape([rows, cols])
 }
 

@@ -13,7 +13,7 @@ use safetensors::tensor::Dtype;
 use super::arrays::{error, Array};
 use super::{count, to_numpy};
 use crate::matrix::MatRef;
-use crate::stream::{self, AdapterConfig, Options, StreamError, Update};
+use crate::stream::{self, AdapterConfig, Options, StreamError, Update, Want};
 
 fn stream_error(e: &StreamError) -> PyErr {
     error(e.to_string())
@@ -36,8 +36,45 @@ fn safetensors_header(py: Python<'_>, path: PathBuf) -> PyResult<HeaderInfo<'_>>
     Ok((tensors, metadata, header.data_len()))
 }
 
+/// `{module: (rank, fan_in, fan_out)}`.
+fn shapes_dict<'py>(
+    py: Python<'py>,
+    modules: &std::collections::BTreeMap<String, stream::Module>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (name, m) in modules {
+        out.set_item(name, (m.shape.rank, m.shape.fan_in, m.shape.fan_out))?;
+    }
+    Ok(out)
+}
+
+/// `{module: (A, B)}` as numpy arrays, for the modules that were built.
+fn factors_dict(
+    py: Python<'_>,
+    modules: std::collections::BTreeMap<String, stream::Module>,
+) -> PyResult<Bound<'_, PyDict>> {
+    let out = PyDict::new(py);
+    for (module, m) in modules {
+        if let Some(f) = m.factors {
+            let a = to_numpy(py, f.a, f.rank, f.fan_in)?;
+            let b = to_numpy(py, f.b, f.fan_out, f.rank)?;
+            out.set_item(module, (a, b))?;
+        }
+    }
+    Ok(out)
+}
+
+fn adapter_config(topk: i64, num_vectors: i64, vector_length: i64) -> PyResult<AdapterConfig> {
+    Ok(AdapterConfig {
+        topk: count("topk", topk, 1)?,
+        num_vectors: count("num_vectors", num_vectors, 1)?,
+        vector_length: count("vector_length", vector_length, 1)?,
+    })
+}
+
+/// Every module's `(rank, fan_in, fan_out)` after validating the whole file; builds nothing.
 #[pyfunction]
-fn adapter_factors<'py>(
+fn adapter_shapes<'py>(
     py: Python<'py>,
     path: PathBuf,
     topk: i64,
@@ -45,43 +82,106 @@ fn adapter_factors<'py>(
     vector_length: i64,
     num_threads: i64,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let config = AdapterConfig {
-        topk: count("topk", topk, 1)?,
-        num_vectors: count("num_vectors", num_vectors, 1)?,
-        vector_length: count("vector_length", vector_length, 1)?,
-    };
+    let config = adapter_config(topk, num_vectors, vector_length)?;
     let threads = count("num_threads", num_threads, 0)?;
-    let factors = py
-        .detach(move || stream::adapter_factors(&path, &config, threads))
+    let modules = py
+        .detach(move || stream::adapter_modules(&path, &config, Want::Shapes, threads))
         .map_err(|e| stream_error(&e))?;
-    factors_dict(py, factors)
+    shapes_dict(py, &modules)
 }
 
-/// `{module: (A, B)}` as numpy arrays.
-fn factors_dict(
-    py: Python<'_>,
-    factors: std::collections::BTreeMap<String, stream::Factors>,
-) -> PyResult<Bound<'_, PyDict>> {
-    let out = PyDict::new(py);
-    for (module, f) in factors {
-        let a = to_numpy(py, f.a, f.rank, f.fan_in)?;
-        let b = to_numpy(py, f.b, f.fan_out, f.rank)?;
-        out.set_item(module, (a, b))?;
-    }
-    Ok(out)
-}
-
+/// `{module: (A, B)}` for `modules` (every module when None).
 #[pyfunction]
-fn packed_adapter_factors<'py>(
+#[pyo3(signature = (path, topk, num_vectors, vector_length, num_threads, modules=None))]
+fn adapter_factors<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    topk: i64,
+    num_vectors: i64,
+    vector_length: i64,
+    num_threads: i64,
+    modules: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = adapter_config(topk, num_vectors, vector_length)?;
+    let threads = count("num_threads", num_threads, 0)?;
+    let built = py
+        .detach(move || {
+            let names = match modules {
+                Some(names) => names,
+                None => stream::adapter_modules(&path, &config, Want::Shapes, threads)?
+                    .into_keys()
+                    .collect(),
+            };
+            stream::adapter_modules(&path, &config, Want::Factors(&names), threads)
+        })
+        .map_err(|e| stream_error(&e))?;
+    factors_dict(py, built)
+}
+
+/// `(config_json, {module: (rank, fan_in, fan_out)})` of a packed file, validated whole.
+#[pyfunction]
+fn packed_adapter_shapes<'py>(
     py: Python<'py>,
     path: PathBuf,
     num_threads: i64,
 ) -> PyResult<(String, Bound<'py, PyDict>)> {
     let threads = count("num_threads", num_threads, 0)?;
-    let (config, factors) = py
-        .detach(move || stream::packed_factors(&path, threads))
+    let (config, modules) = py
+        .detach(move || stream::packed_modules(&path, Want::Shapes, threads))
         .map_err(|e| stream_error(&e))?;
-    Ok((config, factors_dict(py, factors)?))
+    Ok((config, shapes_dict(py, &modules)?))
+}
+
+/// `(config_json, {module: (A, B)})` of a packed file, for `modules` (every module when None).
+#[pyfunction]
+#[pyo3(signature = (path, num_threads, modules=None))]
+fn packed_adapter_factors<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    num_threads: i64,
+    modules: Option<Vec<String>>,
+) -> PyResult<(String, Bound<'py, PyDict>)> {
+    let threads = count("num_threads", num_threads, 0)?;
+    let (config, built) = py
+        .detach(move || {
+            let names = match modules {
+                Some(names) => names,
+                None => stream::packed_modules(&path, Want::Shapes, threads)?
+                    .1
+                    .into_keys()
+                    .collect(),
+            };
+            stream::packed_modules(&path, Want::Factors(&names), threads)
+        })
+        .map_err(|e| stream_error(&e))?;
+    Ok((config, factors_dict(py, built)?))
+}
+
+/// The first bad row of stored top-K `indices (rows, k)` and `weights (rows, k - 1)` by the one
+/// rule of `crate::stored_topk`, as `(row, "indices" | "weights", reason)`, or None.
+#[pyfunction]
+fn check_topk_rows(
+    py: Python<'_>,
+    indices: &Bound<'_, PyAny>,
+    weights: &Bound<'_, PyAny>,
+    num_vectors: i64,
+) -> PyResult<Option<(usize, &'static str, String)>> {
+    let idx = Array::<i64>::extract("indices", indices, "int64")?;
+    let w = Array::<f32>::extract("weights", weights, "float32")?;
+    let nv = count("num_vectors", num_vectors, 1)?;
+    let k = idx.cols;
+    if k == 0 || w.rows != idx.rows || w.cols + 1 != k {
+        return Err(error(format!(
+            "indices ({}, {}) and weights ({}, {}) do not hold k and k - 1 entries per row",
+            idx.rows, idx.cols, w.rows, w.cols
+        )));
+    }
+    let (is, ws) = (idx.slice()?, w.slice()?);
+    let found = py.detach(|| crate::stored_topk::check_rows(is, ws, k, nv));
+    Ok(found.err().map(|(row, p)| {
+        let part = if p.in_indices() { "indices" } else { "weights" };
+        (row, part, p.reason())
+    }))
 }
 
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
@@ -169,8 +269,11 @@ fn merge_safetensors(
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(packed_adapter_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(packed_adapter_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(check_topk_rows, m)?)?;
     m.add_function(wrap_pyfunction!(merge_safetensors, m)?)?;
     Ok(())
 }

@@ -23,11 +23,9 @@ use safetensors::SafeTensors;
 
 use super::error::StreamError;
 use crate::matrix::MatRef;
+use crate::stored_topk;
 
 pub const BANK_KEY: &str = "base_model.vblora_vector_bank";
-
-/// Tolerance for top-K weights whose sum exceeds 1 by rounding (the last weight is then 0).
-const SUM_SLACK: f32 = 1e-6;
 
 /// The fields of `adapter_config.json` the factors depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,13 +67,40 @@ const SUFFIXES: [(&str, Which, u8); 6] = [
     (".vblora_logits_B", Which::B, 0),
 ];
 
-/// Factors of every module in the adapter file at `path`, keyed by the module path as stored
-/// (e.g. `base_model.model.model.layers.0.self_attn.q_proj`).
-pub fn adapter_factors(
+/// `(rank, fan_in, fan_out)` of a module: the shapes of its `A (rank, fan_in)` and
+/// `B (fan_out, rank)`, known from the file's header before any factor is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub rank: usize,
+    pub fan_in: usize,
+    pub fan_out: usize,
+}
+
+/// What a read builds: every module is always validated (indices, weights, logits, bank), in
+/// time and memory linear in the file; factors, whose size is the adapted weights' and not the
+/// file's, only for the modules asked for. Callers check the shapes against the model first,
+/// then build module by module, so a small hostile file cannot make a huge allocation.
+#[derive(Debug, Clone, Copy)]
+pub enum Want<'a> {
+    Shapes,
+    Factors(&'a [String]),
+}
+
+/// A module's shape, and its factors when they were asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Module {
+    pub shape: Shape,
+    pub factors: Option<Factors>,
+}
+
+/// Every module of the adapter file at `path`, keyed by the module path as stored (e.g.
+/// `base_model.model.model.layers.0.self_attn.q_proj`), with factors as `want` says.
+pub fn adapter_modules(
     path: &Path,
     config: &AdapterConfig,
+    want: Want<'_>,
     num_threads: usize,
-) -> Result<BTreeMap<String, Factors>, StreamError> {
+) -> Result<BTreeMap<String, Module>, StreamError> {
     let bytes = std::fs::read(path).map_err(|e| StreamError::io(path, "reading", e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| StreamError::invalid(path, format!("not a safetensors file: {e}")))?;
@@ -84,16 +109,39 @@ pub fn adapter_factors(
         config,
         num_threads,
     }
-    .read(&st)
+    .read(&st, want)
 }
 
-/// The adapter config the file carries (`adapter_config.json` text) and the factors of every
-/// module of a packed adapter file (`crate::packed`), keyed like [`adapter_factors`]
-/// (`key_prefix` + module path).
-pub fn packed_factors(
+/// Factors of every module in the adapter file at `path` (see [`adapter_modules`]).
+pub fn adapter_factors(
     path: &Path,
+    config: &AdapterConfig,
     num_threads: usize,
-) -> Result<(String, BTreeMap<String, Factors>), StreamError> {
+) -> Result<BTreeMap<String, Factors>, StreamError> {
+    let modules = adapter_modules(path, config, Want::Shapes, num_threads)?;
+    let names: Vec<String> = modules.into_keys().collect();
+    let built = adapter_modules(path, config, Want::Factors(&names), num_threads)?;
+    Ok(built
+        .into_iter()
+        .filter_map(|(name, m)| m.factors.map(|f| (name, f)))
+        .collect())
+}
+
+fn wanted(want: Want<'_>, module: &str) -> bool {
+    match want {
+        Want::Shapes => false,
+        Want::Factors(names) => names.iter().any(|n| n == module),
+    }
+}
+
+/// The adapter config the file carries (`adapter_config.json` text) and every module of a packed
+/// adapter file (`crate::packed`), keyed like [`adapter_modules`] (`key_prefix` + module path),
+/// with factors as `want` says. The decoder has checked every index and weight row.
+pub fn packed_modules(
+    path: &Path,
+    want: Want<'_>,
+    num_threads: usize,
+) -> Result<(String, BTreeMap<String, Module>), StreamError> {
     let packed = crate::packed::decode_file(path)
         .map_err(|e| StreamError::invalid(path, format!("not a readable packed adapter: {e}")))?;
     let config = AdapterConfig {
@@ -106,19 +154,43 @@ pub fn packed_factors(
         config: &config,
         num_threads,
     };
-    let bank = packed.bank.to_f32_vec();
-    let bank = MatRef::new("bank", &bank, config.num_vectors, config.vector_length)
-        .map_err(|e| StreamError::invalid(path, format!("vector_bank: {e}")))?;
-    let stored_weights = packed.weights.to_f32_vec();
+    let building = matches!(want, Want::Factors(names) if !names.is_empty());
+    let bank = if building {
+        packed.bank.to_f32_vec()
+    } else {
+        Vec::new()
+    };
+    let stored_weights = if building {
+        packed.weights.to_f32_vec()
+    } else {
+        Vec::new()
+    };
     let prefix = packed.metadata.get("key_prefix").map_or("", String::as_str);
     let k = config.topk;
+    let l = config.vector_length;
     let mut first_row = 0;
     let mut out = BTreeMap::new();
     for m in &packed.modules {
         let module = format!("{prefix}{}", m.path);
-        let mut gather = |rows: usize, which: Which| -> Result<Vec<f32>, StreamError> {
-            let span = first_row..first_row + rows;
-            first_row += rows;
+        let (a_rows, b_rows) = (m.r * m.in_sub, m.out_sub * m.r);
+        let shape = reader.shape(&module, (m.r, m.in_sub), (m.out_sub, m.r))?;
+        let start = first_row;
+        first_row += a_rows + b_rows;
+        if !wanted(want, &module) {
+            out.insert(
+                module,
+                Module {
+                    shape,
+                    factors: None,
+                },
+            );
+            continue;
+        }
+        let bank = MatRef::new("bank", &bank, config.num_vectors, l)
+            .map_err(|e| StreamError::invalid(path, format!("vector_bank: {e}")))?;
+        let gather = |span: std::ops::Range<usize>,
+                      which: Which|
+         -> Result<Vec<f32>, StreamError> {
             let key = format!("{module}.vblora_logits_{which:?}");
             let mut indices = packed.indices[span.start * k..span.end * k].to_vec();
             let stored = &stored_weights[span.start * (k - 1)..span.end * (k - 1)];
@@ -129,17 +201,40 @@ pub fn packed_factors(
                 stored,
             )?;
             let kernel = |e: crate::KernelError| StreamError::invalid(path, format!("{key}: {e}"));
+            let rows = span.len();
             let i = MatRef::new("indices", &indices, rows, k).map_err(kernel)?;
             let w = MatRef::new("weights", &weights, rows, k).map_err(kernel)?;
             crate::lowrank::low_rank_from_topk(i, w, bank, num_threads).map_err(kernel)
         };
-        let a = gather(m.r * m.in_sub, Which::A)?;
-        let b = gather(m.out_sub * m.r, Which::B)?;
+        let a = gather(start..start + a_rows, Which::A)?;
+        let b = gather(start + a_rows..start + a_rows + b_rows, Which::B)?;
         let factors = reader.factors(&module, a, (m.r, m.in_sub), &b, (m.out_sub, m.r))?;
-        out.insert(module, factors);
+        out.insert(
+            module,
+            Module {
+                shape,
+                factors: Some(factors),
+            },
+        );
     }
     let config_json = packed.metadata.get("config").cloned().unwrap_or_default();
     Ok((config_json, out))
+}
+
+/// The config text and the factors of every module of a packed adapter file (see
+/// [`packed_modules`]).
+pub fn packed_factors(
+    path: &Path,
+    num_threads: usize,
+) -> Result<(String, BTreeMap<String, Factors>), StreamError> {
+    let (_, modules) = packed_modules(path, Want::Shapes, num_threads)?;
+    let names: Vec<String> = modules.into_keys().collect();
+    let (config, built) = packed_modules(path, Want::Factors(&names), num_threads)?;
+    let factors = built
+        .into_iter()
+        .filter_map(|(name, m)| m.factors.map(|f| (name, f)))
+        .collect();
+    Ok((config, factors))
 }
 
 /// Little-endian element values out of possibly unaligned tensor bytes.
@@ -160,7 +255,11 @@ impl Reader<'_> {
         Err(StreamError::invalid(self.path, what))
     }
 
-    fn read(&self, st: &SafeTensors<'_>) -> Result<BTreeMap<String, Factors>, StreamError> {
+    fn read(
+        &self,
+        st: &SafeTensors<'_>,
+        want: Want<'_>,
+    ) -> Result<BTreeMap<String, Module>, StreamError> {
         let AdapterConfig {
             topk,
             num_vectors,
@@ -213,11 +312,42 @@ impl Reader<'_> {
         }
         let mut out = BTreeMap::new();
         for (module, [a, b]) in &modules {
-            let (a, a_rows) = self.rows(module, Which::A, a, bank)?;
-            let (b, b_rows) = self.rows(module, Which::B, b, bank)?;
-            out.insert(module.clone(), self.factors(module, a, a_rows, &b, b_rows)?);
+            let build = wanted(want, module);
+            let (a, a_rows) = self.rows(module, Which::A, a, bank, build)?;
+            let (b, b_rows) = self.rows(module, Which::B, b, bank, build)?;
+            let shape = self.shape(module, a_rows, b_rows)?;
+            let factors = if build {
+                Some(self.factors(module, a, a_rows, &b, b_rows)?)
+            } else {
+                None
+            };
+            out.insert(module.clone(), Module { shape, factors });
         }
         Ok(out)
+    }
+
+    /// The factors' shape from `logits_A (r, in/L, ..)` and `logits_B (out/L, r, ..)` leading dims.
+    fn shape(
+        &self,
+        module: &str,
+        (rank, in_tiles): (usize, usize),
+        (out_tiles, b_rank): (usize, usize),
+    ) -> Result<Shape, StreamError> {
+        if rank != b_rank {
+            return self.bad(format!(
+                "module {module}: vblora_logits_A has rank {rank} but vblora_logits_B has rank {b_rank}"
+            ));
+        }
+        let l = self.config.vector_length;
+        let (Some(fan_in), Some(fan_out)) = (in_tiles.checked_mul(l), out_tiles.checked_mul(l))
+        else {
+            return self.bad(format!("module {module}: its weight shape overflows"));
+        };
+        Ok(Shape {
+            rank,
+            fan_in,
+            fan_out,
+        })
     }
 
     fn bank(&self, view: &TensorView<'_>) -> Result<Vec<f32>, StreamError> {
@@ -279,13 +409,15 @@ impl Reader<'_> {
         })
     }
 
-    /// The gathered bank rows of one logits matrix, `(d0 * d1, L)`, and its leading dims `(d0, d1)`.
+    /// The gathered bank rows of one logits matrix, `(d0 * d1, L)` (empty unless `build`), and its
+    /// leading dims `(d0, d1)`. The stored values are validated either way.
     fn rows(
         &self,
         module: &str,
         which: Which,
         stored: &Stored<'_>,
         bank: MatRef<'_, f32>,
+        build: bool,
     ) -> Result<(Vec<f32>, (usize, usize)), StreamError> {
         let key = format!("{module}.vblora_logits_{which:?}");
         let (nv, k) = (self.config.num_vectors, self.config.topk);
@@ -298,14 +430,21 @@ impl Reader<'_> {
         };
         let kernel =
             |e: crate::KernelError| StreamError::invalid(self.path, format!("tensor {key}: {e}"));
-        match (&stored.full, &stored.indices, &stored.weights) {
+        let (indices, weights, dims) = match (&stored.full, &stored.indices, &stored.weights) {
             (Some(full), None, None) => {
                 let dims = three_d(&key, full, nv)?;
                 let logits = self.floats(&key, full)?;
                 let logits = MatRef::new("logits", &logits, dims.0 * dims.1, nv).map_err(kernel)?;
-                let rows = crate::lowrank::low_rank_from_logits(logits, bank, k, self.num_threads)
-                    .map_err(kernel)?;
-                Ok((rows, dims))
+                let (indices, weights) =
+                    crate::topk::topk_softmax(logits, k, self.num_threads).map_err(kernel)?;
+                // +inf logits, or a row of -inf only: softmax gives NaN weights.
+                if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+                    return self.bad(format!(
+                        "tensor {key} row {} holds +inf logits or only -inf ones",
+                        i / k
+                    ));
+                }
+                (indices, weights, dims)
             }
             (None, Some(iv), Some(wv)) => {
                 let (iname, wname) = (format!("{key}_topk_indices"), format!("{key}_topk_weights"));
@@ -321,24 +460,34 @@ impl Reader<'_> {
                 let mut indices = self.ints(&iname, iv)?;
                 let stored_w = self.floats(&wname, wv)?;
                 let weights = self.decode_topk(&iname, &wname, &mut indices, &stored_w)?;
-                let n = dims.0 * dims.1;
-                let i = MatRef::new("indices", &indices, n, k).map_err(kernel)?;
-                let w = MatRef::new("weights", &weights, n, k).map_err(kernel)?;
-                let rows = crate::lowrank::low_rank_from_topk(i, w, bank, self.num_threads)
-                    .map_err(kernel)?;
-                Ok((rows, dims))
+                (indices, weights, dims)
             }
-            (None, None, None) => self.bad(format!("missing tensor {key} (or its top-K pair)")),
+            (None, None, None) => {
+                return self.bad(format!("missing tensor {key} (or its top-K pair)"))
+            }
             (Some(_), _, _) => {
-                self.bad(format!("tensor {key} is stored both in full and as top-K"))
+                return self.bad(format!("tensor {key} is stored both in full and as top-K"))
             }
-            (None, Some(_), None) => self.bad(format!(
-                "tensor {key}_topk_indices has no {key}_topk_weights"
-            )),
-            (None, None, Some(_)) => self.bad(format!(
-                "tensor {key}_topk_weights has no {key}_topk_indices"
-            )),
+            (None, Some(_), None) => {
+                return self.bad(format!(
+                    "tensor {key}_topk_indices has no {key}_topk_weights"
+                ))
+            }
+            (None, None, Some(_)) => {
+                return self.bad(format!(
+                    "tensor {key}_topk_weights has no {key}_topk_indices"
+                ))
+            }
+        };
+        if !build {
+            return Ok((Vec::new(), dims));
         }
+        let n = dims.0 * dims.1;
+        let i = MatRef::new("indices", &indices, n, k).map_err(kernel)?;
+        let w = MatRef::new("weights", &weights, n, k).map_err(kernel)?;
+        let rows =
+            crate::lowrank::low_rank_from_topk(i, w, bank, self.num_threads).map_err(kernel)?;
+        Ok((rows, dims))
     }
 
     /// Validates top-K rows in place (`indices` reordered) and returns their softmax weights.
@@ -355,30 +504,13 @@ impl Reader<'_> {
         let rows = indices.chunks_exact_mut(k).zip(weights.chunks_exact_mut(k));
         for (row, (idx, out)) in rows.enumerate() {
             let w = &stored[row * (k - 1)..(row + 1) * (k - 1)];
-            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i >= nv as i64) {
-                let shown = if bad == i64::MAX {
-                    "an index".to_owned()
-                } else {
-                    bad.to_string()
-                };
-                return self.bad(format!(
-                    "tensor {iname} row {row} holds {shown}, outside [0, {nv})"
-                ));
+            if let Err(problem) = stored_topk::check_indices(idx, nv) {
+                return self.bad(format!("tensor {iname} row {row} {}", problem.reason()));
             }
-            if (1..k).any(|j| idx[..j].contains(&idx[j])) {
-                return self.bad(format!("tensor {iname} row {row} repeats an index"));
-            }
-            if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-                return self.bad(format!(
-                    "tensor {wname} row {row} holds a NaN, infinite or negative weight"
-                ));
+            if let Err(problem) = stored_topk::check_weights(w) {
+                return self.bad(format!("tensor {wname} row {row} {}", problem.reason()));
             }
             let last = 1.0 - w.iter().sum::<f32>();
-            if last < -SUM_SLACK {
-                return self.bad(format!(
-                    "tensor {wname} row {row} has weights summing above 1"
-                ));
-            }
             // PEFT: logits = ln([w, 1 - sum(w)]); its top-k orders them largest first.
             entries.clear();
             entries.extend(
@@ -413,11 +545,7 @@ impl Reader<'_> {
         b: &[f32],
         (out_tiles, b_rank): (usize, usize),
     ) -> Result<Factors, StreamError> {
-        if rank != b_rank {
-            return self.bad(format!(
-                "module {module}: vblora_logits_A has rank {rank} but vblora_logits_B has rank {b_rank}"
-            ));
-        }
+        self.shape(module, (rank, in_tiles), (out_tiles, b_rank))?;
         let l = self.config.vector_length;
         // b rows are (o, j) pairs holding L values: B[o * L + x][j] = rows[(o * rank + j) * L + x].
         let mut bt = vec![0.0_f32; b.len()];

@@ -5,7 +5,9 @@ use std::path::Path;
 use half::bf16;
 use safetensors::tensor::Dtype;
 
-use super::adapter::{adapter_factors, AdapterConfig, Factors, BANK_KEY};
+use super::adapter::{
+    adapter_factors, adapter_modules, AdapterConfig, Factors, Shape, Want, BANK_KEY,
+};
 use super::header::tests::{build, tmp_dir, write_tmp};
 use super::test_data::{le_bytes, rand_f32};
 
@@ -207,6 +209,50 @@ fn full_and_topk_files_give_the_same_factors() {
 }
 
 #[test]
+fn shapes_come_first_and_factors_only_for_the_modules_asked_for() {
+    let dir = tmp_dir("shapes");
+    let case = Case::new();
+    let path = write(&dir, "topk", &case.topk_tensors());
+    let shapes = adapter_modules(&path, &CFG, Want::Shapes, 1).unwrap();
+    let want = Shape {
+        rank: case.r,
+        fan_in: case.in_t * CFG.vector_length,
+        fan_out: case.out_t * CFG.vector_length,
+    };
+    assert_eq!(shapes[M].shape, want);
+    assert!(shapes[M].factors.is_none());
+    let none = adapter_modules(&path, &CFG, Want::Factors(&[]), 1).unwrap();
+    assert!(none[M].factors.is_none());
+    let built = adapter_modules(&path, &CFG, Want::Factors(&[M.to_owned()]), 1).unwrap();
+    case.check(built[M].factors.as_ref().unwrap());
+    // A shapes-only read still validates every row.
+    let mut t = case.topk_tensors();
+    t[1].3 = le_bytes(&vec![1_i16; case.r * case.in_t * CFG.topk]);
+    let bad = write(&dir, "repeat", &t);
+    let err = adapter_modules(&bad, &CFG, Want::Shapes, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("repeats index 1"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_infinite_logit_is_refused() {
+    let dir = tmp_dir("inflogit");
+    let case = Case::new();
+    let mut t = case.full();
+    let mut la = case.la.clone();
+    la[CFG.num_vectors + 2] = f32::INFINITY;
+    t[1].3 = le_bytes(&la);
+    let path = write(&dir, "inf", &t);
+    let err = adapter_modules(&path, &CFG, Want::Shapes, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 1 holds +inf logits"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_adapters_are_refused_naming_file_and_tensor() {
     let dir = tmp_dir("badadapter");
     let case = Case::new();
@@ -224,7 +270,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "range",
         t,
-        format!("tensor {ia} row 1 holds 20, outside [0, 20)"),
+        format!("tensor {ia} row 1 holds index 20, outside [0, 20)"),
     ));
     let mut t = case.topk_tensors();
     let mut w = vec![0.3_f32; case.r * case.in_t * (k - 1)];
@@ -233,7 +279,7 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "neg",
         t,
-        format!("tensor {wa} row 1 holds a NaN, infinite or negative weight"),
+        format!("tensor {wa} row 1 holds weight -0.1, weights must be >= 0"),
     ));
     let mut t = case.topk_tensors();
     w[3] = 0.8;
@@ -241,11 +287,11 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
     cases.push((
         "sum",
         t,
-        format!("tensor {wa} row 1 has weights summing above 1"),
+        format!("tensor {wa} row 1 has weights summing to 1.1"),
     ));
     let mut t = case.topk_tensors();
     t[1].3 = le_bytes(&vec![1_i16; case.r * case.in_t * k]);
-    cases.push(("repeat", t, format!("tensor {ia} row 0 repeats an index")));
+    cases.push(("repeat", t, format!("tensor {ia} row 0 repeats index 1")));
     let mut t = case.topk_tensors();
     t[1].1 = Dtype::F16;
     cases.push((

@@ -22,7 +22,10 @@ pub mod header;
 mod sink;
 pub mod writer;
 
-pub use adapter::{adapter_factors, packed_factors, AdapterConfig, Factors, BANK_KEY};
+pub use adapter::{
+    adapter_factors, adapter_modules, packed_factors, packed_modules, AdapterConfig, Factors,
+    Module, Shape, Want, BANK_KEY,
+};
 pub use error::StreamError;
 pub use header::{read_header, Header};
 pub use writer::{merge_file, Options, Progress, Update, DEFAULT_CHUNK_BYTES};

@@ -390,15 +390,37 @@ fn apply(
         r1: usize,
         threads: usize,
     ) -> Result<(), crate::KernelError> {
-        let r = up.u.cols();
+        // A weight that was already infinite or NaN stays as the base has it; a finite one must stay
+        // finite (a huge bank, or a weight near the dtype's maximum, would otherwise be written as inf).
+        fn non_finite<W: Element>(w: &[W]) -> Vec<usize> {
+            let mut at = Vec::new();
+            for (i, x) in w.iter().enumerate() {
+                if !x.to_f32().is_finite() {
+                    at.push(i);
+                }
+            }
+            at
+        }
+        let (r, cols) = (up.u.cols(), up.v.cols());
+        let before = non_finite(bytemuck::cast_slice::<u8, W>(out));
         let w = MatMut::new(
             "weight",
             bytemuck::cast_slice_mut::<u8, W>(out),
             r1 - r0,
-            up.v.cols(),
+            cols,
         )?;
         let u = MatRef::new("u", &up.u.data()[r0 * r..r1 * r], r1 - r0, r)?;
-        crate::merge::rank_update(w, u, up.v, threads)
+        crate::merge::rank_update(w, u, up.v, threads)?;
+        let after = non_finite(bytemuck::cast_slice::<u8, W>(out));
+        if let Some(i) = after.into_iter().find(|i| before.binary_search(i).is_err()) {
+            return Err(crate::KernelError::Overflow {
+                arg: "weight",
+                row: r0 + i / cols,
+                col: i % cols,
+                dtype: W::NAME,
+            });
+        }
+        Ok(())
     }
     match step.out_dtype {
         Dtype::F32 => go::<f32>(out, up, r0, r1, threads),

@@ -258,6 +258,40 @@ fn a_cancelled_merge_leaves_no_file() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn a_finite_weight_that_overflows_is_an_error_and_an_infinite_one_is_kept() {
+    let dir = tmp_dir("overflow");
+    let mut w = vec![1.0_f32; 4 * 2];
+    w[0] = f32::INFINITY; // already infinite in the base: kept as it is
+    let src = write_tmp(
+        &dir,
+        "src.safetensors",
+        &build(&[("w", Dtype::F32, vec![4, 2], le_bytes(&w))], None),
+    );
+    let merge = |u: &[f32], name: &str| {
+        let v = [4.0_f32, 4.0];
+        let updates = HashMap::from([(
+            "w".to_owned(),
+            Update {
+                u: MatRef::new("u", u, 4, 1).unwrap(),
+                v: MatRef::new("v", &v, 1, 2).unwrap(),
+            },
+        )]);
+        let dst = out_path(&dir, name);
+        (run(&src, &dst, &updates, &Options::default()), dst)
+    };
+    let (ok, _) = merge(&[1.0, 1.0, 1.0, 1.0], "ok.safetensors");
+    ok.unwrap();
+    let (bad, dst) = merge(&[1.0, 1.0, f32::MAX, 1.0], "bad.safetensors");
+    let err = bad.unwrap_err().to_string();
+    assert!(
+        err.contains("tensor w: weight at (2, 0) is finite but its merged value is not"),
+        "{err}"
+    );
+    assert!(!dst.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 const DTYPES: [(Dtype, usize); 7] = [
     (Dtype::F32, 4),
     (Dtype::F16, 2),

@@ -191,7 +191,7 @@ def peft_cases(adapter: Adapter) -> dict[str, tuple[Callable[[dict, dict], bytes
         "shape_not_fitting": (
             lambda t, c: t.update(
                 {
-                    A0 + "_topk_indices": ("U8", [2, 3, 2], pack_values("U8", [1] * 12)),
+                    A0 + "_topk_indices": ("U8", [2, 3, 2], pack_values("U8", [0, 1] * 6)),
                     A0 + "_topk_weights": ("F32", [2, 3, 1], pack_values("F32", [0.75] * 6)),
                 }
             ),

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional
 
 from ..errors import VBLoRAError
 
+MAX_THREADS = 4096
 # Modules of this package, one or more commands each, in the order `vblora --help` lists them.
 COMMAND_MODULES = ("merge", "to_lora", "inspect", "pack", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="vblora", description="VB-LoRA adapters: merge into models, export to LoRA, inspect, convert, demo."
     )
+    parser.add_argument("--version", action="version", version=f"vblora {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -34,8 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic surfaced by pyo3 (``PanicException``, a BaseException): a bug, reported in one line."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``vblora`` console script; returns the exit status."""
+    """Entry point of the ``vblora`` console script; returns the exit status. Every failure is one line on
+    stderr (``vblora COMMAND: error: ...``, status 1); Ctrl-C is status 130, and every writer leaves its
+    output whole or absent, so an interrupted command has written nothing."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -43,10 +60,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (VBLoRAError, OSError) as exc:
-        print(f"vblora {args.command}: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        # the reader went away (``vblora inspect ... | head``): not an error of ours; stop writing to it
+        _silence_stdout()
+        return 0
+    except (VBLoRAError, OSError, RecursionError, MemoryError, OverflowError) as exc:
+        print(f"vblora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        if _is_panic(exc) or type(exc).__name__ == "SafetensorError":
+            print(f"vblora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        raise
     return int(status or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def add_output(parser: argparse.ArgumentParser, help: str) -> None:
+    """The one spelling of the output option: ``-o/--output OUT`` (``--out`` is accepted as well)."""
+    parser.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="OUT", help=help)
+
+
+def check_threads(value: int) -> int:
+    """``--threads N``: 0 (all cores) to :data:`MAX_THREADS`."""
+    if not 0 <= value <= MAX_THREADS:
+        raise VBLoRAError(f"--threads must be >= 0 (0: all cores) and at most {MAX_THREADS}, got {value}")
+    return value
 
 
 def console_main() -> None:

@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import os
-import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -191,15 +191,24 @@ def lora_size(adapter: AdapterFile) -> FormatSize:
 
 def _packed_size(adapter: AdapterFile, half: Optional[Any], name: str) -> FormatSize:
     """The packed file, measured by writing it (its header holds a JSON modules table and the config)."""
+    import torch
+
     from .. import packed
+    from ..checkpoint import BANK_KEY
 
     tensors = adapter.tensors
     if adapter.storage == "full":
         tensors = packed.topk_tensors_from_full(tensors, adapter.config)
+    if half is not None:
+        # sizes depend on shapes only: a bank beyond float16's range (legal) must not stop the measurement
+        limit = float(torch.finfo(half).max)
+        tensors = {**tensors, BANK_KEY: tensors[BANK_KEY].clamp(-limit, limit)}
     with tempfile.TemporaryDirectory(prefix="vblora_inspect_") as tmp:
-        report = packed.write_packed(
-            os.path.join(tmp, packed.PACKED_WEIGHTS_NAME), tensors, adapter.config, half, report_errors=False
-        )
+        scratch = os.path.join(tmp, packed.PACKED_WEIGHTS_NAME)
+        try:
+            report = packed.write_packed(scratch, tensors, adapter.config, half, report_errors=False)
+        except VBLoRAError as exc:  # about the adapter, not the scratch file it was measured with
+            raise VBLoRAError(f"{adapter.weights_path}: {str(exc).replace(scratch + ': ', '')}") from None
     parts = dict.fromkeys(PARTS, 0)
     parts.update(bank=report.bank_bytes, indices=report.indices_bytes, weights=report.weights_bytes)
     parts["extras"] = sum(spec.nbytes for spec in _extra_specs(adapter))
@@ -247,14 +256,16 @@ class BankUsage:
 def bank_usage(adapter: AdapterFile) -> BankUsage:
     """Selections per bank vector: the stored indices (top-K), or the top-k of the logits as PEFT picks them."""
     import torch
-    from tqdm import tqdm
 
     from .. import ops
+    from ..progress import bar
     from ..tuner import topk_table as compact
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0
-    for name in tqdm(adapter.modules, desc="bank usage", unit="module", delay=1.0):
+    progress = bar(len(adapter.modules), "bank usage", unit="module")
+    for name in adapter.modules:
+        progress.update(1)
         if adapter.storage == "full":
             pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
         else:
@@ -264,6 +275,7 @@ def bank_usage(adapter: AdapterFile) -> BankUsage:
             counts += torch.bincount(indices.reshape(-1).long(), minlength=counts.numel())
             top1_sum += float(weights.float().amax(-1).double().sum())
             rows += weights[..., 0].numel()
+    progress.close()
     return BankUsage(counts.tolist(), top1_sum / rows if rows else 0.0, rows)
 
 
@@ -390,41 +402,33 @@ def render_text(report: dict[str, Any]) -> str:
 # --- plot -------------------------------------------------------------------------------------------
 
 
-def _layer_of(module: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``: modules grouped by their first numbered part."""
-    match = re.match(r"^(.*?\.\d+)(\.|$)", module)
-    return match.group(1) if match else module
-
-
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise VBLoRAError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from exc
+        raise VBLoRAError(
+            "--plot needs matplotlib, which is not installed (pip install 'vblora-rs[plot]')"
+        ) from exc
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
-    """Bank usage and stored bytes per layer, as a PNG written atomically to ``path``."""
+    """Bank usage (sub-vectors selecting each bank vector), as a PNG written atomically to ``path``."""
     _require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers: dict[str, int] = {}
-    for m in report["modules"]:
-        layers[_layer_of(m["module"])] = layers.get(_layer_of(m["module"]), 0) + m["stored_bytes"]
     counts = report["bank_usage"]["counts"]
-    fig, (ax_bank, ax_layers) = plt.subplots(2, 1, figsize=(10, 8), layout="constrained")
+    # (Stored bytes per layer were drawn here too; every layer of a VB-LoRA adapter stores the same number of
+    # indices and weights per sub-vector, so that panel was flat by construction.)
+    fig, ax_bank = plt.subplots(1, 1, figsize=(10, 4), layout="constrained")
     ax_bank.bar(range(len(counts)), counts, width=1.0)
     ax_bank.set(
         title=f"bank usage: {report['bank_usage']['unused']} of {len(counts)} vectors unused",
         xlabel="bank vector",
         ylabel="sub-vectors selecting it",
     )
-    ax_layers.bar(range(len(layers)), list(layers.values()))
-    ax_layers.set_xticks(range(len(layers)), list(layers), rotation=90, fontsize="small")
-    ax_layers.set(title=f"stored bytes per layer ({report['adapter']['format']})", ylabel="bytes")
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot.", suffix=".png")
     os.close(fd)
@@ -452,7 +456,7 @@ def register(subparsers: Any) -> None:
         "adapter", help="VB-LoRA adapter folder (PEFT's adapter_model.safetensors or a packed file) or its weights file"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw bank usage and bytes per layer (matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the bank usage (needs the plot extra)")
     parser.set_defaults(run=run)
 
 
@@ -465,4 +469,5 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     if args.plot:
         plot_report(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+from . import add_output, check_threads
+
 DESCRIPTION = """\
 Merge one or more VB-LoRA adapters (PEFT folders or packed files) into a transformers model saved as
 safetensors (model.safetensors, or shards with model.safetensors.index.json), writing the merged model
@@ -38,7 +40,7 @@ def register(subparsers: Any) -> None:
         help="a PEFT VB-LoRA adapter folder (adapter_config.json + adapter_model.safetensors, full or top-K), "
         "or a packed adapter (adapter_packed.safetensors, or a folder holding it)",
     )
-    parser.add_argument("-o", "--output", dest="out", metavar="OUT", required=True, help="folder to write")
+    add_output(parser, "folder to write")
     parser.add_argument(
         "--weights",
         nargs="+",
@@ -51,28 +53,23 @@ def register(subparsers: Any) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="convert every floating tensor to this dtype before merging (default: keep the base's dtypes)",
     )
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="threads to use (default: all cores)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="threads to use (default 0: all cores)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .. import merge_plan
-    from ..errors import VBLoRAError
+    from ..progress import bar
 
-    if args.threads < 0:
-        raise VBLoRAError(f"--threads must be >= 0, got {args.threads}")
+    check_threads(args.threads)
     start = time.perf_counter()
     merge_plan.check_output(args.out, args.base, args.adapters, args.force)
     plan = merge_plan.plan_merge(args.base, args.adapters, args.weights, args.dtype, args.threads)
     for note in plan.notes:
         print(f"vblora merge: {note}", file=sys.stderr)
-    with tqdm(
-        total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", delay=1.0, leave=False
-    ) as bar:
-        merge_plan.write_merged(plan, args.out, args.threads, bar.update, force=args.force)
+    with bar(plan.total_bytes, "merging", unit="B") as progress:
+        merge_plan.write_merged(plan, args.out, args.threads, progress.update, force=args.force)
     print(
         f"merged {len(plan.adapters)} adapter(s) into {plan.merged_tensors} tensors of "
         f"{len(plan.base.shards)} shard(s) in {time.perf_counter() - start:.1f} s: {args.out}"

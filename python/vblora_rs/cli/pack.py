@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ..errors import VBLoRAError
+from . import add_output
 
 PACK_EPILOG = """\
 The packed file holds exactly what PEFT's save_only_topk_weights checkpoint holds (top-K indices bit-packed at
@@ -26,7 +27,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pack.add_argument("adapter", metavar="ADAPTER", help="PEFT VB-LoRA adapter folder")
-    pack.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created)")
+    add_output(pack, "output folder (created)")
     pack.add_argument(
         "--half",
         choices=("float16", "bfloat16"),
@@ -44,7 +45,7 @@ def register(subparsers: Any) -> None:
         "peft.PeftModel.from_pretrained and vblora_rs.PeftModel.from_pretrained load.",
     )
     unpack.add_argument("adapter", metavar="ADAPTER", help="packed adapter folder or .safetensors file")
-    unpack.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created)")
+    add_output(unpack, "output folder (created)")
     unpack.add_argument("--force", action="store_true", help="write into OUT even if it exists")
     unpack.set_defaults(run=run_unpack)
 

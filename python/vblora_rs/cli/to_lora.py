@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from typing import TYPE_CHECKING, Any, Union
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME
+from . import add_output
 
 if TYPE_CHECKING:
     import torch
@@ -36,13 +36,13 @@ def register(subparsers: Any) -> None:
         "bias tensors are carried over.",
     )
     parser.add_argument("adapter", help="VB-LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("-o", "--output", required=True, help="folder to write the LoRA adapter into")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    add_output(parser, "folder to write the LoRA adapter into")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_lora(args.adapter, args.output, force=args.force)
+    out = export_lora(args.adapter, args.out, force=args.force)
     with open(os.path.join(out, LORA_CONFIG_NAME), encoding="utf-8") as fh:
         config = json.load(fh)
     size = os.path.getsize(os.path.join(out, LORA_WEIGHTS_NAME))
@@ -92,31 +92,67 @@ def lora_tensors(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     return out
 
 
+def _output_bytes(adapter: AdapterFile) -> int:
+    """Bytes of the exported tensors: A (r, in) and B (out, r) in float32 per module, plus the extras."""
+    r = adapter.config.r
+    factors = sum(4 * r * (m.in_features + m.out_features) for m in adapter.modules.values())
+    return factors + sum(t.nbytes for t in adapter.extras.values())
+
+
+def _check_room(out: str, needed: int) -> None:
+    """The export must fit the output's disk and this machine's free memory (it is built in memory, then written):
+    a small hostile file can describe factors of any size."""
+    from ..errors import VBLoRAError
+
+    free_disk = shutil.disk_usage(os.path.dirname(out)).free
+    if needed > free_disk:
+        raise VBLoRAError(f"{out}: the LoRA factors take {needed:,d} bytes, {free_disk:,d} are free on that disk")
+    try:
+        free_memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > free_memory:
+        raise VBLoRAError(f"{out}: the LoRA factors take {needed:,d} bytes, {free_memory:,d} of memory are free")
+
+
 def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.PathLike], force: bool = False) -> str:
     """Write the LoRA export of the VB-LoRA adapter at ``adapter_path`` into the folder ``output`` and return its
-    path. The folder appears whole or not at all; an existing one is replaced only with ``force``."""
+    path. The folder appears whole or not at all (:mod:`..storage.atomic`); an existing one is replaced only with
+    ``force``. Factors that are not finite (an overflow) are an error naming the module, never written."""
     from safetensors.torch import save_file
 
     from ..adapter_files import read_adapter
     from ..errors import VBLoRAError
+    from ..storage import atomic, finite
 
     out = os.path.abspath(os.fspath(output))
     _check_output(out, force)
     adapter = read_adapter(adapter_path)
     if os.path.abspath(os.path.dirname(adapter.weights_path)) == out:
         raise VBLoRAError(f"{out}: is the input adapter's own folder; choose another output")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _check_room(out, _output_bytes(adapter))
     tensors = lora_tensors(adapter)
+    for key, value in tensors.items():
+        if value.dtype.is_floating_point:
+            problem = finite.overflow_problem(value.detach().float().numpy())
+            if problem:
+                raise VBLoRAError(f"{adapter.weights_path}: {key} {problem}")
     config = lora_config(adapter)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    staging = atomic.temp_folder(out)
     try:
-        save_file(tensors, os.path.join(staging, LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(staging, LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors' SafetensorError (a full disk, ...) is no OSError
+            if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+                raise VBLoRAError(f"{out}: writing {LORA_WEIGHTS_NAME} failed: {exc}") from None
+            raise
         with open(os.path.join(staging, LORA_CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        _swap_in(staging, out, force)
+        atomic.usual_mode(staging, folder=True)  # mkdtemp's 0700 would make the adapter private
+        atomic.install(staging, out, replace=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -130,21 +166,3 @@ def _check_output(out: str, force: bool) -> None:
             raise VBLoRAError(f"{out}: exists and is not a folder; not replacing it")
         if not force:
             raise VBLoRAError(f"{out}: already exists; pass --force to replace it")
-
-
-def _swap_in(staging: str, out: str, force: bool) -> None:
-    """Rename the finished ``staging`` folder to ``out``; an old ``out`` (force) is moved aside first and removed
-    only once the new one is in place."""
-    _check_output(out, force)  # again: something may have appeared while we computed
-    if not os.path.exists(out):
-        os.rename(staging, out)
-        return
-    old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.", suffix=".old")
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
