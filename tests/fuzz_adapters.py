@@ -180,12 +180,16 @@ def mutate(seed: Path, out: Path, rng: random.Random) -> str:
 
 
 def _from_pretrained(adapter: Path, base: Path, work: Path) -> None:
+    # what a user calls: PEFT's from_pretrained for PEFT's folders, ours for packed ones
     import vblora_rs
     from conftest import make_mlp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vblora_rs.PeftModel.from_pretrained(make_mlp(), adapter)
+        if (adapter / "adapter_packed.safetensors").exists():
+            vblora_rs.load_packed(make_mlp(), adapter)
+        else:
+            vblora_rs.PeftModel.from_pretrained(make_mlp(), adapter)
 
 
 def _merge(adapter: Path, base: Path, work: Path) -> None:
@@ -215,16 +219,28 @@ ENTRY_POINTS: dict[str, Callable[[Path, Path, Path], None]] = {
 }
 
 
-def classify(exc: BaseException | None, adapter: Path) -> str:
+def classify(exc: BaseException | None, adapter: Path, model_side: bool = False) -> str:
+    """``model_side``: PEFT reads the folder (adapter_config.json, the safetensors container) and hands our load
+    hook its tensors, so our errors name the adapter's tensor or config field rather than the file; an error
+    raised inside PEFT's or safetensors' own code is theirs (``peft_reader_error``), as without vblora_rs."""
+    import vblora_rs
     from vblora_rs import VBLoRAError
 
     if exc is None:
         return "success"
+    message = str(exc)
     if isinstance(exc, VBLoRAError):
-        message = str(exc)
         if str(adapter) in message and ".tmp-" not in message and "/tmp/tmp" not in message.replace(str(adapter), ""):
             return "named_error"
+        if model_side and re.search(r"(tensor base_model\.|config of adapter )", message):
+            return "named_error"
         return "unnamed_error"
+    if model_side:
+        # raised by PEFT's (or safetensors', json's) own code, as it would be without vblora_rs
+        package = os.path.dirname(vblora_rs.__file__)
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and not frames[-1].filename.startswith(package):
+            return "peft_reader_error"
     return "other"
 
 
@@ -248,10 +264,10 @@ def run(count: int, seed: int) -> dict[str, Any]:
                     exc: BaseException | None = None
                 except Exception as caught:  # noqa: BLE001 (classifying every outcome is the point)
                     exc = caught
-                outcome = classify(exc, mutant)
+                outcome = classify(exc, mutant, model_side=name == "from_pretrained")
                 counts[name][outcome] += 1
                 shown = sum(e.startswith(f"{name} ") for e in examples)
-                if outcome not in ("success", "named_error") and shown < 5:
+                if outcome not in ("success", "named_error", "peft_reader_error") and shown < 5:
                     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip() if exc else ""
                     examples.append(f"{name} on {kind} mutant {i} ({what}): {outcome}: {detail[:300]}")
                 shutil.rmtree(work, ignore_errors=True)

@@ -152,12 +152,19 @@ def test_unexpected_tensor(tmp_path: Path) -> None:
         ),
         (
             lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 1), float("nan"))),
-            "NaN, infinite or negative",
+            "weights must be finite",
         ),
-        (lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 1), -0.5)), "NaN, infinite or negative"),
-        (lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 1), 1.5)), "summing above 1"),
+        (lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 1), -0.5)), "weights must be >= 0"),
+        (
+            lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 1), 1.5)),
+            r"summing to 1.5, above 1 \+",
+        ),
         (lambda t: t.__setitem__(LOGITS_A + "_topk_weights", torch.full((2, 2, 2), 0.1)), "do not hold topk=2 entries"),
         (lambda t: t.__setitem__(LOGITS_A + "_topk_indices", torch.zeros(2, 2, 2)), "expected an integer dtype"),
+        (  # the one top-K rule: a repeated index within a row is refused by every reader
+            lambda t: t.__setitem__(LOGITS_A + "_topk_indices", torch.zeros(2, 2, 2, dtype=torch.int16)),
+            "repeats index 0",
+        ),
         (lambda t: t.pop(LOGITS_A + "_topk_weights"), "missing tensor .*_topk_weights"),
         (lambda t: t.pop(LOGITS_A + "_topk_indices"), "missing tensor .*_topk_indices"),
     ],

@@ -188,12 +188,12 @@ BAD_INPUTS = {
     "nan weight": (
         lambda src: _edit_tensors(src, lambda t: t[Q_PROJ + "_topk_weights"].view(-1)[0].fill_(float("nan"))),
         "",
-        f"tensor {Q_PROJ}_topk_weights holds NaN, infinite or negative weights",
+        f"tensor {Q_PROJ}_topk_weights (row 0) holds weight",
     ),
     "weights above 1": (
         lambda src: _edit_tensors(src, lambda t: t[Q_PROJ + "_topk_weights"].view(-1)[:2].fill_(0.9)),
         "",
-        f"tensor {Q_PROJ}_topk_weights has weights summing above 1",
+        f"tensor {Q_PROJ}_topk_weights (row 0) has weights summing to 1.79",
     ),
     "weights shape": (
         lambda src: _edit_tensors(

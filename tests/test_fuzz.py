@@ -44,10 +44,10 @@ def fuzz_result() -> dict[str, Any]:
     return result
 
 
-def check(result: dict[str, Any], entry: str) -> None:
+def check(result: dict[str, Any], entry: str, also_fine: tuple[str, ...] = ()) -> None:
     outcomes = result["counts"][entry]
     assert sum(outcomes.values()) == COUNT
-    bad = {k: v for k, v in outcomes.items() if k not in ("success", "named_error")}
+    bad = {k: v for k, v in outcomes.items() if k not in ("success", "named_error", *also_fine)}
     examples = [e for e in result["examples"] if e.startswith(f"{entry} ")]
     assert not bad, (bad, examples)
 
@@ -57,10 +57,7 @@ def test_torch_free_readers_end_in_success_or_a_named_error(fuzz_result: dict[st
     check(fuzz_result, entry)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model side (issue 'Build on PEFT itself'): from_pretrained does not yet check adapter_config.json "
-    "with vblora_rs.storage.config_file (deep JSON, bad regexes, huge banks fail with other exceptions)",
-)
 def test_from_pretrained_ends_in_success_or_a_named_error(fuzz_result: dict[str, Any]) -> None:
-    check(fuzz_result, "from_pretrained")
+    # errors raised inside PEFT's own readers and checks are PEFT's, as without vblora_rs; everything our hooks and
+    # load_packed raise is a VBLoRAError naming the file, or the adapter's tensor or config field
+    check(fuzz_result, "from_pretrained", also_fine=("peft_reader_error",))

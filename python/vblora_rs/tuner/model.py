@@ -13,6 +13,7 @@ changes what is VB-LoRA's own:
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
+from ..storage.config_file import check_config
 from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
@@ -42,6 +44,21 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     # --- injection ------------------------------------------------------------------------------
 
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        # Before anything is allocated: PEFT's config takes any values (a 2^31 x 2^31 bank, a regex that never
+        # finishes), and an adapter name is a folder name when saving.
+        if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or any(
+            sep in adapter_name for sep in ("/", "\\", os.sep)
+        ):
+            raise VBLoRAError(f"adapter name {adapter_name!r} must be a single folder name (it names the save folder)")
+        source = f"config of adapter {adapter_name!r}"
+        for name in ("r", "topk"):  # PEFT's own wording for what its layer checks
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise VBLoRAError(f"{source}: `{name}` {value!r} should be a positive integer value")
+        if isinstance(config.num_vectors, int) and config.topk > config.num_vectors:
+            raise VBLoRAError(f"{source}: `topk` {config.topk} must not exceed `num_vectors` {config.num_vectors}")
+        as_json = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+        check_config(as_json, source)
         # One bank dict for the tuner's life: layers hold a reference to it, and PEFT's hook would replace it with
         # an empty one whenever another adapter is added.
         if "vblora_vector_bank" not in self._modules:

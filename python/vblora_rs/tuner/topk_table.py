@@ -23,6 +23,7 @@ from torch import nn
 from .. import ops
 from ..config import TOPK_INDICES, TOPK_WEIGHTS
 from ..errors import VBLoRAError
+from ..storage.topk import row_problem
 
 
 def indices_dtype(num_vectors: int) -> torch.dtype:
@@ -174,17 +175,17 @@ def index_problem(indices: torch.Tensor, num_vectors: int) -> str:
 
 
 def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> str:
-    """What is wrong with the values of a stored top-K pair (``"<suffix> holds ..."``), or ``""``."""
+    """What is wrong with the values of a stored top-K pair (``"<suffix> <reason>"``), or ``""``: the one rule
+    of stored top-K rows every reader applies (:func:`vblora_rs.storage.topk.row_problem`)."""
     problem = index_problem(indices, num_vectors)
     if problem:
         return problem
-    if weights.numel():
-        w = _np(weights)
-        if not bool(np.isfinite(w).all()) or bool((w < 0).any()):
-            return f"{TOPK_WEIGHTS} holds NaN, infinite or negative weights"
-        if bool((w.sum(-1, dtype=np.float32) > 1 + 1e-6).any()):
-            return f"{TOPK_WEIGHTS} has weights summing above 1"
-    return ""
+    found = row_problem(_np(indices), _np(weights), num_vectors)
+    if not found:
+        return ""
+    where, _, reason = found.partition(": ")
+    part, _, reason = reason.partition(" ")
+    return f"{TOPK_INDICES if part == 'indices' else TOPK_WEIGHTS} ({where}) {reason}"
 
 
 def table_from_layers(
