@@ -142,15 +142,10 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def peft_only() -> Iterator[None]:
-    import vblora_rs
+    from vblora_rs.tuner.peft_backend import peft_classes
 
-    applied = vblora_rs.is_applied()
-    vblora_rs.remove_from_peft()
-    try:
+    with peft_classes():
         yield
-    finally:
-        if applied:
-            vblora_rs.apply_to_peft()
 
 
 def peft_get_peft_model(*args: Any, **kwargs: Any) -> Any:

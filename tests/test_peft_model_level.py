@@ -138,3 +138,23 @@ def test_set_requires_grad_and_config_api(tmp_path: Path) -> None:
     assert not model.peft_config["default"].is_prompt_learning
     with pytest.raises(ValueError):
         VBLoRAConfig(task_type="NOT_A_TASK", target_modules=["lin0"])
+
+
+def test_remove_from_peft_refuses_while_a_compact_adapter_is_alive(tmp_path: Path) -> None:
+    import vblora_rs
+
+    model = get_peft_model(make_mlp(), cfg(target_modules=["lin0"], save_only_topk_weights=True))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_mlp(), tmp_path)
+    assert loaded.base_model.model.lin0.is_compact("default")
+    with pytest.raises(vblora_rs.VBLoRAError, match="compact adapters"):
+        vblora_rs.remove_from_peft()
+    assert vblora_rs.is_applied()
+    # a model built with PEFT's own classes saves as PEFT saves it, whichever hooks are in force
+    with vblora_rs.tuner.peft_backend.peft_classes():
+        theirs = peft.get_peft_model(make_mlp(), cfg(target_modules=["lin0"], save_only_topk_weights=True))
+    assert type(theirs.base_model) is peft.tuners.vblora.VBLoRAModel
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("_topk_indices") for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors"))

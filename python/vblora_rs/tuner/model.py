@@ -16,6 +16,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -34,6 +35,14 @@ from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
 from .layer import Linear, VBLoRALayer
+
+# every tuner of ours alive in the process (see peft_backend.remove_from_peft)
+_LIVE_TUNERS: weakref.WeakSet[VBLoRAModel] = weakref.WeakSet()
+
+
+def compact_adapters_alive() -> list[str]:
+    """``"<adapter> (<tuner id>)"`` for every compact adapter held by a live tuner of ours."""
+    return [f"{name!r} (tuner {id(t):#x})" for t in list(_LIVE_TUNERS) for name in t.vblora_topk]
 
 
 class VBLoRAModel(peft_model.VBLoRAModel):
@@ -66,6 +75,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         if "vblora_topk" not in self._modules:
             # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
             self.vblora_topk = nn.ModuleDict({})
+        _LIVE_TUNERS.add(self)
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str) -> None:
         """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter)."""
