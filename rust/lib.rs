@@ -94,5 +94,5 @@ pub use error::{Dim, KernelError};
 pub use lowrank::{low_rank_from_logits, low_rank_from_topk};
 pub use matrix::{MatMut, MatRef};
 pub use merge::{low_rank_product, low_rank_product_into, rank_update};
-pub use simd::simd_level;
+pub use simd::{simd_level, simd_levels};
 pub use topk::{topk_kept_many, topk_softmax, topk_softmax_many};
