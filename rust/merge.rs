@@ -6,7 +6,7 @@
 //! rounding into `f16`/`bf16` sees the whole `f32` sum. How each step of the sum rounds depends
 //! on the SIMD level (module `simd`):
 //!
-//! * AVX2+FMA: `delta = fma(u[i, r], v[r, j], delta)`, one rounding per step. That is exactly
+//! * AVX2+FMA and AVX-512: `delta = fma(u[i, r], v[r, j], delta)`, one rounding per step. That is exactly
 //!   what torch's `u @ v` (MKL sgemm) computes on this machine: 100% of the bits of `B @ A`
 //!   agree for R = 4 at 4096x11008, and so do the merged float32 weights of PEFT's
 //!   `W + B @ A` (measured with a float64 emulation of the FMA chain; a plain mul + add chain
@@ -20,11 +20,11 @@
 //!
 //! Layout: each rayon task owns whole rows (a multiple of the micro-tile height `MR`). Within a
 //! task the columns go in blocks whose slice of `v` fits in L2 (`V_BLOCK_BYTES`); within a block,
-//! `MR` rows at a time, `CHUNK` columns at a time, register tiles of `MR x NR` accumulate over all
+//! `MR` rows at a time, `NR` columns at a time, register tiles of `MR x NR` accumulate over all
 //! `R` (the broadcast `u` values are packed per panel, each `v` row slice is loaded once per tile
-//! and used `MR` times), then the finished `delta` chunk is added into the weight (or copied into
-//! the fresh output). The weight is read and written exactly once; the output of
-//! `low_rank_product` is only written.
+//! and used `MR` times), then each finished tile row is added into the weight (or copied into the
+//! fresh output); `f16` weights and the portable build gather a `CHUNK` of `delta` per row first.
+//! The weight is read and written exactly once; the output of `low_rank_product` is only written.
 
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};

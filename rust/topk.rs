@@ -287,9 +287,9 @@ pub(crate) fn candidates_avx2(
 }
 
 /// The vector building blocks of the selection: [`may_enter`], [`chunk_maxima`] and
-/// [`above8`], or their AVX2 versions. They travel as closures because closures made inside a
-/// `#[target_feature(enable = "avx2")]` function keep its features (and may call the AVX2
-/// versions), while the generic code that calls them is shared by every level.
+/// [`candidates`], or their AVX2 / AVX-512 versions. They travel as closures because closures
+/// made inside a `#[target_feature]` function keep its features (and may call the versions
+/// that need them), while the generic code that calls them is shared by every level.
 pub(crate) trait Scan: Copy {
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
     fn chunk_maxima(
