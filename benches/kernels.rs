@@ -2,7 +2,8 @@
 //! 39,040 logit rows over a 2,048-vector bank of length 256, and a 4096x11008 weight with R = 4.
 //! Also 16 stacked adapters (R = 64) merged into a 4096x4096 weight, and the bare product.
 //! Sample sizes are small so that `cargo bench` finishes in a few minutes. The SIMD level
-//! (`VBLORA_RS_SIMD=portable` forces the baseline loops) is in every benchmark name.
+//! (`VBLORA_RS_SIMD=portable|avx2|avx512` caps it, to time one level against another) is in
+//! every benchmark name.
 
 use std::time::Duration;
 

@@ -16,6 +16,11 @@ pub trait Element: bytemuck::Pod + Send + Sync {
     /// Name used in messages: "float32", "float16", "bfloat16".
     const NAME: &'static str;
 
+    /// Whether kernels should convert whole chunks (`widen`, `narrow`, `add_f32` on up to
+    /// `CHUNK` elements) rather than a few elements at a time: true where one element's
+    /// conversion does not vectorise (`f16`).
+    const CHUNKED: bool = false;
+
     /// Exact widening to `f32`.
     fn to_f32(self) -> f32;
 
@@ -41,6 +46,7 @@ pub trait Element: bytemuck::Pod + Send + Sync {
     }
 
     /// `dst[j] = from_f32(to_f32(dst[j]) + delta[j])` for equally long slices, at most `CHUNK`.
+    #[inline(always)]
     fn add_f32(dst: &mut [Self], delta: &[f32]) {
         for (d, &x) in dst.iter_mut().zip(delta) {
             *d = Self::from_f32(d.to_f32() + x);
@@ -81,6 +87,7 @@ impl Element for f32 {
 
 impl Element for f16 {
     const NAME: &'static str = "float16";
+    const CHUNKED: bool = true;
 
     #[inline(always)]
     fn to_f32(self) -> f32 {

@@ -5,8 +5,9 @@
 //! `python` feature, and does nothing but borrow numpy arrays, validate them, release the GIL
 //! and map [`KernelError`] to `VBLoRAError`.
 //!
-//! Why the kernels look the way they do (measured on a 2-core AMD EPYC VM with AVX2, no AVX-512;
-//! baseline x86_64 build with run-time AVX2+FMA dispatch; criterion `benches/kernels.rs`):
+//! Why the kernels look the way they do (measured on a 2-core AMD EPYC VM with AVX2, no AVX-512,
+//! unless said otherwise; baseline x86_64 build with run-time AVX2+FMA / AVX-512 dispatch;
+//! criterion `benches/kernels.rs`):
 //!
 //! * top-k (`topk`): indices must be `torch.topk`'s exactly, ties included (a different tie
 //!   picks a different bank vector), so `topk` ports the libstdc++ `partial_sort` /
@@ -40,19 +41,28 @@
 //!   The gather stays plain mul + add (PEFT's `(w * bank[idx]).sum(-2)` is not fused).
 //! * merge (`merge`): one pass over the weight; rows split across threads in tasks of ~64 Ki
 //!   elements rounded to the tile height; columns in blocks whose slice of `v` fits L2; register
-//!   tiles (6 x 16 with AVX2, 4 x 8 portable) accumulate over all R, so the same code serves
-//!   R = 4 (memory-bound: the weight read and written once) and R = 64 (compute-bound: 16
-//!   adapters, 26 ms for 4096x4096 in criterion, ~23 ms from Python). With AVX2+FMA each step
-//!   is `fma(u, v, delta)`: exactly torch's `u @ v` on MKL here (100% of bits at 4096x11008,
-//!   R = 4, and of PEFT's merged float32 weights; a mul + add chain matched 62% / 98%). The
-//!   portable path multiplies then adds (last-bit differences from torch are possible).
+//!   tiles (6 x 16 with AVX2, 8 x 16 with AVX-512, 4 x 8 portable) accumulate over all R, so the
+//!   same code serves R = 4 (memory-bound: the weight read and written once) and R = 64
+//!   (compute-bound: 16 adapters, 26 ms for 4096x4096 in criterion, ~23 ms from Python). With
+//!   AVX2+FMA and AVX-512 each step is `fma(u, v, delta)`: exactly torch's `u @ v` on MKL here
+//!   (100% of bits at 4096x11008, R = 4, and of PEFT's merged float32 weights; a mul + add chain
+//!   matched 62% / 98%). The portable path multiplies then adds (last-bit differences from
+//!   torch are possible).
 //!   `low_rank_product` writes `u @ v` once into a buffer nobody reads first; from Python that
 //!   buffer is `numpy.zeros`, because numpy madvises large arrays to transparent huge pages
 //!   (THP is `madvise` here): the same kernel into a Rust `vec!` (calloc, 4 KiB faults) took
 //!   ~100 ms, into numpy's ~25-35 ms; torch's `B @ A` pays the 4 KiB faults (~90-100 ms).
 //! * SIMD (`simd`): run-time dispatch, cached in a `OnceLock`; the only `unsafe` is the call of
-//!   an AVX2 `target_feature` function at the dispatch sites. No AVX-512 level: this CPU (AMD
-//!   EPYC, Zen 3) has none. Tests run every kernel at every available level.
+//!   a `target_feature` function (AVX2, AVX-512) at the dispatch sites. Tests run every kernel at
+//!   every available level; `VBLORA_RS_SIMD=portable|avx2|avx512` caps the level. AVX-512
+//!   (measured on a 2-core AMD EPYC Zen 4 VM, one thread, minimum of many runs) is the same
+//!   generic code with 8x16 merge tiles and mask-register compares in the top-k scan: f32 merge
+//!   R = 4 within 10% of AVX2 (Zen 4 splits 512-bit ops in two), bf16 weights 31 -> 22 us at
+//!   64x2048 and 500 -> 365 us at 512x4096, R = 64 2.8 -> 2.0 ms at 256x4096, top-k of
+//!   4096x2048 1.49-1.65 ms against 1.68-1.90 ms (the same in L2). Tried and dropped: a 16-lane first top-k pass (no faster: it is memory-bound), wider
+//!   merge tiles (LLVM kept the accumulators in memory). AVX512-BF16 is not used (see `simd`).
+//!   Register tiles go straight into f32/bf16 weights (no staging chunk): bf16 38 -> 32 us with
+//!   AVX2 at 64x2048.
 //! * threads (`threads`): every kernel runs in its own rayon pool of the requested size, cached
 //!   by size and rebuilt after `fork`; rayon's global pool is never used. Handing a call to the
 //!   pool costs ~20-40 us on this VM, visible on tiny calls (64-row low-rank factors).
@@ -95,5 +105,5 @@ pub use error::{Dim, KernelError};
 pub use lowrank::{low_rank_from_logits, low_rank_from_topk};
 pub use matrix::{MatMut, MatRef};
 pub use merge::{low_rank_product, low_rank_product_into, rank_update};
-pub use simd::simd_level;
+pub use simd::{simd_level, simd_levels};
 pub use topk::{topk_kept_many, topk_softmax, topk_softmax_many};

@@ -10,9 +10,9 @@ use crate::error::{Dim, KernelError};
 use crate::matrix::MatRef;
 use crate::simd::{dispatch, Level};
 use crate::threads;
-#[cfg(target_arch = "x86_64")]
-use crate::topk::avx2_scan;
 use crate::topk::{self, portable_scan, Scan, Selector, ROWS_PER_TASK};
+#[cfg(target_arch = "x86_64")]
+use crate::topk::{avx2_scan, avx512_scan};
 
 /// `out = sum_j w[j] * bank[vecs[j]]` (from `0.0`, `j` in order), column chunk by column chunk:
 /// the sum builds in a stack buffer and `out` is only written, never read. Reading first
@@ -69,6 +69,19 @@ fn gather_rows<B: Element>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gather_rows_avx2<B: Element>(
+    out: &mut [f32],
+    first: usize,
+    k: usize,
+    check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
+    weights: MatRef<'_, f32>,
+    bank: MatRef<'_, B>,
+) -> Option<KernelError> {
+    gather_rows(out, first, k, check_row, weights, bank)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn gather_rows_avx512<B: Element>(
     out: &mut [f32],
     first: usize,
     k: usize,
@@ -144,7 +157,8 @@ pub(crate) fn low_rank_from_topk_at<B: Element>(
         dispatch!(
             level,
             gather_rows(out, first, indices.cols(), &check_row, weights, bank),
-            gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank)
+            gather_rows_avx2(out, first, indices.cols(), &check_row, weights, bank),
+            gather_rows_avx512(out, first, indices.cols(), &check_row, weights, bank)
         )
     })?;
     failed.map_or(Ok(out), Err)
@@ -185,6 +199,18 @@ fn select_gather_rows_avx2<T: Element, B: Element>(
     k: usize,
 ) -> Option<usize> {
     select_gather_rows(out, first, logits, bank, k, avx2_scan())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn select_gather_rows_avx512<T: Element, B: Element>(
+    out: &mut [f32],
+    first: usize,
+    logits: MatRef<'_, T>,
+    bank: MatRef<'_, B>,
+    k: usize,
+) -> Option<usize> {
+    select_gather_rows(out, first, logits, bank, k, avx512_scan())
 }
 
 /// Fused top-`k` + softmax + gather: `(rows, L)` from `logits (rows, num_vectors)` and
@@ -229,7 +255,8 @@ pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
         dispatch!(
             level,
             select_gather_rows(out, first, logits, bank, k, portable_scan()),
-            select_gather_rows_avx2::<T, B>(out, first, logits, bank, k)
+            select_gather_rows_avx2::<T, B>(out, first, logits, bank, k),
+            select_gather_rows_avx512::<T, B>(out, first, logits, bank, k)
         )
     })?;
     match failed {

@@ -1,30 +1,49 @@
 //! Run-time SIMD dispatch.
 //!
 //! The crate is built for the baseline target (SSE2 on x86_64, NEON on aarch64). Each hot loop
-//! is one generic `#[inline(always)]` safe Rust function; on x86_64 it is also compiled inside a
-//! `#[target_feature(enable = "avx2,fma")]` wrapper, where LLVM vectorises the same loops with
-//! 256-bit registers and `f32::mul_add` becomes one `vfmadd` instruction. Which copy runs is
-//! chosen once per process ([`Level::detected`]) from `is_x86_feature_detected!`.
+//! is one generic `#[inline(always)]` safe Rust function; on x86_64 it is also compiled inside
+//! thin `#[target_feature]` wrappers, one per level, where LLVM vectorises the same loops with
+//! wider registers and `f32::mul_add` becomes one `vfmadd` instruction:
 //!
-//! The wrappers are the crate's only `unsafe`: calling a `target_feature` function is unsafe
-//! because the CPU must have the feature. That is guaranteed by construction: the AVX2 variant
-//! of [`Level`] carries an [`Avx2Fma`] token whose field is private to this module, and the only
-//! code that makes one runs after `is_x86_feature_detected!("avx2")` and `("fma")` both returned
-//! true. No AVX-512 variant: the measuring machine (AMD EPYC, Zen 3) has none, so it could not
-//! be measured or tested.
+//! * AVX2 (`avx2,fma`): 256-bit registers, 16 of them.
+//! * AVX-512 (`avx512f,avx512bw,avx512vl` plus `avx2,fma`): 512-bit registers, 32 of them, and
+//!   compares into mask registers. The arithmetic is the same FMA chain as on AVX2, so both give
+//!   the same bits; only the speed differs.
 //!
-//! `VBLORA_RS_SIMD=portable` in the environment (read once) forces the portable loops, e.g. to
-//! compare the two paths from Python.
+//! AVX512-BF16 is not used: `vdpbf16ps` multiplies bf16 by bf16, but PEFT's products are float32
+//! by float32 (softmax weights, upcast factors), and `vcvtneps2bf16` flushes subnormals to zero
+//! where torch's float-to-bf16 cast rounds them, so neither keeps PEFT's bits. (Widening bf16 is a
+//! 16-bit shift, which the AVX-512 build already vectorises.)
+//!
+//! Which copy runs is chosen once per process ([`Level::detected`]) from
+//! `is_x86_feature_detected!`.
+//!
+//! The wrappers are the crate's only `unsafe` besides the OpenMP binding: calling a
+//! `target_feature` function is unsafe because the CPU must have the features. That is
+//! guaranteed by construction: the AVX2 and AVX-512 variants of [`Level`] carry tokens
+//! ([`Avx2Fma`], [`Avx512`]) whose fields are private to this module, and the only code that
+//! makes one runs after `is_x86_feature_detected!` returned true for each feature the wrappers
+//! enable.
+//!
+//! `VBLORA_RS_SIMD` (read once) caps the level, to test or time one level against another:
+//! `portable`, `avx2` (or `avx2+fma`), `avx512`. A level the CPU lacks gives the best one it
+//! has below it ([`simd_level`] says which runs); any other value is ignored.
 
 use std::sync::OnceLock;
 
-/// Proof that AVX2 and FMA were detected on this CPU. Only [`Level::detected`] and
-/// [`Level::available`] construct one, after checking.
+/// Proof that AVX2 and FMA were detected on this CPU. Only [`Level::available`] constructs one,
+/// after checking.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Avx2Fma(());
 
-/// The instruction-set level a kernel runs at.
+/// Proof that AVX-512 F, BW and VL, AVX2 and FMA were detected on this CPU. Only
+/// [`Level::available`] constructs one, after checking.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx512(());
+
+/// The instruction-set level a kernel runs at, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Level {
     /// The baseline build: SSE2 on x86_64, NEON on aarch64. Plain `mul` + `add`, never fused.
@@ -32,36 +51,43 @@ pub(crate) enum Level {
     /// AVX2 with FMA (x86_64), detected at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma(Avx2Fma),
+    /// AVX-512 F/BW/VL with AVX2 and FMA (x86_64), detected at run time.
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512),
 }
 
 impl Level {
-    /// The best level this CPU supports (or `Portable` when `VBLORA_RS_SIMD=portable`), cached.
+    /// The best level this CPU supports, capped by `VBLORA_RS_SIMD`, cached.
     pub(crate) fn detected() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
         *LEVEL.get_or_init(|| {
-            if std::env::var_os("VBLORA_RS_SIMD").is_some_and(|v| v == "portable") {
-                Level::Portable
-            } else {
-                Self::best()
-            }
+            let cap = std::env::var("VBLORA_RS_SIMD").ok();
+            Self::capped(&Self::available(), cap.as_deref())
         })
     }
 
-    fn best() -> Level {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Level::Avx2Fma(Avx2Fma(()));
-        }
-        Level::Portable
+    /// The best of `levels` (lowest first, never empty) not above the one named `cap`.
+    fn capped(levels: &[Level], cap: Option<&str>) -> Level {
+        let rank = match cap {
+            Some("portable") => 0,
+            Some("avx2" | "avx2+fma") => 1,
+            _ => 2,
+        };
+        levels[rank.min(levels.len() - 1)]
     }
 
     /// Every level this CPU supports, portable first (tests run each).
-    #[cfg(test)]
     pub(crate) fn available() -> Vec<Level> {
         let mut levels = vec![Level::Portable];
-        if Self::best() != Level::Portable {
-            levels.push(Self::best());
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                levels.push(Level::Avx2Fma(Avx2Fma(())));
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                    levels.push(Level::Avx512(Avx512(())));
+                }
+            }
         }
         levels
     }
@@ -77,13 +103,21 @@ impl Level {
             Level::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
             Level::Avx2Fma(_) => "avx2+fma",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512(_) => "avx512",
         }
     }
 }
 
-/// The SIMD level the kernels use in this process: `"avx2+fma"` or `"portable"`.
+/// The SIMD level the kernels use in this process: `"avx512"`, `"avx2+fma"` or `"portable"`.
 pub fn simd_level() -> &'static str {
     Level::detected().name()
+}
+
+/// Every SIMD level this CPU supports, lowest first (each a [`simd_level`] name); what
+/// `VBLORA_RS_SIMD` can select.
+pub fn simd_levels() -> Vec<&'static str> {
+    Level::available().into_iter().map(Level::name).collect()
 }
 
 /// `acc + a * b`: fused (one rounding) when `FMA`, else a plain multiply then add. Only call with
@@ -99,9 +133,11 @@ pub(crate) fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
 }
 
 /// Runs `$generic::<..>($args)` at `$level`: on the portable path directly, on AVX2 through
-/// `$avx2`, a `#[target_feature(enable = "avx2,fma")]` wrapper that calls the same generic body.
+/// `$avx2`, a `#[target_feature(enable = "avx2,fma")]` wrapper, and on AVX-512 through `$avx512`,
+/// a `#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]` wrapper, both of which
+/// call the same generic body.
 macro_rules! dispatch {
-    ($level:expr, $portable:expr, $avx2:expr) => {
+    ($level:expr, $portable:expr, $avx2:expr, $avx512:expr) => {
         match $level {
             $crate::simd::Level::Portable => $portable,
             #[cfg(target_arch = "x86_64")]
@@ -111,6 +147,14 @@ macro_rules! dispatch {
                 // after `is_x86_feature_detected!` found both avx2 and fma on this CPU, so the
                 // `target_feature(enable = "avx2,fma")` function may be called.
                 unsafe { $avx2 }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            $crate::simd::Level::Avx512(_) => {
+                // SAFETY: a `Level::Avx512` holds an `Avx512` token, which `simd` creates only
+                // after `is_x86_feature_detected!` found avx2, fma, avx512f, avx512bw and
+                // avx512vl on this CPU, so the function enabling exactly those may be called.
+                unsafe { $avx512 }
             }
         }
     };
@@ -123,10 +167,25 @@ mod tests {
 
     #[test]
     fn detected_level_is_available() {
-        assert!(Level::available().contains(&Level::detected()));
-        assert_eq!(Level::available()[0], Level::Portable);
+        let levels = Level::available();
+        assert!(levels.contains(&Level::detected()));
+        assert_eq!(levels[0], Level::Portable);
         assert!(!Level::Portable.fma());
-        assert!(["portable", "avx2+fma"].contains(&simd_level()));
+        assert!(["portable", "avx2+fma", "avx512"].contains(&simd_level()));
+        assert_eq!(simd_levels()[0], "portable");
+    }
+
+    #[test]
+    fn the_environment_caps_the_level() {
+        let levels = Level::available();
+        let best = *levels.last().unwrap();
+        assert_eq!(Level::capped(&levels, None), best);
+        assert_eq!(Level::capped(&levels, Some("avx512")), best);
+        assert_eq!(Level::capped(&levels, Some("nonsense")), best);
+        assert_eq!(Level::capped(&levels, Some("portable")), Level::Portable);
+        let avx2 = levels.get(1).copied().unwrap_or(Level::Portable);
+        assert_eq!(Level::capped(&levels, Some("avx2")), avx2);
+        assert_eq!(Level::capped(&levels, Some("avx2+fma")), avx2);
     }
 
     #[test]

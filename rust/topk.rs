@@ -287,9 +287,9 @@ pub(crate) fn candidates_avx2(
 }
 
 /// The vector building blocks of the selection: [`may_enter`], [`chunk_maxima`] and
-/// [`above8`], or their AVX2 versions. They travel as closures because closures made inside a
-/// `#[target_feature(enable = "avx2")]` function keep its features (and may call the AVX2
-/// versions), while the generic code that calls them is shared by every level.
+/// [`candidates`], or their AVX2 / AVX-512 versions. They travel as closures because closures
+/// made inside a `#[target_feature]` function keep its features (and may call the versions
+/// that need them), while the generic code that calls them is shared by every level.
 pub(crate) trait Scan: Copy {
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
     fn chunk_maxima(
@@ -359,6 +359,89 @@ pub(crate) fn avx2_scan() -> impl Scan {
         |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
         |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
             candidates_avx2(xs, chunk_max, below, cand)
+        },
+    )
+}
+
+/// [`may_enter`] with AVX-512VL: two compares straight into mask registers, no movemask. Only
+/// called from code compiled with the `avx512f,avx512vl` target features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+#[inline]
+pub(crate) fn may_enter_avx512(xs: &[f32; LANES], top: f32) -> u64 {
+    use std::arch::x86_64::{__m256, _mm256_cmp_ps_mask, _mm256_set1_ps, _CMP_NLE_UQ};
+    let t = _mm256_set1_ps(top);
+    let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
+    let lo = _mm256_cmp_ps_mask::<_CMP_NLE_UQ>(load(&xs[..8]), t);
+    let hi = _mm256_cmp_ps_mask::<_CMP_NLE_UQ>(load(&xs[8..]), t);
+    u64::from(lo) | (u64::from(hi) << 8)
+}
+
+/// [`candidates`] with AVX-512VL: the steps of [`candidates_avx2`], each compare giving its bit
+/// mask directly. Only called from code compiled with the `avx512f,avx512vl` target features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+#[inline]
+pub(crate) fn candidates_avx512(
+    xs: &[f32],
+    chunk_max: &[[f32; FAST_LANES]],
+    below: f32,
+    cand: &mut Vec<Elem>,
+) -> bool {
+    use std::arch::x86_64::{_mm256_cmp_ps_mask, _mm256_set1_ps, _CMP_NLE_UQ};
+    let t = _mm256_set1_ps(below);
+    let above = |v: &[f32]| {
+        _mm256_cmp_ps_mask::<_CMP_NLE_UQ>(bytemuck::cast(<[f32; 8]>::try_from(v).unwrap()), t)
+    };
+    let visit = |cand: &mut Vec<Elem>, start: usize, v: &[f32], mut mask: u8| {
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            cand.push((v[l], start + l));
+        }
+    };
+    for (pair_no, pair) in chunk_max.chunks(2).enumerate() {
+        let hit: [u8; 2] = std::array::from_fn(|i| pair.get(i).map_or(0, |m| above(m)));
+        if hit[0] | hit[1] == 0 {
+            continue;
+        }
+        for (i, h) in hit.into_iter().enumerate() {
+            if h == 0 {
+                continue;
+            }
+            let start = (2 * pair_no + i) * FAST_CHUNK;
+            let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
+            let mut sixteens = chunk.chunks_exact(16);
+            for (g, p) in (&mut sixteens).enumerate() {
+                let (a, b) = (above(&p[..8]), above(&p[8..]));
+                if a | b != 0 {
+                    visit(cand, start + 16 * g, &p[..8], a);
+                    visit(cand, start + 16 * g + 8, &p[8..], b);
+                }
+            }
+            let rest = start + chunk.len() - sixteens.remainder().len();
+            for (g, v) in sixteens.remainder().chunks_exact(8).enumerate() {
+                visit(cand, rest + 8 * g, v, above(v));
+            }
+        }
+        if cand.len() > MAX_CANDIDATES {
+            return false;
+        }
+    }
+    true
+}
+
+/// The AVX-512 [`Scan`]: compares into mask registers ([`may_enter_avx512`],
+/// [`candidates_avx512`]); the first pass is [`chunk_maxima_avx2`], which streams at memory
+/// speed already. Its closures are made here, so they carry the AVX-512 features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(crate) fn avx512_scan() -> impl Scan {
+    ScanWith(
+        |xs: &[f32; LANES], top: f32| may_enter_avx512(xs, top),
+        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
+            candidates_avx512(xs, chunk_max, below, cand)
         },
     )
 }
@@ -700,7 +783,7 @@ impl Selector {
         scan: impl Scan,
     ) -> Result<bool, HasNan> {
         let k = self.k;
-        if k > FAST_LANES || row.len() % FAST_LANES != 0 {
+        if k > FAST_LANES || !row.len().is_multiple_of(FAST_LANES) {
             return Ok(false);
         }
         if self.row_buf.len() < row.len() {
@@ -949,6 +1032,27 @@ fn topk_rows_avx2<T: Element>(
     )
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn topk_rows_avx512<T: Element>(
+    logits: MatRef<'_, T>,
+    k: usize,
+    first_row: usize,
+    idx_out: &mut [i64],
+    w_out: &mut [f32],
+    kept_logits: bool,
+) -> Option<usize> {
+    topk_rows(
+        logits,
+        k,
+        first_row,
+        idx_out,
+        w_out,
+        kept_logits,
+        avx512_scan(),
+    )
+}
+
 /// Top-`k` indices (largest first, in `torch.topk`'s CPU order, ties included) and their softmax
 /// weights for each row of `logits`, on `num_threads` threads (0: all cores). Returns
 /// `(indices, weights)`, each `(rows, k)` row-major.
@@ -1024,7 +1128,8 @@ fn topk_many_at<T: Element>(
         let failed = dispatch!(
             level,
             topk_rows(logits, k, first, idx, w, kept_logits, portable_scan()),
-            topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits)
+            topk_rows_avx2::<T>(logits, k, first, idx, w, kept_logits),
+            topk_rows_avx512::<T>(logits, k, first, idx, w, kept_logits)
         );
         failed.map(|row| before + row)
     })?;

@@ -57,7 +57,7 @@ def rank_update_(
 ) -> None:
     """In place: ``weight[i, j] = round(float32(weight[i, j]) + delta[i, j])`` with
     ``delta[i, j] = sum_r u[i, r] * v[r, j]`` summed in float32 over ``r`` in order (each step a fused
-    multiply-add when :func:`simd_level` is ``"avx2+fma"``, as torch's ``u @ v`` on MKL; else multiply
+    multiply-add unless :func:`simd_level` is ``"portable"``, as torch's ``u @ v`` on MKL; else multiply
     then add), rounded once (to nearest even) into the weight's dtype. ``weight (m, n)``, ``u (m, R)``, ``v (R, n)``.
     Several adapters merge in one pass by stacking their factors along ``R``."""
 
@@ -71,10 +71,16 @@ def low_rank_product(
     v))`` equals what :func:`rank_update_` writes into ``w``. ``R = 0`` gives zeros."""
 
 def simd_level() -> str:
-    """The instruction set the kernels were dispatched to at run time: ``"avx2+fma"`` or ``"portable"``
-    (baseline SSE2/NEON build, or forced with ``VBLORA_RS_SIMD=portable``). With ``"avx2+fma"`` each
-    step of the float32 ``delta`` sum is one fused multiply-add, bit-identical to torch's ``u @ v`` on
-    MKL; the portable path multiplies then adds, which may differ from torch in the last bit."""
+    """The instruction set the kernels were dispatched to at run time: ``"avx512"`` (AVX-512 F/BW/VL),
+    ``"avx2+fma"`` or ``"portable"`` (baseline SSE2/NEON build). ``VBLORA_RS_SIMD=portable|avx2|avx512``, read
+    once per process, caps it (a level the CPU lacks gives the best one below it; other values are ignored).
+    On ``"avx512"`` and ``"avx2+fma"`` each step of the float32 ``delta`` sum is one fused multiply-add, the
+    same bits on both and torch's ``u @ v`` on MKL; the portable path multiplies then adds, which may differ
+    from torch in the last bit."""
+
+def simd_levels() -> list[str]:
+    """Every level this CPU supports, lowest first (names as :func:`simd_level` gives them): what
+    ``VBLORA_RS_SIMD`` can select."""
 
 def use_openmp(path: str) -> None:
     """Run the kernels on the thread team of the OpenMP runtime at ``path`` (a shared library already loaded in

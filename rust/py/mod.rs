@@ -275,6 +275,11 @@ fn simd_level() -> &'static str {
     crate::simd::simd_level()
 }
 
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    crate::simd::simd_levels()
+}
+
 /// Runs the kernels on the team of the OpenMP runtime at `path`, already loaded (torch's).
 #[pyfunction]
 fn use_openmp(path: &str) -> PyResult<()> {
@@ -297,6 +302,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_update_, m)?)?;
     m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     packed::register(m)?;
