@@ -463,3 +463,39 @@ def test_mlp_plain_module_still_works() -> None:
     model = get_peft_model(make_mlp(), VBLoRAConfig(target_modules=["lin0", "lin2"], vector_length=8, num_vectors=16))
     x = torch.randn(4, 16)
     assert model(x).shape == (4, 4)
+
+
+MAPPING_SWITCH = (
+    "vblora_rs bug: PEFT's get/set_peft_model_state_dict dispatch on the tuner class in PEFT_TYPE_TO_TUNER_MAPPING, "
+    "not on the model's tuner, so after apply_to_peft() a model built with PEFT's own classes fails to save "
+    "(TypeError from _tuner_of), and after remove_from_peft() a compact adapter of ours saves without its top-K "
+    "tensors (the bank alone)"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=MAPPING_SWITCH)
+def test_a_peft_built_model_saves_after_apply_to_peft(tmp_path: Path) -> None:
+    with peft_own_classes():
+        theirs = peft.get_peft_model(make_llama(), config("llama"))
+        theirs.save_pretrained(tmp_path / "before")
+    vblora_rs.apply_to_peft()
+    theirs.save_pretrained(tmp_path / "after")
+    before = load_file(str(tmp_path / "before" / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "after" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MAPPING_SWITCH)
+def test_a_compact_adapter_saves_whole_after_remove_from_peft(tmp_path: Path) -> None:
+    vblora_rs.apply_to_peft()
+    model = get_peft_model(make_llama(), config("llama", save_only_topk_weights=True))
+    model.save_pretrained(tmp_path / "topk")
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path / "topk")  # compact: no dense logits
+    expected = load_file(str(tmp_path / "topk" / "adapter_model.safetensors"))
+    try:
+        with peft_own_classes():
+            loaded.save_pretrained(tmp_path / "again")
+    finally:
+        vblora_rs.apply_to_peft()
+    again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert again.keys() == expected.keys()
