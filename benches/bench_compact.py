@@ -5,10 +5,11 @@ num_vectors=2048, vector_length=256, topk=2. The base model is built on the meta
 uninitialised CPU storage (``to_empty``) that nobody touches, so no 7B weights are ever written. The top-K
 adapter file is made directly from random indices and weights (PEFT's layout and dtypes).
 
-Each side runs in its own fresh subprocess per repeat: build the base model, then ``from_pretrained`` of the
-adapter; the time of that call and the extra peak RSS it causes (VmHWM after minus VmRSS before, with the
-kernel's peak counter reset just before the call) are reported as medians. Then one process loads the same
-adapter ``--adapters`` times (``load_adapter`` under distinct names) and reports its RSS.
+Each side runs in its own fresh subprocess per repeat: build the base model, then PEFT's ``from_pretrained`` of
+the adapter, with PEFT's own VB-LoRA classes (``vblora_rs.remove_from_peft()``) or with vblora_rs's backend
+(``vblora_rs.apply_to_peft()``); the time of that call and the extra peak RSS it causes (VmHWM after minus VmRSS
+before, with the kernel's peak counter reset just before the call) are reported as medians. Then one process loads
+the same adapter ``--adapters`` times (``load_adapter`` under distinct names) and reports its RSS.
 
 python benches/bench_compact.py [--repeats 3] [--adapters 1000] [--markdown FILE]
 """
@@ -110,10 +111,14 @@ def measure(side: str, adapter: str) -> dict:
     import torch
 
     torch.set_num_threads(2)
+    import vblora_rs
+    from peft import PeftModel
+    from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel
+
     if side == "peft":
-        from peft import PeftModel
+        vblora_rs.remove_from_peft()  # PEFT's own classes (importing vblora_rs alone changes nothing; be explicit)
     else:
-        from vblora_rs import PeftModel
+        vblora_rs.apply_to_peft()
     base = build_base()
     gc.collect()
     before = _status("VmRSS")
@@ -123,6 +128,9 @@ def measure(side: str, adapter: str) -> dict:
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     after = _status("VmRSS")
+    tuner = type(model.base_model)
+    if (tuner is PeftVBLoRAModel) != (side == "peft") or not issubclass(tuner, PeftVBLoRAModel):
+        raise SystemExit(f"{side}: loaded with {tuner.__module__}.{tuner.__name__}")
     del model
     return {"seconds": seconds, "extra_peak": peak - before, "extra_kept": after - before}
 
@@ -139,8 +147,14 @@ def hold_many(adapter: str, count: int) -> dict:
     before = _status("VmRSS")
     start = time.perf_counter()
     model = PeftModel.from_pretrained(base, adapter, adapter_name="a0")
+    marks = []  # seconds for each tenth of the adapters: load_adapter's cost as the process fills up
+    last = start
     for i in range(1, count):
         model.load_adapter(adapter, f"a{i}")
+        if (i + 1) % max(count // 10, 1) == 0:
+            now = time.perf_counter()
+            marks.append(now - last)
+            last = now
     seconds = time.perf_counter() - start
     gc.collect()
     return {
@@ -149,6 +163,7 @@ def hold_many(adapter: str, count: int) -> dict:
         "rss": _status("VmRSS"),
         "extra_rss": _status("VmRSS") - before,
         "peak_rss": _status("VmHWM"),
+        "tenths": marks,
     }
 
 
@@ -199,16 +214,28 @@ def main() -> None:
             f"{med('vblora_rs', 'extra_kept') / MiB:.2f} MiB | "
             f"{med('peft', 'extra_kept') / max(med('vblora_rs', 'extra_kept'), 1):.0f}x less |",
         ]
+        speed = med("peft", "seconds") / med("vblora_rs", "seconds")
+        memory = med("peft", "extra_peak") / max(med("vblora_rs", "extra_peak"), 1)
+        lines += [
+            "",
+            f"Targets: >= 10x faster: {speed:.1f}x ({'met' if speed >= 10 else 'NOT met'}); >= 50x less extra peak "
+            f"memory: {memory:.0f}x ({'met' if memory >= 50 else 'NOT met'}). Machine load average at the end "
+            f"(1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.",
+        ]
+        print("\n".join(lines), flush=True)  # the side-by-side table, before the long single-side run
         if args.adapters:
             many = run_child("many", adapter, str(args.adapters))
-            lines += [
+            tenths = ", ".join(f"{t:.1f}" for t in many["tenths"])
+            more = [
                 "",
                 f"One process holding {many['adapters']} such adapters (vblora_rs, `load_adapter`): RSS "
                 f"{many['rss'] / 2**30:.2f} GiB ({many['extra_rss'] / MiB / many['adapters']:.2f} MiB per adapter "
-                f"over the base model), peak {many['peak_rss'] / 2**30:.2f} GiB, loaded in {many['seconds']:.1f} s.",
+                f"over the base model), peak {many['peak_rss'] / 2**30:.2f} GiB, loaded in {many['seconds']:.1f} s "
+                f"(seconds per tenth of the adapters, in order: {tenths}).",
             ]
+            print("\n".join(more))
+            lines += more
     text = "\n".join(lines)
-    print(text)
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(text + "\n")

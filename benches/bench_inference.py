@@ -1,5 +1,6 @@
-"""Decoding and training cost of VB-LoRA on a GPT-2 small shaped model: bare model, PEFT LoRA, PEFT VB-LoRA and
-vblora_rs, all unmerged, in one process on identical base weights.
+"""Decoding and training cost of VB-LoRA on a GPT-2 small shaped model: bare model, PEFT LoRA, PEFT VB-LoRA (PEFT's
+own classes) and vblora_rs (the same ``peft.get_peft_model`` call after ``vblora_rs.apply_to_peft()``), all
+unmerged, in one process on identical base weights.
 
     python benches/bench_inference.py                # full run
     python benches/bench_inference.py --quick        # short run
@@ -30,6 +31,7 @@ warnings.filterwarnings("ignore")
 
 import peft  # noqa: E402
 import vblora_rs  # noqa: E402
+from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from vblora_rs.optim import param_groups  # noqa: E402
 
@@ -57,8 +59,12 @@ def build_models(seed: int) -> dict[str, nn.Module]:
     common = {"r": R, "target_modules": TARGETS, "fan_in_fan_out": True}
     vb = {**common, "num_vectors": NUM_VECTORS, "vector_length": length, "topk": TOPK}
     lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**common))
+    vblora_rs.remove_from_peft()  # PEFT's own VB-LoRA classes
     peft_vb = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**vb))
-    ours = vblora_rs.get_peft_model(copy.deepcopy(base), vblora_rs.VBLoRAConfig(**vb))
+    vblora_rs.apply_to_peft()  # the same PEFT calls, served by vblora_rs
+    ours = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**vb))
+    if type(peft_vb.base_model) is not PeftVBLoRAModel or not isinstance(ours.base_model, vblora_rs.VBLoRAModel):
+        raise SystemExit("the PEFT and vblora_rs sides do not use the classes they should")
     # identical adapters: ours gets PEFT's logits and bank, and must give PEFT's outputs
     adapter = {k: v for k, v in peft_vb.state_dict().items() if "vblora_" in k}
     missing = ours.load_state_dict(adapter, strict=False)

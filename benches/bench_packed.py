@@ -1,16 +1,19 @@
 """The packed adapter format at the Llama-2-7B shape: file sizes, and the time to write a full-logits adapter.
 
     python benches/bench_packed.py              # 5 repeats
-    python benches/bench_packed.py --repeats 3
+    python benches/bench_packed.py --repeats 3 --markdown table.md
 
 Adapter: VB-LoRA on every linear of Llama-2-7B (32 layers x q,k,v,o 4096x4096, gate/up 11008x4096, down
 4096x11008), r=4, 2048 x 256 float32 bank, topk=2: 39,040 sub-vectors, i.e. 39,040 x 2,048 float32 logits.
 
-Sizes: PEFT's save_only_topk_weights file (written by peft itself) against the packed file, lossless and with a
-float16 bank and weights. Time, on the same random logits (medians): PEFT's ``save_pretrained`` with
-save_only_topk_weights=True, against ``topk_tensors_from_full`` + ``write_packed`` (top-K in Rust, softmax of the k
-kept logits by torch, bit-packing and the file write in Rust). PEFT's model is built on ``torch.device("meta")``, so no
-7B base weights exist; only the adapter's parameters get real (shared, random) storage.
+Two PeftModels hold the same random logits and bank (shared storage): one built by ``peft.get_peft_model`` with
+PEFT's own classes (``vblora_rs.remove_from_peft()``), one by the same call with vblora_rs's backend
+(``vblora_rs.apply_to_peft()``). Both are built on a ``torch.device("meta")`` Llama, so no 7B base weights exist.
+
+Sizes: PEFT's save_only_topk_weights file (written by PEFT's own classes) against the packed file, lossless and
+with a float16 bank and weights. Times (medians): PEFT's ``save_pretrained`` with save_only_topk_weights=True, the
+same ``save_pretrained`` served by vblora_rs (top-K encoding in Rust), and the packed file as ``save_packed`` writes
+it (PEFT's top-K tensors from ``get_peft_model_state_dict`` with the backend, bit-packed and written in Rust).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,19 +32,20 @@ from torch import nn
 warnings.filterwarnings("ignore")
 
 import peft  # noqa: E402
+import vblora_rs  # noqa: E402
+from peft import get_peft_model_state_dict  # noqa: E402
+from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from vblora_rs import VBLoRAConfig  # noqa: E402
-from vblora_rs.packed import read_packed, topk_tensors_from_full, write_packed  # noqa: E402
+from vblora_rs.config import VBLoRAConfig as FileConfig  # noqa: E402
+from vblora_rs.packed import PackReport, read_packed, write_packed  # noqa: E402
 
 R, NUM_VECTORS, VECTOR_LENGTH, TOPK = 4, 2048, 256, 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BANK_KEY = "base_model.vblora_vector_bank"
+LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
-def peft_llama7b(seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """PEFT's VB-LoRA model on a meta-device Llama-2-7B, its adapter parameters given real random values; also the
-    full-logits checkpoint dict of those values under PEFT's keys."""
+def meta_llama7b() -> nn.Module:
     cfg = LlamaConfig(
         hidden_size=4096,
         intermediate_size=11008,
@@ -51,8 +55,11 @@ def peft_llama7b(seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         vocab_size=32000,
     )
     with torch.device("meta"):
-        base = LlamaForCausalLM(cfg)
-    config = peft.VBLoRAConfig(
+        return LlamaForCausalLM(cfg)
+
+
+def vblora_config() -> peft.VBLoRAConfig:
+    return peft.VBLoRAConfig(
         r=R,
         num_vectors=NUM_VECTORS,
         vector_length=VECTOR_LENGTH,
@@ -60,92 +67,152 @@ def peft_llama7b(seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         target_modules=TARGETS,
         save_only_topk_weights=True,
     )
-    model = peft.get_peft_model(base, config)
+
+
+def give_weights(model: nn.Module, seed: int) -> int:
+    """Random logits and bank for ``model``'s adapter (the same values for the same seed); returns the number of
+    sub-vectors."""
     gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        for grid in ("vblora_logits_A", "vblora_logits_B"):
+    rows = 0
+    for _, module in sorted(model.named_modules()):
+        for grid in LOGITS:
             params = getattr(module, grid, None)
             if isinstance(params, nn.ParameterDict) and "default" in params:
                 shape = params["default"].shape
                 params["default"] = nn.Parameter(torch.randn(shape, generator=gen))
-                tensors[f"{name}.{grid}"] = params["default"].data
+                rows += shape.numel() // NUM_VECTORS
     bank = torch.rand(NUM_VECTORS, VECTOR_LENGTH, generator=gen) * 0.04 - 0.02
     model.base_model.vblora_vector_bank["default"] = nn.Parameter(bank)
-    tensors[BANK_KEY] = bank
-    return model, tensors
+    return rows
 
 
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (page cache, thread pools)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def build_pair(seed: int) -> tuple[nn.Module, nn.Module, int]:
+    """(PEFT's own model, the vblora_rs-served model, sub-vectors), holding equal adapter values."""
+    vblora_rs.remove_from_peft()
+    theirs = peft.get_peft_model(meta_llama7b(), vblora_config())
+    vblora_rs.apply_to_peft()
+    ours = peft.get_peft_model(meta_llama7b(), vblora_config())
+    if type(theirs.base_model) is not PeftVBLoRAModel or not isinstance(ours.base_model, vblora_rs.VBLoRAModel):
+        raise SystemExit("the PEFT and vblora_rs sides do not use the classes they should")
+    rows = give_weights(theirs, seed)
+    if give_weights(ours, seed) != rows:
+        raise SystemExit("the two models hold different adapters")
+    return theirs, ours, rows
+
+
+def median_s(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run over ``repeats`` interleaved rounds, after one warm-up call each (page cache,
+    thread pools): load from other processes hits every side alike."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def breakdown(name: str, rep: PackReport, bits: int) -> str:
+    return (
+        f"  {name}: bank {rep.bank_bytes:,}, indices {rep.indices_bytes:,} ({bits} bits), weights "
+        f"{rep.weights_bytes:,}, header+extras {rep.header_and_extras_bytes:,}"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per side (default 5)")
-    args = parser.parse_args()
+    parser.add_argument("--markdown", default=None, help="also write the output to this file")
+    args = parser.parse_args(argv)
 
-    model, full = peft_llama7b(seed=0)
-    rows = sum(t.numel() // NUM_VECTORS for k, t in full.items() if k != BANK_KEY)
-    config = VBLoRAConfig(r=R, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH, topk=TOPK, target_modules=TARGETS)
-    print(
+    theirs, ours, rows = build_pair(seed=0)
+    file_config = FileConfig.from_dict(ours.peft_config["default"].to_dict(), source="the adapter's config")
+    lines = [
         f"Llama-2-7B shape: {rows:,} sub-vectors x {NUM_VECTORS:,} logits (float32), torch threads "
-        f"{torch.get_num_threads()}"
-    )
-
+        f"{torch.get_num_threads()}; medians of {args.repeats} repeats (after one warm-up), interleaved rounds.",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        peft_dir = os.path.join(tmp, "peft")
-        packed = os.path.join(tmp, "adapter_packed.safetensors")
+        peft_dir, served_dir, packed_dir = (os.path.join(tmp, n) for n in ("peft", "served", "packed"))
 
+        # PEFT's save functions dispatch on the tuner class in PEFT's mapping, not on the model's own classes: each
+        # side saves with the mapping its model was built under (switching is one dict assignment)
         def peft_save() -> None:
-            model.save_pretrained(peft_dir)
+            vblora_rs.remove_from_peft()
+            theirs.save_pretrained(peft_dir)
 
-        def ours_save() -> None:
-            write_packed(packed, topk_tensors_from_full(full, config), config)
+        def served_save() -> None:
+            vblora_rs.apply_to_peft()
+            ours.save_pretrained(served_dir)
 
-        peft_s = median_s(peft_save, args.repeats)
-        ours_s = median_s(ours_save, args.repeats)
+        def packed_save(half: Optional[torch.dtype] = None) -> PackReport:
+            # save_packed's own steps (vblora_rs.save_packed itself does not import with peft 0.21: it takes
+            # MODEL_TYPE_TO_PEFT_MODEL_MAPPING from peft.mapping, which moved to peft.auto)
+            vblora_rs.apply_to_peft()
+            tensors = get_peft_model_state_dict(ours)  # PEFT's top-K tensors (save_only_topk_weights)
+            os.makedirs(packed_dir, exist_ok=True)
+            name = "adapter_packed.safetensors" if half is None else "half.safetensors"
+            return write_packed(os.path.join(packed_dir, name), tensors, file_config, half)
 
-        peft_bytes = os.path.getsize(os.path.join(peft_dir, "adapter_model.safetensors"))
-        topk = topk_tensors_from_full(full, config)
-        lossless = write_packed(packed, topk, config)
-        theirs, (_, ours) = load_file(os.path.join(peft_dir, "adapter_model.safetensors")), read_packed(packed)
-        same = sorted(theirs) == sorted(ours) and all(
-            theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k], ours[k]) for k in theirs
-        )
+        runs: dict[str, Callable[[], object]] = {"peft": peft_save, "served": served_save, "packed": packed_save}
+        times = median_s(runs, args.repeats)
+
+        peft_file = os.path.join(peft_dir, "adapter_model.safetensors")
+        peft_bytes = os.path.getsize(peft_file)
+        theirs_tensors = load_file(peft_file)
+        served = load_file(os.path.join(served_dir, "adapter_model.safetensors"))
+        packed_file = os.path.join(packed_dir, "adapter_packed.safetensors")
+        stored, packed = read_packed(packed_file)
+
+        def same(other: dict[str, torch.Tensor]) -> str:
+            ok = sorted(theirs_tensors) == sorted(other) and all(
+                theirs_tensors[k].dtype == other[k].dtype and torch.equal(theirs_tensors[k], other[k])
+                for k in theirs_tensors
+            )
+            return "yes" if ok else "NO"
+
+        lossless = write_packed(os.path.join(tmp, "again.safetensors"), packed, stored)  # its byte breakdown
+        if lossless.total_bytes != os.path.getsize(packed_file):
+            raise SystemExit("the breakdown does not describe the file save_packed wrote")
         start = time.perf_counter()
-        half = write_packed(os.path.join(tmp, "half.safetensors"), topk, config, half=torch.float16)
+        half = packed_save(torch.float16)
         half_s = time.perf_counter() - start
 
-    print()
-    print("| file | bytes | vs PEFT top-K |")
-    print("|---|---:|---:|")
-    print(f"| PEFT save_only_topk_weights | {peft_bytes:,} | 1.000 |")
-    print(f"| packed, lossless | {lossless.total_bytes:,} | {lossless.total_bytes / peft_bytes:.3f} |")
-    print(f"| packed, float16 | {half.total_bytes:,} | {half.total_bytes / peft_bytes:.3f} |")
     bits = max(1, (NUM_VECTORS - 1).bit_length())
-    print(f"  packed lossless holds exactly PEFT's tensors (keys, dtypes, values): {'yes' if same else 'NO'}")
-    for name, rep in (("lossless", lossless), ("float16", half)):
-        print(
-            f"  {name}: bank {rep.bank_bytes:,}, indices {rep.indices_bytes:,} ({bits} bits), weights "
-            f"{rep.weights_bytes:,}, header+extras {rep.header_and_extras_bytes:,}"
-        )
-    print(
+    lines += [
+        "",
+        "| file | bytes | vs PEFT top-K |",
+        "|---|---:|---:|",
+        f"| PEFT save_only_topk_weights | {peft_bytes:,} | 1.000 |",
+        f"| packed, lossless | {lossless.total_bytes:,} | {lossless.total_bytes / peft_bytes:.3f} |",
+        f"| packed, float16 | {half.total_bytes:,} | {half.total_bytes / peft_bytes:.3f} |",
+        "",
+        f"  PEFT's file written with vblora_rs's backend holds exactly PEFT's tensors (keys, dtypes, values): "
+        f"{same(served)}",
+        f"  packed lossless holds exactly PEFT's tensors (keys, dtypes, values): {same(packed)}",
+        breakdown("lossless", lossless, bits),
+        breakdown("float16", half, bits),
         f"  float16: max |delta W error| over {len(half.layer_errors)} layers {half.max_error:.3e} "
-        f"(write incl. the error report: {half_s:.2f} s, one run)"
-    )
-    print()
-    print(f"| full-logits adapter -> top-K file (median of {args.repeats}) | seconds |")
-    print("|---|---:|")
-    print(f"| PEFT save_pretrained (save_only_topk_weights) | {peft_s:.3f} |")
-    print(f"| vblora_rs topk_tensors_from_full + write_packed | {ours_s:.3f} |")
-    print(f"| speed-up | {peft_s / ours_s:.2f}x |")
+        f"(float16 write incl. the error report: {half_s:.2f} s, one run)",
+        "",
+        f"| full-logits adapter -> top-K file (median of {args.repeats}) | seconds | PEFT / this |",
+        "|---|---:|---:|",
+    ]
+    labels = {
+        "peft": "PEFT save_pretrained (save_only_topk_weights), PEFT's own classes",
+        "served": "PEFT save_pretrained, served by vblora_rs",
+        "packed": "get_peft_model_state_dict (served) + write_packed",
+    }
+    for name, label in labels.items():
+        lines.append(f"| {label} | {times[name]:.3f} | {times['peft'] / times[name]:.2f}x |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += ["", f"Machine load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} CPUs."]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""DistributedDataParallel (gloo, two CPU processes): one training step on two halves of a batch updates the
-adapter exactly as one process does on the whole batch. The bank is one parameter however many layers hold it,
-so DDP reduces its gradient once; inactive (frozen) adapters are no unused parameters."""
+"""DistributedDataParallel (gloo, two CPU processes) around PEFT's PeftModel with vblora_rs's backend: one
+training step on two halves of a batch updates the adapter as one process does on the whole batch. The bank is one
+parameter however many layers hold it, so DDP reduces its gradient once; inactive (frozen) adapters are no unused
+parameters."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-import tolerances
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,6 +20,7 @@ from vblora_rs.optim import param_groups
 
 WORLD = 2
 BATCH = 4  # two samples per rank
+LR = 0.1
 
 
 def build() -> nn.Module:
@@ -35,7 +36,7 @@ def batch() -> torch.Tensor:
 
 
 def step(model: nn.Module, module: nn.Module, ids: torch.Tensor) -> None:
-    optimizer = torch.optim.SGD(param_groups(module), lr=0.1)
+    optimizer = torch.optim.SGD(param_groups(module, lr_bank=LR, lr_logits=LR), lr=LR)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
 
@@ -76,12 +77,19 @@ def test_two_process_step_equals_one_process_full_batch(tmp_path: Path) -> None:
     step(model, model, batch())
     expected = adapter_state(model)
     assert any("vblora_vector_bank" in k for k in expected) and not any("inactive" in k for k in expected)
+    eps = torch.finfo(torch.float32).eps
+    tokens = batch()[:, 1:].numel()  # the loss is a mean over these predicted tokens
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got.keys() == expected.keys()
         for key in expected:
-            # the averaged gradient of two half-batch means is the full-batch mean's gradient
-            torch.testing.assert_close(got[key], expected[key], **tolerances.model("llama", backward=True), msg=key)
+            # The averaged gradient of two half-batch means is the full-batch mean's gradient, summed in another
+            # grouping: a reordered float32 sum over the batch's tokens. A parameter moves by lr x gradient.
+            grad = expected[key if key.endswith(".grad") else key + ".grad"]
+            atol = tokens * eps * grad.abs().max().item()
+            if not key.endswith(".grad"):
+                atol = LR * atol + eps * expected[key].abs().max().item()
+            torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=0, msg=key)
     # and the step did move the adapter
     (bank_key,) = [k for k in expected if k.endswith("vblora_vector_bank.default")]
     assert not torch.equal(expected[bank_key], build().base_model.vblora_vector_bank["default"])
