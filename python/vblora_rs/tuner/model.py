@@ -77,11 +77,13 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             self.vblora_topk = nn.ModuleDict({})
         _LIVE_TUNERS.add(self)
 
-    def _init_vblora_vector_bank(self, config: Any, adapter_name: str) -> None:
-        """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter)."""
+    def _init_vblora_vector_bank(self, config: Any, adapter_name: str, draw: bool = True) -> None:
+        """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter).
+        ``draw=False`` only reserves it, unwritten, for a checkpoint to fill (its pages are not touched)."""
         device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         bank = torch.empty(config.num_vectors, config.vector_length, device=device)
-        nn.init.uniform_(bank, -config.init_vector_bank_bound, config.init_vector_bank_bound)
+        if draw:
+            nn.init.uniform_(bank, -config.init_vector_bank_bound, config.init_vector_bank_bound)
         self.vblora_vector_bank[adapter_name] = nn.Parameter(bank)
 
     def _create_and_replace(
@@ -103,11 +105,12 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     def _create_and_replace_module(
         self, vblora_config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
     ) -> None:
-        if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
-            self._init_vblora_vector_bank(vblora_config, adapter_name)
-        # An adapter created to load a top-K checkpoint for inference gets no dense logits: the checkpoint fills it
-        # in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB for a 7B model).
+        # An adapter created to load a top-K checkpoint for inference gets no dense logits and an undrawn bank: the
+        # checkpoint fills it in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB
+        # for a 7B model), and the load hook refuses a checkpoint without a bank.
         init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
+        if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
+            self._init_vblora_vector_bank(vblora_config, adapter_name, draw=init_logits)
         if isinstance(target, Linear):
             target.update_layer(
                 adapter_name, self.vblora_vector_bank, vblora_config.r, config=vblora_config, init_logits=init_logits
