@@ -51,19 +51,23 @@ def make_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+# the tiny Llama every test builds (the causal LM here, the classifier in test_ecosystem)
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
 def make_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = LlamaConfig(**TINY_LLAMA)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -16,7 +16,7 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import make_gpt2, make_llama, make_mlp, make_opt
+from conftest import TINY_LLAMA, make_gpt2, make_llama, make_mlp, make_opt
 from peft.tuners.vblora import Linear as PeftLinear
 from safetensors.torch import load_file
 from torch import nn
@@ -395,17 +395,7 @@ def make_llama_classifier(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=3,
-        pad_token_id=0,
-    )
+    cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": VOCAB}, num_labels=3, pad_token_id=0)
     return LlamaForSequenceClassification(cfg).eval()
 
 
