@@ -30,6 +30,7 @@ class _Plain:
         self.done = 0
         self.start = self.last = time.monotonic()
         self.next_step = 1
+        self.postfix = ""
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -42,10 +43,14 @@ class _Plain:
             self.last = now
             print(
                 f"{self.desc}: {100 * self.done // self.total}% "
-                f"({_amount(self.done, self.unit)} of {_amount(self.total, self.unit)})",
+                f"({_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}){self.postfix}",
                 file=sys.stderr,
                 flush=True,
             )
+
+    def set_postfix(self, **values: Any) -> None:
+        """Shown after the figures of the next line (tqdm's ``set_postfix``)."""
+        self.postfix = ", " + ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
         return None
@@ -58,7 +63,8 @@ class _Plain:
 
 
 def bar(total: Optional[int], desc: str, unit: str = "it", enabled: bool = True) -> Any:
-    """A context manager with ``update(n)``: tqdm on a terminal, plain lines when stderr is not one."""
+    """A context manager with ``update(n)`` and ``set_postfix``: tqdm on a terminal, plain lines when stderr is not
+    one."""
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 

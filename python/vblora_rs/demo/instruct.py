@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from peft import VBLoRAConfig
 from torch import nn
-from tqdm import tqdm
 
+from .. import progress
 from ..errors import VBLoRAError
 from . import DEFAULT_STEPS, adapter_calls, data, showcase, smollm2
 
@@ -88,17 +88,18 @@ def train(model: nn.Module, examples: list[tuple[list[int], list[int]]], steps: 
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
-    bar = tqdm(range(steps), desc="VB-LoRA fine-tuning", leave=True, mininterval=0.5)
-    for _ in bar:
-        if len(order) < BATCH:
-            order += torch.randperm(len(examples), generator=generator).tolist()
-        batch, order = [examples[i] for i in order[:BATCH]], order[BATCH:]
-        inputs, labels = collate(batch, pad_id)
-        loss = answer_loss(model, inputs, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with progress.bar(steps, "VB-LoRA fine-tuning", unit="step") as bar:
+        for _ in range(steps):
+            if len(order) < BATCH:
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            batch, order = [examples[i] for i in order[:BATCH]], order[BATCH:]
+            inputs, labels = collate(batch, pad_id)
+            loss = answer_loss(model, inputs, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
     model.eval()
 
 

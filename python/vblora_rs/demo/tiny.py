@@ -18,8 +18,8 @@ from typing import Any, Optional
 import torch
 from peft import VBLoRAConfig
 from torch import nn
-from tqdm import tqdm
 
+from .. import progress
 from ..errors import VBLoRAError
 from . import DEFAULT_STEPS, adapter_calls, showcase, smollm2
 
@@ -82,13 +82,14 @@ def train(model: nn.Module, text: str, steps: int, lr: float, seed: int, desc: s
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=True, mininterval=0.5)
-    for _ in bar:
-        loss = lm_loss(model, byte_batches(text, 16, g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with progress.bar(steps, desc, unit="step") as bar:
+        for _ in range(steps):
+            loss = lm_loss(model, byte_batches(text, 16, g))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
     model.eval()
 
 
