@@ -201,3 +201,21 @@ def test_load_adapter_keeps_frozen_adapters_frozen(tmp_path: Path) -> None:
     model.load_adapter(path, adapter_name="third", is_trainable=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".third") for n in trainable)
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_non_finite_bank_is_refused(tmp_path: Path, topk: bool) -> None:
+    # the one finiteness rule (storage.finite), as vblora merge, inspect and to-lora apply it
+    path, _ = saved(tmp_path, topk=topk)
+
+    def poison(t: dict) -> None:
+        t["base_model.vblora_vector_bank"][7, 3] = float("inf")
+
+    rewrite(path, poison)
+    assert_rejected(path, r"vblora_vector_bank holds NaN or infinite values \(vector 7\)")
+
+
+def test_nan_logits_are_refused(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    rewrite(path, lambda t: t[LOGITS_A].view(-1).__setitem__(5, float("nan")))
+    assert_rejected(path, f"tensor {LOGITS_A}: sub-vector 0 holds NaN or \\+inf logits")

@@ -25,6 +25,8 @@ from ..config import TOPK_INDICES, TOPK_WEIGHTS
 from ..errors import VBLoRAError
 from ..storage.topk import row_problem
 
+CHECK_ROWS = 4096  # rows checked per call of the top-K rule
+
 
 def indices_dtype(num_vectors: int) -> torch.dtype:
     """The integer dtype PEFT stores top-K indices in."""
@@ -180,7 +182,17 @@ def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int
     problem = index_problem(indices, num_vectors)
     if problem:
         return problem
-    found = row_problem(_np(indices), _np(weights), num_vectors)
+    idx, w = _np(indices), _np(weights)
+    k = idx.shape[-1] if idx.ndim else 0
+    idx, w = idx.reshape(-1, k), w.reshape(-1, max(k - 1, 0))
+    # in blocks: the rule's int64/float32 copies of a whole table would add to the peak memory of a load
+    found = ""
+    for start in range(0, idx.shape[0], CHECK_ROWS):
+        found = row_problem(idx[start : start + CHECK_ROWS], w[start : start + CHECK_ROWS], num_vectors)
+        if found:
+            row, _, rest = found.partition(": ")
+            found = f"row {start + int(row.removeprefix('row '))}: {rest}"
+            break
     if not found:
         return ""
     where, _, reason = found.partition(": ")

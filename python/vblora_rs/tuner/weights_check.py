@@ -15,6 +15,7 @@ import torch
 
 from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
+from ..storage import finite
 from . import topk_table as compact
 
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
@@ -83,11 +84,21 @@ def _check_shape(where: str, key: str, value: torch.Tensor, shape: tuple[int, ..
         raise VBLoRAError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    if value.is_meta:
-        return True
+def _numpy(value: torch.Tensor) -> np.ndarray:
     t = value.detach().cpu()
-    return bool(np.isfinite((t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()).all())
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def _bank_problem(bank: torch.Tensor) -> str:
+    """The one finiteness rule for a bank (storage.finite), checked in blocks first: a mask of the whole bank
+    would add to the peak memory of a load."""
+    if bank.is_meta:
+        return ""
+    rows = bank.detach().reshape(bank.shape[0], -1)
+    step = max(1, (1 << 16) // max(rows.shape[1], 1))
+    if all(np.isfinite(_numpy(rows[i : i + step])).all() for i in range(0, rows.shape[0], step)):
+        return ""
+    return finite.bank_problem(_numpy(bank))
 
 
 def check_dense_and_bank(
@@ -100,8 +111,9 @@ def check_dense_and_bank(
     if bank is None:
         raise VBLoRAError(f"{where}: missing tensor {BANK_KEY}")
     _check_shape(where, BANK_KEY, bank, (config.num_vectors, config.vector_length))
-    if not _all_finite(bank):
-        raise VBLoRAError(f"{where}: tensor {BANK_KEY} holds NaN or infinite values")
+    problem = _bank_problem(bank)
+    if problem:
+        raise VBLoRAError(f"{where}: tensor {BANK_KEY} {problem}")
     for name, layer in layers if dense else []:
         if layer.is_compact(adapter_name):
             continue
@@ -111,9 +123,9 @@ def check_dense_and_bank(
             if value is None:
                 raise VBLoRAError(f"{where}: missing tensor {ckpt}")
             _check_shape(where, ckpt, value, tuple(layer._modules[key]._parameters[adapter_name].shape))
-            v = value.detach()
-            if not v.is_meta and (bool(torch.isnan(v).any()) or bool(torch.isposinf(v).any())):
-                raise VBLoRAError(f"{where}: tensor {ckpt} holds NaN or +inf logits")
+            problem = "" if value.is_meta else finite.logits_problem(_numpy(value))
+            if problem:
+                raise VBLoRAError(f"{where}: tensor {ckpt}: {problem}")
     known = {f"{MODEL_PREFIX}{name}.{key}" for name, _ in layers for key in LOGITS}
     stray = [k for k in state_dict if "vblora_logits" in k and k not in known]
     if stray:
