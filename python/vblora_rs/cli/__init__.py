@@ -98,4 +98,9 @@ def check_threads(value: int) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before a command started (parsing its arguments): nothing was written either
+        print("vblora: interrupted; nothing was written", file=sys.stderr)
+        status = 130
+    sys.exit(status)
