@@ -347,6 +347,11 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             prefix = "base_model." if tuner is not model else ""
             for name, buffer in tuner.vblora_topk[adapter_name].named_buffers():
                 state_dict[f"{prefix}vblora_topk.{adapter_name}.{name}"] = buffer
+            if set(state_dict) <= {BANK_KEY, *(k for k in state_dict if ".vblora_topk." in f".{k}")}:
+                # nothing but the bank left to map: no walk of the whole model's state dict (PEFT's mapping is
+                # built from model.state_dict(), a few MiB at the 7B shape, on the peak of a compact load)
+                state_dict[f"{prefix}vblora_vector_bank.{adapter_name}"] = state_dict.pop(BANK_KEY)
+                return state_dict
         else:  # dense logits left on the meta device for a top-K checkpoint that turned out dense: give them memory
             for _, layer in layers:
                 layer.materialize_meta_logits(adapter_name)
