@@ -17,8 +17,8 @@ DESCRIPTION = """\
 Merge one or more VB-LoRA adapters (PEFT folders or packed files) into a transformers model saved as
 safetensors (model.safetensors, or shards with model.safetensors.index.json), writing the merged model
 to OUT: the same shard files, index and dtypes (or --dtype), plus the base's config.json,
-generation_config.json, tokenizer and other small files, ready for from_pretrained. The result equals
-PEFT's merge_and_unload of the same adapters.
+generation_config.json, tokenizer and other small files, ready for from_pretrained. The result is
+PEFT's merge_and_unload of the same adapters to within one rounding of each weight (usually bit for bit).
 
 Streams tensor by tensor without torch: memory stays at a few tens of MB whatever the model size. Every
 adapter and every target tensor is checked before anything is written; the output appears whole at the
