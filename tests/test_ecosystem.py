@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import peft
 import pytest
+import tolerances
 import torch
 import vblora_rs
 from conftest import TINY_LLAMA, make_gpt2, make_llama, make_mlp, make_opt
@@ -193,7 +194,8 @@ def test_forward_backward_save_load_merge(case: str, tmp_path) -> None:
     out = logits(model, inputs)
     assert not torch.allclose(out, base_out, atol=1e-4)
     twin = peft_twin(case, model)
-    assert torch.equal(logits(twin, inputs), out)  # PEFT's own classes, same weights: bit for bit
+    # PEFT's own classes, same weights: bit for bit (within the reordering bound on the portable kernels)
+    tolerances.assert_same(logits(twin, inputs), out, tolerances.model(case))
 
     # backward: gradients reach the logits and the (shared) bank, nothing frozen gets one
     model.train()
@@ -219,7 +221,7 @@ def test_forward_backward_save_load_merge(case: str, tmp_path) -> None:
         assert not any(isinstance(m, Linear) for m in merged.modules())
     # merging rounds W + B @ A once, so the outputs move off the unmerged ones, but exactly as PEFT's own merge
     merged_out = logits(merged, inputs)
-    assert torch.equal(merged_out, logits(twin_merged, inputs))
+    tolerances.assert_same(merged_out, logits(twin_merged, inputs), tolerances.model(case))
     assert not torch.equal(merged_out, base_out)
 
 

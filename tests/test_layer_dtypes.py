@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tolerances
 import torch
 from conftest import peft_only
 from peft.tuners.vblora.layer import Linear as PeftLinear
@@ -66,14 +67,17 @@ def test_new_adapter_takes_the_base_dtype_and_matches_peft(kind: str, dtype: tor
     with torch.no_grad():
         delta_t, delta_o = theirs.get_delta_weight("default"), ours.get_delta_weight("default")
     assert delta_o.dtype == delta_t.dtype == torch.float32
-    assert torch.equal(delta_o, delta_t)
+    # bit for bit on the FMA kernels, within the reordering bound of a delta on the portable ones
+    tolerances.assert_same(delta_o, delta_t, tolerances.delta(torch.float32, max(K, R), float(delta_t.abs().max())))
     before = ours.get_base_layer().weight.detach().clone()
     theirs.merge()
     ours.merge()
     merged = theirs.get_base_layer().weight.detach()
-    assert torch.equal(ours.get_base_layer().weight, merged)
+    # rounded once to the half type: equal, or (portable kernels, a delta a few float32 ulps off) one half ulp
+    one_rounding = tolerances.reordered(dtype, 1, 1, float(merged.float().abs().max()))
+    tolerances.assert_same(ours.get_base_layer().weight, merged, one_rounding)
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs(x))
+        tolerances.assert_same(ours(x), theirs(x), tolerances.reordered(dtype, IN, 2, float(out_t.float().abs().max())))
     ours.unmerge()
     # W + d - d: back within one rounding of the merged value (an ulp at the merged weight's magnitude)
     ulp = torch.finfo(dtype).eps * torch.maximum(merged.float().abs(), before.float().abs())

@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
-from typing import Optional
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 from ..errors import VBLoRAError
 
@@ -56,8 +60,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status = args.run(args)
+        with _counting_sigints() as sigints:
+            status = args.run(args)
     except KeyboardInterrupt:
+        print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except ImportError:
+        # Ctrl-C while a C extension is being imported (numpy on a command's first use) surfaces as that
+        # extension's ImportError: it is still the interrupt
+        if not sigints[0]:
+            raise
         print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -73,6 +85,27 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         raise
     return int(status or 0)
+
+
+@contextmanager
+def _counting_sigints() -> Iterator[list[int]]:
+    """Inside the block SIGINTs are counted (each still raises KeyboardInterrupt, as Python's own handler does);
+    only in the main thread, where handlers can be set, and only over Python's default handler."""
+    count = [0]
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        count[0] += 1
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield count
+        return
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield count
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _silence_stdout() -> None:
