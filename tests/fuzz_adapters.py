@@ -232,7 +232,7 @@ def classify(exc: BaseException | None, adapter: Path, model_side: bool = False)
     if isinstance(exc, VBLoRAError):
         if str(adapter) in message and ".tmp-" not in message and "/tmp/tmp" not in message.replace(str(adapter), ""):
             return "named_error"
-        if model_side and re.search(r"(tensor base_model\.|config of adapter )", message):
+        if model_side and re.search(r"(tensors? base_model\.|config of adapter )", message):
             return "named_error"
         return "unnamed_error"
     if model_side:

@@ -158,3 +158,14 @@ def test_remove_from_peft_refuses_while_a_compact_adapter_is_alive(tmp_path: Pat
     from safetensors.torch import load_file
 
     assert any(k.endswith("_topk_indices") for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("field, value", [("init_logits_std", None), ("target_modules", [1, "lin0"])])
+def test_hostile_config_values_are_named_errors(field: str, value: object) -> None:
+    # PEFT's config takes any value; the tuner refuses them before anything is allocated, naming the field
+    import vblora_rs
+
+    base = make_mlp()
+    with pytest.raises(vblora_rs.VBLoRAError, match=f"config of adapter 'default': {field}"):
+        get_peft_model(base, cfg(**{"target_modules": ["lin0"], field: value}))
+    assert type(base.lin0) is nn.Linear

@@ -476,14 +476,21 @@ def write_merged(
     tmp = atomic.temp_folder(out)
     try:
         for shard in plan.base.shards:
-            _native.merge_safetensors(
-                shard.path,
-                os.path.join(tmp, shard.name),
-                shard_updates(plan, shard.name, num_threads),
-                plan.out_dtype,
-                num_threads,
-                progress,
-            )
+            try:
+                _native.merge_safetensors(
+                    shard.path,
+                    os.path.join(tmp, shard.name),
+                    shard_updates(plan, shard.name, num_threads),
+                    plan.out_dtype,
+                    num_threads,
+                    progress,
+                )
+            except VBLoRAError as exc:
+                if "overflows" not in str(exc):
+                    raise
+                # the base weight is finite: what overflowed is the adapters' update, so name them too
+                adapters = ", ".join(a.path for a in plan.adapters)
+                raise VBLoRAError(f"{exc} (the update of adapter {adapters})") from exc
         if plan.base.index is not None:
             _write_json(os.path.join(tmp, INDEX_FILE), _output_index(plan))
         _copy_extra(plan, tmp)

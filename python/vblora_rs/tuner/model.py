@@ -36,6 +36,19 @@ from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
 from .layer import Linear, VBLoRALayer
 
+# config fields a VB-LoRA layer cannot do without (PEFT's config accepts null for each)
+REQUIRED_CONFIG_FIELDS = (
+    "r",
+    "num_vectors",
+    "vector_length",
+    "topk",
+    "vblora_dropout",
+    "init_logits_std",
+    "init_vector_bank_bound",
+    "fan_in_fan_out",
+    "save_only_topk_weights",
+)
+
 # every tuner of ours alive in the process (see peft_backend.remove_from_peft)
 _LIVE_TUNERS: weakref.WeakSet[VBLoRAModel] = weakref.WeakSet()
 
@@ -60,13 +73,17 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         ):
             raise VBLoRAError(f"adapter name {adapter_name!r} must be a single folder name (it names the save folder)")
         source = f"config of adapter {adapter_name!r}"
+        unset = [f for f in REQUIRED_CONFIG_FIELDS if getattr(config, f, None) is None]
+        if unset:  # PEFT's config takes null for any field; the layers need these
+            raise VBLoRAError(f"{source}: {unset[0]} must be set, got null")
         for name in ("r", "topk"):  # PEFT's own wording for what its layer checks
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise VBLoRAError(f"{source}: `{name}` {value!r} should be a positive integer value")
         if isinstance(config.num_vectors, int) and config.topk > config.num_vectors:
             raise VBLoRAError(f"{source}: `topk` {config.topk} must not exceed `num_vectors` {config.num_vectors}")
-        as_json = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+        # PEFT keeps name lists as sets; as the JSON file would hold them (mixed types in a hostile file too)
+        as_json = {k: list(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
         check_config(as_json, source)
         # One bank dict for the tuner's life: layers hold a reference to it, and PEFT's hook would replace it with
         # an empty one whenever another adapter is added.
