@@ -53,7 +53,7 @@ impl<'py, T: NpElement> Array<'py, T> {
         // A tensor read from a safetensors file whose header is not padded to 8 bytes (legal, and PEFT loads
         // it) can start at any byte: borrow an aligned copy rather than refuse it.
         let copy;
-        let arr = if (arr.data() as usize) % std::mem::align_of::<T>() == 0 {
+        let arr = if (arr.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             arr
         } else {
             copy = arr.call_method0("copy")?.cast_into::<PyArray2<T>>()?;
