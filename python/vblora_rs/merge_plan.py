@@ -473,7 +473,8 @@ def write_merged(
     left behind and an existing ``out`` is kept."""
     check_output(out, plan.base.path, [os.path.dirname(a.path) for a in plan.adapters], force)
     out = os.path.abspath(out)
-    tmp = atomic.temp_folder(out)
+    with atomic.no_interrupt():  # a Ctrl-C between creating the folder and the try below would leave it behind
+        tmp = atomic.temp_folder(out)
     try:
         for shard in plan.base.shards:
             try:
@@ -497,5 +498,6 @@ def write_merged(
         atomic.usual_mode(tmp, folder=True)  # mkdtemp's 0700 would make the model private
         atomic.install(tmp, out, replace=force)  # Ctrl-C waits for it: "interrupted" means nothing was written
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic.no_interrupt():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
