@@ -178,8 +178,17 @@ def read_base(folder: str) -> Base:
     model_type = ""
     config_path = os.path.join(folder, "config.json")
     if os.path.isfile(config_path):
-        value = read_object(config_path).get("model_type", "")
+        config = read_object(config_path)
+        value = config.get("model_type", "")
         model_type = value if isinstance(value, str) else ""
+        quantization = config.get("quantization_config")
+        if isinstance(quantization, dict):  # codes and scales, not weights (bitsandbytes, GPTQ, AWQ, fp8...)
+            method = quantization.get("quant_method", "quantized")
+            raise VBLoRAError(
+                f"{config_path}: the model is quantized ({method}); vblora merge merges into full-precision "
+                "checkpoints: give it the float32/float16/bfloat16 model the quantized one was made from, or use "
+                "merge_and_unload in Python, which merges into the quantized layers"
+            )
     return Base(folder, shards, index, where, model_type)
 
 

@@ -35,6 +35,7 @@ from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
 from .layer import Linear, VBLoRALayer
+from .quantized import layer_class_for
 
 # config fields a VB-LoRA layer cannot do without (PEFT's config accepts null for each)
 REQUIRED_CONFIG_FIELDS = (
@@ -145,6 +146,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         vblora_config: Any, vblora_vector_bank: nn.ParameterDict, adapter_name: str, target: nn.Module, **kwargs: Any
     ) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_class = layer_class_for(base) or Linear  # bitsandbytes 4-bit / 8-bit; other quantized layers refused
         if isinstance(base, nn.Linear):
             if vblora_config.fan_in_fan_out:
                 warnings.warn(
@@ -166,7 +168,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
                 f"Target module {target} is not supported. Currently, only the following modules are supported: "
                 "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D`."
             )
-        return Linear(target, vblora_vector_bank, adapter_name, config=vblora_config, r=vblora_config.r, **kwargs)
+        return layer_class(target, vblora_vector_bank, adapter_name, config=vblora_config, r=vblora_config.r, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection; if it fails part-way, the adapter is taken out again and modules it alone had wrapped
