@@ -535,3 +535,79 @@ def test_quantized_layers_after_dispatch_keep_peft_save_format(base_dir: Path, t
     assert keys(tmp_path / "q") == keys(tmp_path / "f")
     config = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
     assert config["peft_type"] == "VBLORA" and math.isclose(config["init_logits_std"], BIG["init_logits_std"])
+
+
+# --- quantized in code: settings BitsAndBytesConfig does not expose -------------------------------------------
+
+
+def quantized_in_code(linear: nn.Linear, blocksize: int, quant_type: str, double: bool) -> nn.Module:
+    """A ``bnb.nn.Linear4bit`` quantized from ``linear`` with the given block size (transformers' config has no
+    block-size field), as bitsandbytes quantizes: when the layer moves to a device."""
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=FP32, quant_type=quant_type
+    )
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double,
+        quant_type=quant_type,
+        module=layer,
+    )
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize(("blocksize", "quant_type", "double"), [(128, "nf4", True), (256, "fp4", False)])
+def test_requantizes_with_the_layers_block_size(blocksize: int, quant_type: str, double: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(quantized_in_code(nn.Linear(64, 96), blocksize, quant_type, double))
+    base = model[0]
+    assert base.weight.quant_state.blocksize == blocksize
+    peft_model = vb_model(model, target_modules=["0"])
+    layer = peft_model.base_model.model[0]
+    assert isinstance(layer, Linear4bit)
+    original = bnb_weights.dequantize(bnb_weights.snapshot(base))
+    bits = snapshot_bits(layer)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged_out = peft_model(x)
+    layer.merge()
+    state = base.weight.quant_state
+    assert (state.blocksize, state.quant_type, state.nested) == (blocksize, quant_type, double)
+    assert steps_from(layer, exact_sum(layer, original, ["default"])) <= 1.0
+    layer.unmerge()
+    assert same_bits(snapshot_bits(layer), bits)
+    with torch.no_grad():
+        assert torch.equal(peft_model(x), unmerged_out)
+
+
+def test_topk_adapter_loaded_on_a_4bit_base_merges(base_dir: Path, tmp_path: Path) -> None:
+    """A save_only_topk_weights adapter loads compact onto a 4-bit base and merges from its top-K table."""
+    trained = vb_model(AutoModelForCausalLM.from_pretrained(base_dir), save_only_topk_weights=True)
+    trained.save_pretrained(tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(load_quantized(base_dir, "nf4-dq"), tmp_path / "adapter")
+    layers = quantized_layers(model)
+    assert layers and all(m.is_compact("default") for _, m in layers)
+    originals = {n: bnb_weights.dequantize(bnb_weights.snapshot(m.get_base_layer())) for n, m in layers}
+    model.merge_adapter()
+    for name, layer in layers:
+        assert steps_from(layer, exact_sum(layer, originals[name], ["default"])) <= 1.0, name
+
+
+def test_mixed_batch_over_a_4bit_base(base_dir: Path) -> None:
+    """``adapter_names`` rows over a 4-bit base: each row is what the whole batch gives with its adapter."""
+    model = vb_model(load_quantized(base_dir, "nf4"))
+    torch.manual_seed(5)
+    model.add_adapter("other", peft.VBLoRAConfig(**ADAPTER, **BIG))
+    model.eval()
+    batch = ids(2)
+    with torch.no_grad():
+        mixed = model(batch, adapter_names=["default", "other"]).logits
+        model.set_adapter("other")
+        other = model(batch).logits
+        model.set_adapter("default")
+        default = model(batch).logits
+    torch.testing.assert_close(mixed[0], default[0], **tolerances.model("llama"))
+    torch.testing.assert_close(mixed[1], other[1], **tolerances.model("llama"))
