@@ -9,17 +9,20 @@ Every configuration runs in a fresh Python process (peaks do not mix): it loads 
 does (``prepare_model_for_kbit_training`` for the 4-bit bases, gradient checkpointing for all), runs warm-up steps,
 then times full training steps (forward, backward, AdamW step). Memory: on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the process's peak resident set (VmHWM) over the
-timed steps (reset before them through /proc/self/clear_refs where the kernel allows it), and the resident set
-once the model is loaded.
+timed steps (reset before them through /proc/self/clear_refs where the kernel allows it, after handing memory
+freed while loading back to the system), the same above the resident set after the imports (torch, transformers,
+peft, bitsandbytes: alike in every configuration), and the resident set once the model is loaded.
 
-    PYTHONPATH=python python benches/bench_quantized.py [--quick] [--steps N] [--hidden H] [--layers L]
+CPU runs use one thread unless ``--threads N`` (see the option's comment).
+
+    PYTHONPATH=python python benches/bench_quantized.py [--quick] [--steps N] [--hidden H] [--layers L] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -53,12 +56,42 @@ def _reset_peak() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _tensor_mib(model: Any) -> float:
+    """MiB held by the model's parameters and buffers (each storage once), with bitsandbytes' 4-bit block scales."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if t is not None and t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            add(state.absmax)
+            add(getattr(state.state2, "absmax", None) if getattr(state, "state2", None) is not None else None)
+    return sum(seen.values()) / 2**20
+
+
+def _optimizer_mib(optimizer: Any) -> float:
+    tensors = [v for state in optimizer.state.values() for v in state.values() if hasattr(v, "numel")]
+    return sum(v.numel() * v.element_size() for v in tensors) / 2**20
+
+
 def worker(config: str, folder: str, args: argparse.Namespace) -> dict[str, Any]:
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    import bitsandbytes  # noqa: F401 - imported by every configuration, so the baselines below are alike
     import peft
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -109,29 +142,36 @@ def worker(config: str, folder: str, args: argparse.Namespace) -> dict[str, Any]
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
 
-    def step() -> float:
-        start = time.perf_counter()
+    def step() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
+    _release_free_memory()  # what loading freed, glibc may still hold: not the model's
     rss_loaded = _status_kb("VmRSS")
     for _ in range(args.warmup):
         step()
+    _release_free_memory()
     reset = _reset_peak()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(args.steps)]
+    measured = [step() for _ in range(args.steps)]
+    weights_mb, optimizer_mb = _tensor_mib(model), _optimizer_mib(optimizer)
+    times = [wall for wall, _ in measured]
     return {
         "config": config,
         "median_s": statistics.median(times),
         "min_s": min(times),
+        "cpu_median_s": statistics.median(cpu for _, cpu in measured),
         "trainable": trainable,
         "rss_imports_mb": rss_imports / 1024,
+        "weights_mb": weights_mb,
+        "optimizer_mb": optimizer_mb,
         "rss_loaded_mb": rss_loaded / 1024,
         "peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if cuda else _status_kb("VmHWM") / 1024,
         "peak_reset": reset or cuda,
@@ -164,11 +204,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vector-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    # one thread by default: on a shared machine OpenMP threads spin at their barriers while another job holds the
+    # core, which multiplies both wall and CPU time by several times at random
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,16 +243,28 @@ def main() -> None:
         f"batch {args.batch} x {args.seq} tokens, gradient checkpointing, AdamW; {first['device']}; "
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
-    memory = "peak MiB (CUDA allocated)" if "CPU" not in first["device"] else "peak RSS MiB (steps)"
-    print(f"{'configuration':34} {'trainable':>10} {'step ms':>9} {'vs ours NF4':>11} {memory:>22} {'RSS loaded':>10}")
+    cpu_run = "CPU" in first["device"]
+    memory = "peak RSS MiB" if cpu_run else "peak MiB (CUDA)"
+    print(
+        f"{'configuration':32} {'trainable':>10} {'median ms':>10} {'min ms':>8} {'CPU ms':>8} {'time ratio':>10} "
+        f"{'weights MiB':>11} {'optim MiB':>9} {memory:>13} {'above imports':>13} {'RSS loaded':>10}"
+    )
     ref = results.get("vblora-nf4")
+    key = "cpu_median_s" if cpu_run else "median_s"  # a shared CPU: the process's CPU time is the stable figure
     for config, r in results.items():
-        ratio = f"{r['median_s'] / ref['median_s']:.2f}x" if ref else "-"
-        peak = f"{r['peak_mb']:.0f}" + ("" if r["peak_reset"] else " (incl. load)")
+        ratio = f"{r[key] / ref[key]:.2f}x" if ref else "-"
+        peak = f"{r['peak_mb']:.0f}" + ("" if r["peak_reset"] else "*")
+        above = f"{r['peak_mb'] - r['rss_imports_mb']:.0f}" if cpu_run else "-"
         print(
-            f"{CONFIGS[config]:34} {r['trainable']:>10,} {1000 * r['median_s']:9.1f} {ratio:>11} {peak:>22} "
-            f"{r['rss_loaded_mb']:10.0f}"
+            f"{CONFIGS[config]:32} {r['trainable']:>10,} {1000 * r['median_s']:10.1f} {1000 * r['min_s']:8.1f} "
+            f"{1000 * r['cpu_median_s']:8.1f} {ratio:>10} {r['weights_mb']:11.1f} {r['optimizer_mb']:9.1f} {peak:>13} "
+            f"{above:>13} {r['rss_loaded_mb']:10.0f}"
         )
+    what = "median CPU time per step" if cpu_run else "median step time"
+    print(f"time ratio: {what} / that of VB-LoRA (vblora_rs) on the NF4 base; weights: parameters, buffers and")
+    print("4-bit block scales of the model (each storage once); optim: AdamW's state; RSS: resident set of the process")
+    if not all(r["peak_reset"] for r in results.values()):
+        print("*: the peak could not be reset after loading (it includes loading)")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,10 @@ def test_8bit_values_are_bitsandbytes_own(base_dir: Path) -> None:
 def cpu_layout(layer: nn.Module) -> None:
     """Repack ``layer``'s 4-bit weight into the layout bitsandbytes' first no-grad CPU forward makes on CPUs with
     AVX512-BF16 (called directly so that every machine runs this path)."""
-    data, state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    convert = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU layout")
+    data, state = convert(layer.weight.data, layer.weight.quant_state)
     layer.weight.data, layer.weight.quant_state = data, state
 
 
