@@ -171,7 +171,8 @@ def test_cpu_layout_is_read(base_dir: Path, quant: str) -> None:
     after = bnb_weights.dequantize(bnb_weights.snapshot(layer))
     # the CPU layout holds the same codes; only the block scales are rounded to bfloat16 (|code| <= 1)
     scale = absmax / float(layer.weight.quant_state.code.float().sort().values.diff().max())
-    assert ((after - before).abs() <= tolerances.unit_roundoff(torch.bfloat16) * scale).all()
+    slack = 1 + 4 * tolerances.unit_roundoff(FP32)  # the scale recovered as step / gap: a few float32 roundings
+    assert ((after - before).abs() <= tolerances.unit_roundoff(torch.bfloat16) * scale * slack).all()
 
 
 # --- injection, forward, backward -------------------------------------------------------------------------------
