@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.tuners.vblora import layer as peft_layer
+from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,10 +34,6 @@ TOPK_TRAINING_ERROR = (
 )
 # the VBLoRAConfig fields a layer reads, and their defaults when a layer is built without a config
 LAYER_FIELDS = {"topk": 2, "num_vectors": None, "vector_length": None, "vblora_dropout": 0.0, "init_logits_std": 0.01}
-
-
-def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
 
 
 def layer_settings(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +429,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
             return ops.delta_weight(A, B, self.fan_in_fan_out)
         cast_to_fp32 = params[0].device.type == "cpu" and params[0].dtype in (torch.float16, torch.bfloat16)
         A, B = self._get_lora_matrices(adapter, cast_to_fp32)
-        return _transpose(B @ A, self.fan_in_fan_out)
+        return transpose(B @ A, self.fan_in_fan_out)
 
     # --- merge ----------------------------------------------------------------------------------
 
