@@ -203,3 +203,32 @@ def test_wide_index_dtype_cannot_wrap_into_range(tmp_path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(vblora_rs.VBLoRAError, match=f"{key} holds indices outside"):
         vblora_rs.PeftModel.from_pretrained(MODEL_CASES["llama"][0](), tmp_path / "peft")
+
+
+def _children_walked(module: torch.nn.Module) -> int:
+    """Modules a recursive walk visits without de-duplication (``load_state_dict``, ``train()``, PEFT's loops)."""
+    return 1 + sum(_children_walked(child) for child in module._modules.values() if child is not None)
+
+
+def test_each_loaded_adapter_adds_no_modules_to_the_layers(tmp_path) -> None:
+    # every walk of the model (state_dict, load_state_dict, train(), PEFT's injection) visits each registered child:
+    # if adapters added children to each layer, loading the n-th one would cost n per layer
+    theirs, _, _ = build_pair("llama", save_only_topk_weights=True)
+    theirs.save_pretrained(tmp_path / "a")
+    model = vblora_rs.PeftModel.from_pretrained(MODEL_CASES["llama"][0](), tmp_path / "a", adapter_name="a0")
+    layers = vblora_modules(model)
+    walked = {name: _children_walked(layer) for name, layer in layers.items()}
+    for i in range(1, 4):
+        model.load_adapter(tmp_path / "a", f"a{i}")
+    assert {name: _children_walked(layer) for name, layer in layers.items()} == walked
+    assert all(len(layer.vblora_dropout) == 4 for layer in layers.values())
+
+
+def test_dropout_adapters_are_registered_and_moved_with_the_layer(tmp_path) -> None:
+    theirs, _, _ = build_pair("llama", save_only_topk_weights=True, vblora_dropout=0.25)
+    theirs.save_pretrained(tmp_path / "a")
+    model = vblora_rs.PeftModel.from_pretrained(MODEL_CASES["llama"][0](), tmp_path / "a")
+    for layer in vblora_modules(model).values():
+        dropout = layer.vblora_dropout["default"]
+        assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.25
+        assert dict(layer.vblora_dropout.named_children()) == {"default": dropout}

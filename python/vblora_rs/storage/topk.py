@@ -8,20 +8,29 @@ sum (in float64) to at most ``1 + 1e-6``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .. import _native
 
 
-def row_problem(indices: np.ndarray, weights: np.ndarray, num_vectors: int) -> str:
-    """``""`` when every row is valid, else ``"row R: indices|weights <reason>"`` for the first bad row.
-    ``indices (..., k)`` of any integer dtype, ``weights (..., k - 1)`` of any float dtype (numpy arrays;
-    bfloat16 tensors go in as float32, which is exact; float64 weights are rounded to float32, as PEFT's
-    float32 logits would be)."""
+def first_bad_row(indices: np.ndarray, weights: np.ndarray, num_vectors: int) -> Optional[tuple[int, str, str]]:
+    """``None`` when every row is valid, else ``(row, part, reason)`` for the first bad row, ``part`` being
+    ``"indices"`` or ``"weights"``. ``indices (..., k)`` of any integer dtype, ``weights (..., k - 1)`` of any float
+    dtype (numpy arrays; bfloat16 tensors go in as float32, which is exact; float64 weights are rounded to float32,
+    as PEFT's float32 logits would be)."""
     k = indices.shape[-1] if indices.ndim else 0
     idx = np.ascontiguousarray(indices.reshape(-1, k) if k else indices.reshape(0, 1), dtype=np.int64)
     w = np.ascontiguousarray(weights.reshape(idx.shape[0], max(k - 1, 0)), dtype=np.float32)
     found = _native.check_topk_rows(idx, w, num_vectors)
+    return None if found is None else (int(found[0]), str(found[1]), str(found[2]))
+
+
+def row_problem(indices: np.ndarray, weights: np.ndarray, num_vectors: int) -> str:
+    """``""`` when every row is valid, else ``"row R: indices|weights <reason>"`` for the first bad row (see
+    :func:`first_bad_row`)."""
+    found = first_bad_row(indices, weights, num_vectors)
     if found is None:
         return ""
     row, part, reason = found

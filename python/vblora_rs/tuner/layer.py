@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.tuners.vblora import layer as peft_layer
+from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,10 +34,6 @@ TOPK_TRAINING_ERROR = (
 )
 # the VBLoRAConfig fields a layer reads, and their defaults when a layer is built without a config
 LAYER_FIELDS = {"topk": 2, "num_vectors": None, "vector_length": None, "vblora_dropout": 0.0, "init_logits_std": 0.01}
-
-
-def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
 
 
 def layer_settings(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +69,16 @@ class DropoutDict(nn.ModuleDict):
             self[name] = nn.Dropout(p=p)
         else:
             self._identity.add(name)
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        # PEFT's device move re-assigns every entry (``d[name] = d[name].to(device)``): the shared Identity comes
+        # back as itself and must stay unregistered, or each adapter adds a child to every layer again
+        if module is _NO_DROPOUT:
+            self.pop_adapter(key)
+            self._identity.add(key)
+            return
+        self._identity.discard(key)
+        super().__setitem__(key, module)
 
     def pop_adapter(self, name: str) -> None:
         self._identity.discard(name)
@@ -218,6 +225,31 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
             holder = getattr(self, layer_name)
             if adapter_name in holder:
                 holder[adapter_name].requires_grad_(trainable)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's move of one adapter to the base layer's device and floating dtype, with one difference: an entry
+        is left alone when *its own* tensors are on the meta device. PEFT skips a whole dict when any adapter's
+        entry in it is meta, which scans every adapter's parameters of every dict: loading the n-th adapter then
+        costs n per layer, quadratic in a process that serves many adapters."""
+        base_device, base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        target_device = device if device is not None else base_device
+        if target_device is None:
+            return
+        floating = base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex)
+        float_dtype = base_dtype if floating else None
+        for holder_name in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, holder_name, None)
+            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            if any(t.is_meta for t in tensors):
+                continue
+            item_dtype = getattr(item, "dtype", None)
+            cast = float_dtype is not None and (
+                item_dtype is None or item_dtype.is_floating_point or item_dtype.is_complex
+            )
+            holder[adapter_name] = item.to(target_device, dtype=float_dtype) if cast else item.to(target_device)
 
     def reset_vblora_logits(self, adapter_name: str, init_logits_std: float) -> None:
         logits_A = self._modules["vblora_logits_A"]._parameters.get(adapter_name)
@@ -397,7 +429,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
             return ops.delta_weight(A, B, self.fan_in_fan_out)
         cast_to_fp32 = params[0].device.type == "cpu" and params[0].dtype in (torch.float16, torch.bfloat16)
         A, B = self._get_lora_matrices(adapter, cast_to_fp32)
-        return _transpose(B @ A, self.fan_in_fan_out)
+        return transpose(B @ A, self.fan_in_fan_out)
 
     # --- merge ----------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from ..storage.config_file import check_config
 from . import topk_table as compact
 from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
+from .gc_pause import collector_paused
 from .layer import Linear, VBLoRALayer
 from .quantized import layer_class_for
 
@@ -174,7 +175,8 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         """PEFT's injection; if it fails part-way, the adapter is taken out again and modules it alone had wrapped
         get their base layer back, so the model is as it was."""
         try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            with collector_paused():
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             self._undo_injection(model, adapter_name)
             raise

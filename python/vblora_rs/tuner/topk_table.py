@@ -23,7 +23,7 @@ from torch import nn
 from .. import ops
 from ..config import TOPK_INDICES, TOPK_WEIGHTS
 from ..errors import VBLoRAError
-from ..storage.topk import row_problem
+from ..storage.topk import first_bad_row
 
 CHECK_ROWS = 4096  # rows checked per call of the top-K rule
 
@@ -178,7 +178,7 @@ def index_problem(indices: torch.Tensor, num_vectors: int) -> str:
 
 def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int) -> str:
     """What is wrong with the values of a stored top-K pair (``"<suffix> <reason>"``), or ``""``: the one rule
-    of stored top-K rows every reader applies (:func:`vblora_rs.storage.topk.row_problem`)."""
+    of stored top-K rows every reader applies (:func:`vblora_rs.storage.topk.first_bad_row`)."""
     problem = index_problem(indices, num_vectors)
     if problem:
         return problem
@@ -186,18 +186,12 @@ def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int
     k = idx.shape[-1] if idx.ndim else 0
     idx, w = idx.reshape(-1, k), w.reshape(-1, max(k - 1, 0))
     # in blocks: the rule's int64/float32 copies of a whole table would add to the peak memory of a load
-    found = ""
     for start in range(0, idx.shape[0], CHECK_ROWS):
-        found = row_problem(idx[start : start + CHECK_ROWS], w[start : start + CHECK_ROWS], num_vectors)
-        if found:
-            row, _, rest = found.partition(": ")
-            found = f"row {start + int(row.removeprefix('row '))}: {rest}"
-            break
-    if not found:
-        return ""
-    where, _, reason = found.partition(": ")
-    part, _, reason = reason.partition(" ")
-    return f"{TOPK_INDICES if part == 'indices' else TOPK_WEIGHTS} ({where}) {reason}"
+        found = first_bad_row(idx[start : start + CHECK_ROWS], w[start : start + CHECK_ROWS], num_vectors)
+        if found is not None:
+            row, part, reason = found
+            return f"{TOPK_INDICES if part == 'indices' else TOPK_WEIGHTS} (row {start + row}) {reason}"
+    return ""
 
 
 def table_from_layers(
