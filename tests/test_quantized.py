@@ -374,6 +374,8 @@ def test_unmerge_after_the_weight_was_replaced(base_dir: Path, quant: str) -> No
     """A weight loaded anew while merged has no kept original: unmerge subtracts in float32 and quantizes again,
     within one step of the exact difference."""
     model = vb_model(load_quantized(base_dir, quant))
+    torch.manual_seed(7)
+    model.add_adapter("other", peft.VBLoRAConfig(**ADAPTER, **BIG))
     _, layer = quantized_layers(model)[0]
     base = layer.get_base_layer()
     layer.merge()
@@ -382,6 +384,20 @@ def test_unmerge_after_the_weight_was_replaced(base_dir: Path, quant: str) -> No
     layer.unmerge()
     want = merged.double() - layer.get_delta_weight("default").double()
     assert steps_from(layer, want) <= merge_bound(quant) + 0.5 and not layer.merged
+    # merged, replaced, then another adapter merged: the first comes out before the second goes in, and unmerge
+    # takes both out
+    layer.merge(adapter_names=["default"])
+    merged = bnb_weights.dequantize(bnb_weights.snapshot(base))
+    bnb_weights.install(base, bnb_weights.quantize(base, merged))
+    layer.merge(adapter_names=["other"])
+    estimate = layer.pre_merge_weight  # the replaced weight with "default" taken out, quantized
+    exact = merged.double() - layer.get_delta_weight("default").double()
+    step = bnb_weights.step_of(estimate).double()
+    assert float(((bnb_weights.dequantize(estimate) - exact).abs() / step).max()) <= merge_bound(quant) + 0.5
+    assert steps_from(layer, exact_sum(layer, bnb_weights.dequantize(estimate), ["default", "other"])) <= 1.0
+    layer.unmerge()
+    assert bnb_weights.dequantize(bnb_weights.snapshot(base)).equal(bnb_weights.dequantize(estimate))
+    assert not layer.merged and layer.pre_merge_weight is None
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])

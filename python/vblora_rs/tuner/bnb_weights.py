@@ -204,7 +204,11 @@ def quantization_step(module: nn.Module) -> torch.Tensor:
     between adjacent values of the data type times the block's scale (the distance between two neighbouring
     representable values can be no larger), for 8-bit the row's scale / 127 (the gap between adjacent int8 levels).
     Rounding to nearest leaves a weight within half a step of the value quantized."""
-    snap = snapshot(module)
+    return step_of(snapshot(module))
+
+
+def step_of(snap: Snapshot) -> torch.Tensor:
+    """:func:`quantization_step` of a quantized weight held in ``snap``."""
     if isinstance(snap, Snapshot8bit):
         return (snap.SCB.float() / INT8_LEVELS).unsqueeze(1).expand(snap.CB.shape).contiguous()
     state = snap.state

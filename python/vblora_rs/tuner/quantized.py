@@ -42,6 +42,11 @@ class QuantizedLinear(Linear):
         # (quantized weight before the first merge, the weight that merge installed); None while unmerged
         self._pre_merge: Optional[tuple[bnb_weights.Snapshot, bnb_weights.Snapshot]] = None
 
+    @property
+    def pre_merge_weight(self) -> Optional[bnb_weights.Snapshot]:
+        """The quantized weight ``unmerge`` puts back (None while nothing is merged into a quantized weight)."""
+        return None if self._pre_merge is None else self._pre_merge[0]
+
     def _quantized_base(self) -> Optional[nn.Module]:
         base = self.get_base_layer()
         return base if bnb_weights.is_quantized(base) else None
@@ -67,10 +72,16 @@ class QuantizedLinear(Linear):
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if self.has_adapter(a)]
         if not adapters:
             return
+        earlier = [a for a in self.merged_adapters if self.has_adapter(a)]
         if self._pre_merge is not None and bnb_weights.is_installed(base, self._pre_merge[1]):
-            original, earlier = self._pre_merge[0], [a for a in self.merged_adapters if self.has_adapter(a)]
-        else:  # first merge (or the weight was replaced since): start from the weight as it is
-            original, earlier = bnb_weights.snapshot(base), []
+            original = self._pre_merge[0]
+        else:
+            original = bnb_weights.snapshot(base)  # first merge: the weight as it is
+            if earlier:  # merged, but the weight was replaced since: take the earlier adapters out first
+                unmerged = self._merged_weight(bnb_weights.dequantize(original), earlier[::-1], -1.0)
+                if not torch.isfinite(unmerged).all():
+                    raise ValueError(f"unmerging {','.join(earlier)} gives non-finite weights")
+                original = bnb_weights.quantize(base, unmerged)
         merged = self._merged_weight(bnb_weights.dequantize(original), earlier + adapters, 1.0)
         if not torch.isfinite(merged).all():
             names = ",".join(adapters)
