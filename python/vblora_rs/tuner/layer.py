@@ -135,10 +135,9 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
-        # the tuner's bank dict, held and not registered (see shared_bank: one owner for FSDP's per-layer groups)
+        # the tuner's bank dict is held, not registered (see shared_bank: one owner for FSDP's per-layer groups)
         shared_bank.hold(self, nn.ParameterDict({}))
-        self.register_load_state_dict_pre_hook(shared_bank.skip_layer_copies)
-        self.register_state_dict_post_hook(shared_bank.add_layer_copies)
+        shared_bank.register_hooks(self)
         # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
         # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
         # The tables are held, not registered: a process may hold a thousand adapters, and registering them in

@@ -89,6 +89,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # an empty one whenever another adapter is added.
         if "vblora_vector_bank" not in self._modules:
             self.vblora_vector_bank = nn.ParameterDict({})
+            shared_bank.mark_owned(self.vblora_vector_bank)  # layers hold it by reference (FSDP: one owner)
         if "vblora_topk" not in self._modules:
             # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
             self.vblora_topk = nn.ModuleDict({})

@@ -18,7 +18,7 @@ from ..errors import VBLoRAError
 
 try:
     from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without torch.distributed: nothing can be sharded
+except ImportError:  # torch < 2.4 has no FSDP2; a torch built without torch.distributed shards nothing
     DTensor = None
 
 
