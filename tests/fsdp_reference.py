@@ -32,7 +32,15 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def reference() -> dict[str, Any]:
     """One process, full batches: losses, gradients and AdamW's second moments per step, the final adapter and
     the logits of :func:`eval_ids`."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        return _train_reference()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_reference() -> dict[str, Any]:
     model = tiny.peft_model()
     model.train()
     opt = optimizer(model)

@@ -61,6 +61,16 @@ def _bad_shardings(results: dict[str, Any]) -> None:
     layers = model.base_model.model.model.layers
     results["helper_groups"] = [isinstance(m, FSDPModule) for m in (*layers, model)]
     results["helper_bank"] = type(model.base_model.vblora_vector_bank["default"]).__name__
+    # no-grad forwards of the sharded model (the Rust kernels, the A/B cache): an in-place edit of the shards
+    # between two forwards must reach the output (the gathered tensors are new each forward)
+    model.eval()
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        model.base_model.vblora_vector_bank["default"].mul_(3.0)
+        edited = model(input_ids=ids).logits
+    results["no_grad_repeat_equal"] = torch.equal(first, again)
+    results["no_grad_sees_edit"] = not torch.equal(again, edited)
     # the bank dict given a group of its own: it is never called, so the layers would meet its shards
     model = tiny.peft_model()
     fully_shard(model.base_model.vblora_vector_bank)
@@ -196,6 +206,7 @@ def test_bad_inputs_get_named_errors(spawned: Path) -> None:
         assert res["bank_is_shard"] == "DTensor"
         assert res["helper_groups"] == [True] * (tiny.LLAMA["num_hidden_layers"] + 1)
         assert res["helper_bank"] == "DTensor"
+        assert res["no_grad_repeat_equal"] and res["no_grad_sees_edit"]
         # PEFT's save of one rank's shards: refused on that rank, no adapter file written
         assert res["direct_save"].startswith(f"rank {rank}: adapter 'default' cannot be saved"), res["direct_save"]
         assert "vblora_rs.distributed.save_pretrained" in res["direct_save"]

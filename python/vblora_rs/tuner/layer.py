@@ -135,9 +135,8 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
-        # the tuner's bank dict is held, not registered (see shared_bank: one owner for FSDP's per-layer groups)
+        # the tuner's bank dict is seen through a view without parameters (see shared_bank: one owner for FSDP)
         shared_bank.hold(self, nn.ParameterDict({}))
-        shared_bank.register_hooks(self)
         # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
         # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
         # The tables are held, not registered: a process may hold a thousand adapters, and registering them in
@@ -547,7 +546,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         for name in groups.groups:
             if name == BASE_ADAPTER or not self.has_adapter(name):
                 continue
-            dtype = param_of(self.vblora_vector_bank, name).dtype
+            dtype = param_of(shared_bank.of(self), name).dtype
             if single:  # the whole batch: exactly the plain forward
                 result = result + self._adapter_output(name, x.to(dtype))
                 continue
