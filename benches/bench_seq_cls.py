@@ -90,8 +90,15 @@ def build_pair(seed: int) -> tuple[nn.Module, nn.Module]:
     return theirs, ours
 
 
+def canonical(name: str) -> str:
+    """PEFT's layers register the tuner's bank too, so PEFT's named_parameters() names the bank after the first
+    layer (``...query.vblora_vector_bank.<adapter>``); vblora_rs's names it after its one owner, the tuner."""
+    _, sep, adapter = name.rpartition("vblora_vector_bank.")
+    return f"base_model.vblora_vector_bank.{adapter}" if sep and "." not in adapter else name
+
+
 def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    return sorted(canonical(n) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def train(model: nn.Module, steps: int, seed: int, lr: float) -> list[float]:
@@ -138,7 +145,11 @@ def run(steps: int = 40, seed: int = 0, lr: float = 2e-3) -> Result:
     peft_losses = train(theirs, steps, seed, lr)
     ours_losses = train(ours, steps, seed, lr)
     ours_params = dict(ours.named_parameters())
-    param_diff = max((p - ours_params[n]).abs().max().item() for n, p in theirs.named_parameters() if n in names)
+    param_diff = max(
+        (p - ours_params[canonical(n)]).abs().max().item()
+        for n, p in theirs.named_parameters()
+        if canonical(n) in names
+    )
     return Result(
         peft_losses,
         ours_losses,

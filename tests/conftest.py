@@ -137,6 +137,13 @@ def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def bank_named_once(name: str) -> str:
+    """PEFT's layers register the tuner's bank too, so its named_parameters() names the bank after the first layer
+    (``base_model.model.lin0.vblora_vector_bank.<adapter>``); ours name it after its one owner, the tuner."""
+    head, sep, adapter = name.rpartition("vblora_vector_bank.")
+    return f"base_model.vblora_vector_bank.{adapter}" if sep and "." not in adapter else name
+
+
 # --- PEFT's own classes as the reference ---------------------------------------------------------------------
 # vblora_rs.get_peft_model (and the other public names) make PEFT serve VB-LoRA with our classes for the rest of
 # the process. A reference model must be built with PEFT's own classes: these build it with our backend taken out

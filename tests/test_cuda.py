@@ -11,7 +11,7 @@ import pytest
 import tolerances
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor, peft_get_peft_model
+from conftest import MODEL_CASES, bank_named_once, output_tensor, peft_get_peft_model
 from vblora_rs.optim import create_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -65,7 +65,7 @@ def test_training_step_matches_peft(dtype: torch.dtype) -> None:
         optimizer = create_optimizer(model)
         output_tensor(model(**inputs)).float().square().mean().backward()
         optimizer.step()
-    t = dict(theirs.named_parameters())
+    t = {bank_named_once(n): p for n, p in theirs.named_parameters()}
     for name, param in ours.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param, t[name], **TOL[dtype], msg=name)

@@ -17,7 +17,7 @@ import pytest
 import tolerances
 import torch
 import vblora_rs
-from conftest import TINY_LLAMA, make_gpt2, make_llama, make_mlp, make_opt
+from conftest import TINY_LLAMA, bank_named_once, make_gpt2, make_llama, make_mlp, make_opt
 from peft.tuners.vblora import Linear as PeftLinear
 from safetensors.torch import load_file
 from torch import nn
@@ -305,7 +305,7 @@ def test_a_second_adapter_stays_frozen_also_on_modules_only_it_targets() -> None
     assert only_other and all(not model.get_submodule(n).has_adapter("default") for n in only_other)
 
     def trainable(model: nn.Module) -> list[str]:
-        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        return sorted(bank_named_once(n) for n, p in model.named_parameters() if p.requires_grad)
 
     names = trainable(model)
     assert names and all(n.endswith(".default") for n in names)
@@ -342,7 +342,7 @@ def test_gradient_checkpointing_of_the_base_model(reentrant: bool) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
         model(**inputs).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return {bank_named_once(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     model = build("llama")
     twin = peft_twin("llama", model)
@@ -421,7 +421,7 @@ def test_seq_cls_task_makes_the_head_trainable_and_saves_it(case: str, tmp_path:
         theirs = peft.get_peft_model(builder(), VBLoRAConfig(**kw))
 
     def trainable(model: nn.Module) -> list[str]:
-        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        return sorted(bank_named_once(n) for n, p in model.named_parameters() if p.requires_grad)
 
     names = trainable(model)
     assert names == trainable(theirs)

@@ -11,7 +11,7 @@ import pytest
 import tolerances
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor, peft_from_pretrained, peft_get_peft_model
+from conftest import MODEL_CASES, bank_named_once, output_tensor, peft_from_pretrained, peft_get_peft_model
 from safetensors.torch import load_file
 
 # ours and PEFT differ in the order of the delta path's reductions (Rust kernels vs torch ops)
@@ -224,7 +224,7 @@ def test_multiple_adapters_set_and_disable_match_peft() -> None:
             ours.set_adapter(adapter)
             assert ours.active_adapter == theirs.active_adapter == adapter
             torch.testing.assert_close(ours(x), theirs(x), **F32)
-            trainable_t = sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
+            trainable_t = sorted(bank_named_once(n) for n, p in theirs.named_parameters() if p.requires_grad)
             trainable_o = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
             assert trainable_o == trainable_t
         with theirs.disable_adapter(), ours.disable_adapter():
@@ -293,7 +293,7 @@ def test_training_gradients_match_peft() -> None:
     ours.train()
     output_tensor(theirs(**inputs)).square().mean().backward()
     output_tensor(ours(**inputs)).square().mean().backward()
-    t_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    t_grads = {bank_named_once(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     o_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert t_grads.keys() == o_grads.keys()
     for name in t_grads:

@@ -58,10 +58,21 @@ def get_num_threads() -> int:
 
 def native_ok(*tensors: torch.Tensor) -> bool:
     """Whether the Rust kernels can take these tensors as they are (CPU, contiguous, f32/f16/bf16)."""
-    return all(t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and t.is_contiguous() for t in tensors)
+    return all(
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.device.type == "cpu"
+        and t.dtype in _NATIVE_DTYPES
+        and t.is_contiguous()
+        for t in tensors
+    )
 
 
 def _float_view(t: torch.Tensor, name: str) -> np.ndarray:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):  # e.g. FSDP's DTensor: numpy() would refuse it
+        raise VBLoRAError(
+            f"{name} is a {type(t).__name__} (a tensor subclass, such as an FSDP shard); the Rust kernels take "
+            "whole plain tensors: gather it first"
+        )
     if t.device.type != "cpu":
         raise VBLoRAError(f"{name} is on {t.device}; the Rust kernels take CPU tensors")
     if t.dtype not in _NATIVE_DTYPES:
@@ -69,7 +80,38 @@ def _float_view(t: torch.Tensor, name: str) -> np.ndarray:
     if not t.is_contiguous():
         raise VBLoRAError(f"{name} with shape {tuple(t.shape)} is not contiguous")
     t = t.detach()
-    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+    return _borrowed_view(t.view(torch.uint16) if t.dtype == torch.bfloat16 else t)
+
+
+class _Borrowed:
+    """What numpy needs to view a tensor's memory (``__array_interface__``), and the tensor, kept alive by the
+    array. ``Tensor.numpy()`` would also mark the storage as never resizable again, for good: FSDP frees and
+    re-allocates its gathered parameters' storage after every forward (``resize_``), so a no-grad forward of a
+    sharded model would fail at the reshard after the kernels had seen its logits. The views made here live for
+    one kernel call."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, t: torch.Tensor, typestr: str) -> None:
+        self.tensor = t
+        self.__array_interface__ = {
+            "shape": tuple(t.shape),
+            "typestr": typestr,
+            "data": (t.data_ptr(), False),
+            "strides": None,  # C-contiguous, checked by the caller
+            "version": 3,
+        }
+
+
+_TYPESTR = {torch.float32: np.dtype(np.float32).str, torch.float16: np.dtype(np.float16).str}
+_TYPESTR[torch.uint16] = np.dtype(np.uint16).str
+
+
+def _borrowed_view(t: torch.Tensor) -> np.ndarray:
+    """A writable numpy view of contiguous CPU ``t`` that leaves its storage resizable (see ``_Borrowed``)."""
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), dtype=np.dtype(_TYPESTR[t.dtype]))
+    return np.asarray(_Borrowed(t, _TYPESTR[t.dtype]))
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:

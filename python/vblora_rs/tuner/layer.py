@@ -25,6 +25,7 @@ from .. import ops
 from ..errors import VBLoRAError
 from ..ops import MergeTerm
 from . import cache as lora_cache
+from . import sharding, shared_bank
 from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
 from .cache import CachedLoRA, evict, param_of, stamp
@@ -141,7 +142,8 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
-        self.vblora_vector_bank = nn.ParameterDict({})
+        # the tuner's bank dict is seen through a view without parameters (see shared_bank: one owner for FSDP)
+        shared_bank.hold(self, nn.ParameterDict({}))
         # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
         # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
         # The tables are held, not registered: a process may hold a thousand adapters, and registering them in
@@ -208,7 +210,7 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.r[adapter_name] = r
         self.topk[adapter_name] = topk
         self.vblora_dropout.set(adapter_name, s["vblora_dropout"])
-        self.vblora_vector_bank = vblora_vector_bank
+        shared_bank.hold(self, vblora_vector_bank)
         device = None if init_logits else torch.device("meta")
         self.vblora_logits_A[adapter_name] = nn.Parameter(
             torch.zeros(r, self.in_features // vector_length, num_vectors, device=device), requires_grad=True
@@ -389,6 +391,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
     def _get_lora_matrices(self, adapter: str, cast_to_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``A (r, in)`` and ``B (out, r)`` of ``adapter``."""
         self._check_trainable(adapter)
+        sharding.require_whole(self._adapter_tensors(adapter), adapter, shared_bank.of(self), "building A and B")
         if self.is_compact(adapter):
             return self._lora_matrices_from_topk(adapter, cast_to_fp32)
         logits_A = self.vblora_logits_A[adapter]
@@ -492,7 +495,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
     def _cache_sources(self, adapter: str) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The tensors A and B of ``adapter`` are built from, and anything else they depend on."""
         modules = self._modules  # see has_adapter: no __getattr__ on the per-token path
-        bank = param_of(modules["vblora_vector_bank"], adapter)
+        bank = param_of(shared_bank.of(self), adapter)
         if adapter in self.vblora_topk_rows:
             table = self.vblora_topk[adapter]
             return (table.indices, table.weights, bank), self.vblora_topk_rows[adapter]
@@ -555,7 +558,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
             for active_adapter in self.active_adapters:
                 if not self.has_adapter(active_adapter):
                     continue
-                x = x.to(param_of(self._modules["vblora_vector_bank"], active_adapter).dtype)
+                x = x.to(param_of(shared_bank.of(self), active_adapter).dtype)
                 result = result + self._adapter_output(active_adapter, x)
         return result.to(previous_dtype)
 
@@ -575,7 +578,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         for name in groups.groups:
             if name == BASE_ADAPTER or not self.has_adapter(name):
                 continue
-            dtype = param_of(self.vblora_vector_bank, name).dtype
+            dtype = param_of(shared_bank.of(self), name).dtype
             if single:  # the whole batch: exactly the plain forward
                 result = result + self._adapter_output(name, x.to(dtype))
                 continue

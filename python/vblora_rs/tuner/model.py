@@ -31,8 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
 from ..storage.config_file import check_config
+from . import sharding, shared_bank, weights_check
 from . import topk_table as compact
-from . import weights_check
 from .batches import BASE_ADAPTER, RowGroups
 from .gc_pause import collector_paused
 from .layer import Linear, VBLoRALayer
@@ -91,6 +91,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # an empty one whenever another adapter is added.
         if "vblora_vector_bank" not in self._modules:
             self.vblora_vector_bank = nn.ParameterDict({})
+            shared_bank.mark_owned(self.vblora_vector_bank)  # layers hold it by reference (FSDP: one owner)
         if "vblora_topk" not in self._modules:
             # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
             self.vblora_topk = nn.ModuleDict({})
@@ -174,12 +175,17 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection; if it fails part-way, the adapter is taken out again and modules it alone had wrapped
         get their base layer back, so the model is as it was."""
+        # PEFT restores the trainability of the parameters of `model` the injection touched; the banks are the
+        # tuner's, outside `model` (see shared_bank), so the other adapters' banks are restored here
+        banks = [(bank, bank.requires_grad) for name, bank in self.vblora_vector_bank.items() if name != adapter_name]
         try:
             with collector_paused():
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             self._undo_injection(model, adapter_name)
             raise
+        for bank, requires_grad in banks:
+            bank.requires_grad_(requires_grad)
 
     def _undo_injection(self, model: nn.Module, adapter_name: str) -> None:
         for key, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, VBLoRALayer)]:
@@ -190,6 +196,11 @@ class VBLoRAModel(peft_model.VBLoRAModel):
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
         if adapter_name in self.vblora_vector_bank:
             del self.vblora_vector_bank[adapter_name]
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        layers = (layer for _, layer in self.vblora_layers())
+        shared_bank.follow_adapter_dtype(self.vblora_vector_bank, adapter_name, layers, autocast_adapter_dtype)
 
     def vblora_layers(self) -> list[tuple[str, Linear]]:
         """``(module name, layer)`` of every VB-LoRA layer of the model."""
@@ -280,6 +291,8 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             if not layer.is_compact(adapter_name)
             for logits in (layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name])
         ]
+        bank = self.vblora_vector_bank[adapter_name]
+        sharding.require_whole([*dense, bank], adapter_name, self.vblora_vector_bank, "compact_")
         with torch.no_grad():
             encoded = iter(compact.encode_many(dense, config.topk, config.num_vectors))
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -335,6 +348,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         encoding of every layer in one Rust call; compact adapters as stored (or as PEFT's dense logits)."""
         if not isinstance(_tuner_or_none(model), VBLoRAModel):  # a model built with PEFT's own classes
             return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        sharding.refuse_sharded_state_dict(state_dict, adapter_name)
         to_return: dict[str, torch.Tensor] = {}
         logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
         if config.save_only_topk_weights:
