@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import tolerances
 import torch
-from conftest import peft_from_pretrained, peft_get_peft_model
+from conftest import bank_named_once, peft_from_pretrained, peft_get_peft_model
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -113,11 +113,11 @@ def ids(seed: int = 1) -> torch.Tensor:
 
 def copy_adapter(src: nn.Module, dst: nn.Module) -> None:
     """Copy every VB-LoRA tensor (logits, bank) of ``src`` into the same-named tensor of ``dst``."""
-    params = dict(dst.named_parameters())
+    params = {bank_named_once(n): p for n, p in dst.named_parameters()}
     with torch.no_grad():
         for name, p in src.named_parameters():
             if "vblora" in name:
-                params[name].copy_(p)
+                params[bank_named_once(name)].copy_(p)
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -138,7 +138,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if "vblora" in n and p.grad is not None}
+    named = model.named_parameters()
+    return {bank_named_once(n): p.grad.clone() for n, p in named if "vblora" in n and p.grad is not None}
 
 
 # --- reading the quantized weights ----------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_qlora_training_saves_and_loads_on_the_full_precision_base(base_dir: Pat
         losses.append(float(loss))
     assert losses[-1] < losses[0], losses
     model.save_pretrained(tmp_path / "adapter")
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "vblora" in n}
+    saved = {bank_named_once(n): p.detach().clone() for n, p in model.named_parameters() if "vblora" in n}
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     full = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -288,7 +289,7 @@ def test_qlora_training_saves_and_loads_on_the_full_precision_base(base_dir: Pat
             loaded = peft_from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
         else:
             loaded = peft.PeftModel.from_pretrained(full, tmp_path / "adapter")
-        params = dict(loaded.named_parameters())
+        params = {bank_named_once(n): p for n, p in loaded.named_parameters()}
         for name, value in saved.items():
             assert torch.equal(params[name].float(), value.float()), name
 
