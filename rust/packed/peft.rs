@@ -12,11 +12,14 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
 use super::error::PackedError;
 use super::format::Packed;
 use super::header::{self as h, Module};
+
+/// Lengths of the endings of a module's four keys (`.vblora_logits_A_topk_indices`, ...).
+const DERIVED_SUFFIX_LENGTHS: [u64; 4] = [29, 29, 29, 29];
 
 /// PEFT's key of the bank in a checkpoint.
 pub const BANK_KEY: &str = "base_model.vblora_vector_bank";
@@ -104,7 +107,31 @@ pub fn peft_checkpoint(p: &Packed<'_>, max_header: u64) -> Result<Vec<u8>, Packe
     let index_width = k * index_dtype.bitsize() / 8;
     let weight_width = (k - 1) * p.weights.dtype().bitsize() / 8;
 
-    let mut tensors: Vec<(String, Slice<'_>)> = Vec::with_capacity(4 * p.modules.len() + 1);
+    let tensor_count = 4 * p.modules.len() + 1 + p.extras.len();
+    // `size`: what is known of the header's length ("of 123 bytes", "of at least 123 bytes", ...)
+    let too_large = |size: String, limit: u64| {
+        PackedError::metadata(
+            h::MODULES,
+            format!(
+                "lists {} modules: PEFT's checkpoint of them ({tensor_count} tensors) needs a header {size}, \
+                 and safetensors readers accept at most {limit}; keep the adapter packed",
+                p.modules.len()
+            ),
+        )
+    };
+    // Refuse before building anything per tensor when even the shortest entries cannot fit: every entry is
+    // its key plus at least ENTRY_MIN bytes (`"":{"dtype":"U8","shape":[1,1,1],"data_offsets":[0,0]},`).
+    const ENTRY_MIN: u64 = 55;
+    let grid_keys: u64 = DERIVED_SUFFIX_LENGTHS.iter().sum();
+    let lower = p.modules.iter().fold(0_u64, |total, m| {
+        let own = 4 * (prefix.len() + m.path.len()) as u64 + grid_keys + 4 * ENTRY_MIN;
+        total.saturating_add(own)
+    });
+    if lower > max_header {
+        return Err(too_large(format!("of at least {lower} bytes"), max_header));
+    }
+
+    let mut tensors: Vec<(String, Slice<'_>)> = Vec::with_capacity(tensor_count);
     let mut at = 0_usize;
     for m in &p.modules {
         for (grid, lead) in [("A", [m.r, m.in_sub]), ("B", [m.out_sub, m.r])] {
@@ -155,21 +182,20 @@ pub fn peft_checkpoint(p: &Packed<'_>, max_header: u64) -> Result<Vec<u8>, Packe
         ));
     }
     let metadata = HashMap::from([(h::FORMAT.to_owned(), "pt".to_owned())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, s)| (n, s)), Some(metadata))
-        .map_err(|e| PackedError::Io(e.to_string()))?;
+    let bytes = match safetensors::serialize(tensors.iter().map(|(n, s)| (n, s)), Some(metadata)) {
+        Err(SafeTensorError::HeaderTooLarge) => {
+            return Err(too_large(
+                format!("of more than {MAX_HEADER_BYTES} bytes"),
+                MAX_HEADER_BYTES,
+            ))
+        }
+        other => other.map_err(|e| PackedError::Io(e.to_string()))?,
+    };
     let header = bytes
         .first_chunk::<8>()
         .map_or(0, |b| u64::from_le_bytes(*b));
     if header > max_header {
-        return Err(PackedError::metadata(
-            h::MODULES,
-            format!(
-                "lists {} modules: PEFT's checkpoint of them ({} tensors) needs a {header}-byte header, \
-                 over the {max_header} bytes safetensors readers accept; keep the adapter packed",
-                p.modules.len(),
-                tensors.len()
-            ),
-        ));
+        return Err(too_large(format!("of {header} bytes"), max_header));
     }
     Ok(bytes)
 }
@@ -287,11 +313,19 @@ mod tests {
         let full = peft_checkpoint(&p, MAX_HEADER_BYTES).unwrap();
         let header = u64::from_le_bytes(*full.first_chunk::<8>().unwrap());
         assert!(peft_checkpoint(&p, header).is_ok());
+        // just over: the exact length, measured on the serialised header
         let err = peft_checkpoint(&p, header - 1).unwrap_err().to_string();
         assert!(
             err.contains("lists 50 modules") && err.contains("201 tensors"),
             "{err}"
         );
+        assert!(
+            err.contains(&format!("a header of {header} bytes")),
+            "{err}"
+        );
+        // far over: refused from the lower bound, before any tensor entry is built
+        let err = peft_checkpoint(&p, 100).unwrap_err().to_string();
+        assert!(err.contains("a header of at least"), "{err}");
     }
 
     #[test]
