@@ -6,7 +6,8 @@ Each measurement is one fresh process (``os.wait4`` gives its own peak RSS); fil
 ``tests/many_modules.py`` (the project's own writers). Commands: ``vblora inspect`` / ``unpack`` / ``to-lora`` of the
 packed file, ``vblora pack`` of the unpacked PEFT folder, ``vblora merge`` into a tiny base holding two of the
 modules (must fail fast: the adapter names modules the base lacks), ``load_packed`` and PEFT-format
-``from_pretrained`` onto a model with four ``layers.i.fc`` layers (must fail fast, naming the file and a module).
+``from_pretrained`` onto a model with four ``layers.i.fc`` layers (must fail fast, naming the file and a module;
+``[call N s]`` is that call alone, after the imports). The machine may be shared: use ``--repeats`` (medians).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import many_modules  # noqa: E402
 
 MODEL = """
-import time, torch, vblora_rs
+import time, torch, peft, vblora_rs
 from torch import nn
+load_packed, PeftModel = vblora_rs.load_packed, vblora_rs.PeftModel  # imports done before the clock starts
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -37,7 +39,7 @@ LOAD_PACKED = (
     + """
 start = time.perf_counter()
 try:
-    vblora_rs.load_packed(Net(), PATH)
+    load_packed(Net(), PATH)
 except vblora_rs.VBLoRAError as exc:
     print(f"[call {time.perf_counter() - start:.2f} s]", str(exc)[:300])
 """
@@ -47,7 +49,7 @@ FROM_PRETRAINED = (
     + """
 start = time.perf_counter()
 try:
-    vblora_rs.PeftModel.from_pretrained(Net(), PATH)
+    PeftModel.from_pretrained(Net(), PATH)
 except Exception as exc:
     print(f"[call {time.perf_counter() - start:.2f} s]", type(exc).__name__, str(exc)[:300])
 """

@@ -9,7 +9,6 @@ goes through :class:`vblora_rs.adapter_files.AdapterFile`, whose cost per module
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -169,11 +168,11 @@ def from_packed(arrays: PackedArrays) -> Summary:
 
 
 def _file_metadata(path: str) -> Optional[dict[str, str]]:
-    """The ``__metadata__`` of a safetensors file, from its header."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    return header.get("__metadata__")
+    """The ``__metadata__`` of a safetensors file (its header is parsed in Rust: a PEFT file's may be 100 MB)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as fh:
+        return fh.metadata()
 
 
 def adapter_bank_usage(adapter: AdapterFile) -> BankUsage:
