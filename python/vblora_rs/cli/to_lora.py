@@ -144,7 +144,7 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     if found.kind == PACKED:  # every module at once from the flat arrays (a file may list 300k modules)
         arrays = read_packed_arrays(found.weights_path)
         weights_path, config, names = found.weights_path, arrays.config, [m[0] for m in arrays.modules]
-        _check_inputs(out, weights_path, _packed_output_bytes(arrays))
+        _check_inputs(out, weights_path, _packed_output_bytes(arrays), names)
         tensors: Optional[dict[str, Any]] = packed_lora_tensors(arrays)
         save = save_numpy
     else:
@@ -152,7 +152,7 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     if tensors is None:  # a PEFT folder, or extras numpy cannot hold: tensor by tensor
         adapter = read_adapter(adapter_path)
         weights_path, config, names = adapter.weights_path, adapter.config, list(adapter.modules)
-        _check_inputs(out, weights_path, _output_bytes(adapter))
+        _check_inputs(out, weights_path, _output_bytes(adapter), names)
         tensors = lora_tensors(adapter)
         for key, value in tensors.items():
             if value.dtype.is_floating_point:
@@ -180,12 +180,35 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     return out
 
 
-def _check_inputs(out: str, weights_path: str, needed: int) -> None:
-    """The input is not the output's own folder, and the export fits disk and memory."""
+# safetensors readers refuse longer headers
+MAX_HEADER_BYTES = 100_000_000
+# the least a header entry takes besides its key: `:{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},`
+_ENTRY_MIN = len(':{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},')
+
+
+def _check_header(weights_path: str, names: list[str]) -> None:
+    """The LoRA file's header must fit safetensors' limit: refused from a lower bound of it, before any factor is
+    built (a file listing a million modules would need two million entries)."""
+    from ..config import MODEL_PREFIX
+    from ..errors import VBLoRAError
+    from ..storage.header_size import json_string_bytes
+
+    per_key = len(MODEL_PREFIX) + len(".lora_A.weight") + _ENTRY_MIN
+    lower = 2 * (int(json_string_bytes(names).sum()) + per_key * len(names))
+    if lower > MAX_HEADER_BYTES:
+        raise VBLoRAError(
+            f"{weights_path}: lists {len(names):,d} modules: their LoRA file ({2 * len(names):,d} tensors) needs a "
+            f"header of at least {lower:,d} bytes, and safetensors readers accept at most {MAX_HEADER_BYTES:,d}"
+        )
+
+
+def _check_inputs(out: str, weights_path: str, needed: int, names: list[str]) -> None:
+    """The input is not the output's own folder, the LoRA header fits safetensors, the export fits disk and memory."""
     from ..errors import VBLoRAError
 
     if os.path.abspath(os.path.dirname(weights_path)) == out:
         raise VBLoRAError(f"{out}: is the input adapter's own folder; choose another output")
+    _check_header(weights_path, names)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     _check_room(out, needed)
 
