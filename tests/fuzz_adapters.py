@@ -199,10 +199,10 @@ def _merge(adapter: Path, base: Path, work: Path) -> None:
 
 
 def _inspect(adapter: Path, base: Path, work: Path) -> None:
-    from vblora_rs.adapter_files import read_adapter
+    from vblora_rs.cli.adapter_summary import read_summary
     from vblora_rs.cli.inspect import build_report, render_text
 
-    render_text(build_report(read_adapter(adapter)))
+    render_text(build_report(read_summary(adapter)))  # as the command does (packed files: the flat arrays)
 
 
 def _to_lora(adapter: Path, base: Path, work: Path) -> None:

@@ -256,3 +256,26 @@ def test_help_in_a_subprocess_without_torch() -> None:
     probe = "import sys; from vblora_rs.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "half"),
+    [
+        ("llama", {}, None),  # 300 vectors: int16 indices, k=3, modules of several shapes
+        ("gpt2", {}, "bfloat16"),  # bfloat16 bank and weights
+        ("opt", {"bias": "all", "modules_to_save": ["final_layer_norm"]}, None),  # extras carried over
+    ],
+)
+def test_packed_input_equals_its_peft_folder_byte_for_byte(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, overrides: dict[str, Any], half: str | None
+) -> None:
+    """A packed file is exported from its flat arrays, every module at once (cli/lora_packed.py); the PEFT folder
+    it unpacks to goes module by module. Both files must be the same bytes."""
+    src, _ = save_adapter(tmp_path, case, "vblora_rs", save_only_topk_weights=True, **overrides)
+    assert main(["pack", str(src), "-o", str(tmp_path / "packed"), *(["--half", half] if half else [])]) == 0
+    assert main(["unpack", str(tmp_path / "packed"), "-o", str(tmp_path / "unpacked")]) == 0
+    assert convert(tmp_path / "packed", tmp_path / "from_packed") == 0
+    assert convert(tmp_path / "unpacked", tmp_path / "from_peft") == 0
+    capsys.readouterr()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "from_packed" / name).read_bytes() == (tmp_path / "from_peft" / name).read_bytes(), name

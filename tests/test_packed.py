@@ -463,3 +463,22 @@ def test_mutated_packed_files_give_vblora_error_or_a_valid_adapter(tmp_path: Pat
             assert int(value.min()) >= 0 and int(value.max()) < config.num_vectors
             assert tensors[key.replace("_indices", "_weights")].shape == (*value.shape[:-1], config.topk - 1)
     write_packed(tmp_path / "again.safetensors", tensors, config)
+
+
+def test_an_extra_named_like_the_bank_is_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An extra tensor under PEFT's bank key would replace the bank when the file is unpacked or loaded."""
+    import many_modules
+
+    config = json.dumps(many_modules.config().to_dict(), sort_keys=True)
+    indices, weights = np.array([[0, 1], [2, 3]], dtype=np.int64), np.full((2, 1), 0.75, dtype=np.float32)
+    bank = np.zeros((many_modules.NUM_VECTORS, many_modules.VECTOR_LENGTH), dtype=np.float32)
+    path = tmp_path / PACKED_WEIGHTS_NAME
+    metadata = {"indices_dtype": "uint8", "key_prefix": "base_model.model.", "config": config}
+    _native.encode_packed(
+        str(path), metadata, [("a", 1, 1, 1)], indices, weights, bank, [(BANK_KEY, "F32", [1], b"\0" * 4)]
+    )
+    with pytest.raises(VBLoRAError, match=f"{re.escape(str(path))}: tensor {BANK_KEY} clashes with PEFT's key"):
+        read_packed(path)
+    assert run_cli("unpack", path, "-o", tmp_path / "out") == 1
+    assert f"tensor `{BANK_KEY}` clashes with PEFT's key of the vector bank" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

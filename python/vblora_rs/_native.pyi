@@ -120,6 +120,18 @@ def decode_packed(path: str) -> dict[str, object]:
     Any damage (truncation, lying offsets, bad metadata, out-of-range index, NaN, ...) raises :class:`VBLoRAError`
     whose message starts with ``path`` and names the metadata field or tensor at fault."""
 
+def unpack_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, object]:
+    """Decode and validate the packed file ``src`` (as :func:`decode_packed`) and write PEFT's top-K checkpoint of it
+    to ``dst`` (the caller's temporary file), straight from the flat arrays. A checkpoint whose header would exceed
+    the 100 MB safetensors readers accept is refused (naming the module count) before anything is written. Returns
+    ``metadata``, ``num_vectors``, ``vector_length``, ``topk``, ``modules`` (the count) and ``module_ranks``
+    (``(path, r)`` of the first module of each distinct r)."""
+
+def packed_modules_outside(path: str | os.PathLike[str], known: list[str]) -> tuple[int, int, str | None]:
+    """``(listed, outside, first)`` from the header of a packed file alone: how many modules its table lists, how
+    many are not in ``known``, and the first of those (None when all are known). A file whose header or modules
+    table is bad raises :class:`VBLoRAError` naming it."""
+
 # --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---
 
 import os  # noqa: E402

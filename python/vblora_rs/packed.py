@@ -11,7 +11,6 @@ that layout.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,9 +22,8 @@ from . import _native, ops
 from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
 from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
 from .errors import VBLoRAError
+from .packed_arrays import config_from_header, first_of_each_rank, stored_config_json
 from .storage import atomic
-from .storage.config_file import check_config
-from .storage.json_file import parse_object
 from .tuner import topk_table as compact
 
 __all__ = [
@@ -234,19 +232,6 @@ def _layer_errors(
     return errors
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _stored_config(config: VBLoRAConfig) -> str:
-    stored = copy.deepcopy(config)
-    stored.save_only_topk_weights = True  # the file holds top-K data, whatever the source adapter kept
-    # PEFT's config keeps target_modules as a set; JSON has lists
-    return json.dumps(stored.to_dict(), sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
 def write_packed(
     path: Union[str, os.PathLike],
     tensors: dict[str, torch.Tensor],
@@ -284,7 +269,7 @@ def write_packed(
     metadata = {
         "indices_dtype": _INDEX_DTYPES[layout.indices_dtype],
         "key_prefix": layout.prefix,
-        "config": _stored_config(config),
+        "config": stored_config_json(config),
     }
     extras = [_extra_bytes(key, t) for key, t in layout.extras.items()]
     try:
@@ -324,25 +309,6 @@ def _index_bits(num_vectors: int) -> int:
     return max(1, (num_vectors - 1).bit_length())
 
 
-def _config_from_metadata(path: str, decoded: dict) -> VBLoRAConfig:
-    meta = decoded["metadata"]
-    source = f"{path} (metadata field `config`)"
-    data = parse_object(meta["config"], source)
-    check_config(data, source)
-    config = VBLoRAConfig.from_dict(data, source=source)
-    for name in ("num_vectors", "vector_length", "topk"):
-        if getattr(config, name) != decoded[name]:
-            raise VBLoRAError(
-                f"{path}: metadata field `{name}` is {decoded[name]} but the stored config says {getattr(config, name)}"
-            )
-    for module, r, _, _ in decoded["modules"]:
-        if r != config.r:
-            raise VBLoRAError(
-                f"{path}: metadata field `modules` gives module {module!r} r={r}, the config r={config.r}"
-            )
-    return config
-
-
 def _float_tensor(array, dtype_name: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
     t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
@@ -362,7 +328,7 @@ def read_packed(path: Union[str, os.PathLike]) -> tuple[VBLoRAConfig, dict[str, 
     packing, weights, bank and extras in their stored dtypes. A bad file raises VBLoRAError naming it."""
     path = os.fspath(path)
     decoded = _native.decode_packed(path)
-    config = _config_from_metadata(path, decoded)
+    config = config_from_header(path, decoded["metadata"], decoded, first_of_each_rank(decoded["modules"]))
     meta = decoded["metadata"]
     index_dtype = _INDEX_DTYPES_BY_NAME[meta["indices_dtype"]]  # the decoder accepts these names only
     prefix, k = meta["key_prefix"], decoded["topk"]
@@ -380,6 +346,8 @@ def read_packed(path: Union[str, os.PathLike]) -> tuple[VBLoRAConfig, dict[str, 
             at += n
     out[BANK_KEY] = _float_tensor(decoded["bank"], decoded["bank_dtype"])
     for name, dtype_name, shape, data in decoded["extras"]:
+        if name in out:  # the decoder refuses module keys; the bank's PEFT key is checked here
+            raise VBLoRAError(f"{path}: tensor {name} clashes with PEFT's key of the vector bank")
         out[name] = _extra_tensor(path, name, dtype_name, shape, data)
     return config, out
 

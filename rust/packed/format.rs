@@ -64,20 +64,37 @@ pub fn parse_dtype(name: &str) -> Result<Dtype, PackedError> {
         .map_err(|_| PackedError::argument("dtype", format!("{name:?} is not a safetensors dtype")))
 }
 
-/// The PEFT checkpoint keys a module's data becomes; extras must not reuse them.
-fn derived_keys(prefix: &str, modules: &[Module]) -> HashSet<String> {
-    let mut keys = HashSet::with_capacity(modules.len() * 4);
-    for m in modules {
-        for grid in ["A", "B"] {
-            for part in ["indices", "weights"] {
-                keys.insert(format!(
-                    "{prefix}{}.vblora_logits_{grid}_topk_{part}",
-                    m.path
-                ));
-            }
-        }
+/// The PEFT checkpoint keys a module's data becomes (extras must not reuse them), recognised by
+/// taking a key apart instead of listing them: a file naming 300k modules would otherwise build
+/// 1.2M strings to compare a handful of extras with.
+struct DerivedKeys<'m> {
+    prefix: &'m str,
+    paths: HashSet<&'m str>,
+}
+
+/// The endings of a module's four keys.
+const DERIVED_SUFFIXES: [&str; 4] = [
+    ".vblora_logits_A_topk_indices",
+    ".vblora_logits_A_topk_weights",
+    ".vblora_logits_B_topk_indices",
+    ".vblora_logits_B_topk_weights",
+];
+
+impl<'m> DerivedKeys<'m> {
+    fn new(prefix: &'m str, modules: &'m [Module]) -> Self {
+        let paths = modules.iter().map(|m| m.path.as_str()).collect();
+        Self { prefix, paths }
     }
-    keys
+
+    /// Whether `name` is `{prefix}{path}{suffix}` for a module `path` and one of the four suffixes.
+    fn contains(&self, name: &str) -> bool {
+        name.strip_prefix(self.prefix).is_some_and(|rest| {
+            DERIVED_SUFFIXES
+                .iter()
+                .filter_map(|suffix| rest.strip_suffix(suffix))
+                .any(|path| self.paths.contains(path))
+        })
+    }
 }
 
 /// Bytes of a tensor of `dtype` and `shape`, or `None` on overflow or a partial byte.
@@ -232,7 +249,7 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
             },
         ),
     ];
-    let derived = derived_keys(&metadata[h::KEY_PREFIX], &p.modules);
+    let derived = DerivedKeys::new(&metadata[h::KEY_PREFIX], &p.modules);
     let mut names: HashSet<&str> = [h::VECTOR_BANK, h::TOPK_INDICES, h::TOPK_WEIGHTS].into();
     for e in &p.extras {
         if !names.insert(&e.name) || derived.contains(&e.name) {
@@ -433,7 +450,7 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
         ));
     }
 
-    let derived = derived_keys(prefix, &modules);
+    let derived = DerivedKeys::new(prefix, &modules);
     let mut names = tensors.header.offset_keys();
     names.sort_unstable();
     let mut extras = Vec::new();

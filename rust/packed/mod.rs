@@ -5,12 +5,14 @@
 //! k-1 softmax weights (`topk_weights`), the checkpoint's other tensors unchanged, and a small
 //! `__metadata__` (modules table, dims, the adapter config) from which the PEFT top-K checkpoint
 //! is rebuilt exactly. Split: `bits` (index packing), `header` (metadata fields and their checks),
-//! `values` (float tensors and their checks), `format` (encode/decode), `error`.
+//! `values` (float tensors and their checks), `format` (encode/decode), `peft` (the PEFT
+//! checkpoint a file unpacks to, and its modules table alone), `error`.
 
 mod bits;
 mod error;
 mod format;
 mod header;
+mod peft;
 mod values;
 
 #[cfg(test)]
@@ -20,5 +22,6 @@ pub use bits::{index_bits, pack, packed_len, unpack, BitsError, MAX_BITS};
 pub use error::PackedError;
 pub use format::{decode, decode_file, encode, encode_to_file, parse_dtype, Extra, Packed};
 pub use header::{Module, MAX_NUM_VECTORS};
+pub use peft::{module_table, peft_checkpoint, BANK_KEY, MAX_HEADER_BYTES};
 pub use safetensors::Dtype;
 pub use values::FloatData;

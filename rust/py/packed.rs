@@ -1,9 +1,10 @@
-//! Python functions of the packed adapter format: `encode_packed` and `decode_packed`.
+//! Python functions of the packed adapter format: `encode_packed`, `decode_packed`, `unpack_packed`
+//! and `packed_modules_outside`.
 //! They only convert arguments, release the GIL around `crate::packed`, and prefix errors with
 //! the file path.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use half::bf16;
@@ -180,8 +181,68 @@ fn decode_packed<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bou
     Ok(out)
 }
 
+/// Decodes the packed file `src` and writes PEFT's top-K checkpoint of it to `dst` (a file the
+/// caller moves into place). Returns the header facts the caller checks the config against:
+/// metadata, dims, the module count, and `(path, r)` of the first module of each distinct rank.
+#[pyfunction]
+fn unpack_packed<'py>(
+    py: Python<'py>,
+    src: &Bound<'py, PyAny>,
+    dst: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let src: PathBuf = extract("src", "a str or os.PathLike", src)?;
+    let dst: PathBuf = extract("dst", "a str or os.PathLike", dst)?;
+    let p = py.detach(|| {
+        let p = packed::decode_file(&src)?;
+        let bytes = packed::peft_checkpoint(&p, packed::MAX_HEADER_BYTES)?;
+        std::fs::write(&dst, bytes)
+            .map_err(|e| PackedError::Io(format!("{}: {e}", dst.display())))?;
+        Ok::<_, PackedError>(p)
+    });
+    let p = p.map_err(|e| file_error(&src, &e))?;
+    let mut ranks: Vec<(&str, usize)> = Vec::new();
+    for m in &p.modules {
+        if !ranks.iter().any(|(_, r)| *r == m.r) {
+            ranks.push((&m.path, m.r));
+        }
+    }
+    let out = PyDict::new(py);
+    out.set_item("module_ranks", PyList::new(py, ranks)?)?;
+    out.set_item("modules", p.modules.len())?;
+    out.set_item("num_vectors", p.num_vectors)?;
+    out.set_item("vector_length", p.vector_length)?;
+    out.set_item("topk", p.topk)?;
+    out.set_item("metadata", p.metadata.into_pyobject(py)?)?;
+    Ok(out)
+}
+
+/// `(listed, outside, first)`: how many modules the packed file at `path` lists, how many of them
+/// are not in `known`, and the first of those in file order (None if all are known). Reads the
+/// header only; the data is not decoded.
+#[pyfunction]
+fn packed_modules_outside(
+    py: Python<'_>,
+    path: &Bound<'_, PyAny>,
+    known: &Bound<'_, PyAny>,
+) -> PyResult<(usize, usize, Option<String>)> {
+    let path: PathBuf = extract("path", "a str or os.PathLike", path)?;
+    let known: Vec<String> = extract("known", "a list of str", known)?;
+    py.detach(|| {
+        let bytes = std::fs::read(&path).map_err(|e| PackedError::Io(e.to_string()))?;
+        let modules = packed::module_table(&bytes)?;
+        let known: HashSet<&str> = known.iter().map(String::as_str).collect();
+        let mut outside = modules.iter().filter(|m| !known.contains(m.path.as_str()));
+        let first = outside.next().map(|m| m.path.clone());
+        let count = outside.count() + usize::from(first.is_some());
+        Ok((modules.len(), count, first))
+    })
+    .map_err(|e| file_error(&path, &e))
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_packed, m)?)?;
     m.add_function(wrap_pyfunction!(decode_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(packed_modules_outside, m)?)?;
     Ok(())
 }

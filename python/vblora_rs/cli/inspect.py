@@ -1,45 +1,37 @@
 """``vblora inspect ADAPTER [--json] [--plot FILE.png]``: what a VB-LoRA adapter holds and what it costs on disk.
 
-Sizes are computed, not estimated: each storage format is a list of tensor specs (key, dtype, shape) from which
-the safetensors file is sized exactly as the safetensors crate writes it (header JSON included), so the row of
-the adapter's own format equals its file size. Another format is one more function in :data:`FORMATS`.
+Sizes are computed, not estimated: each storage format is a set of tensor columns (keys, dtype, shapes) from which
+the safetensors file is sized exactly as the safetensors crate writes it (header JSON included,
+:mod:`vblora_rs.storage.header_size`), so the row of the adapter's own format equals its file size. Everything is
+computed from the adapter's summary (:mod:`.adapter_summary`): per-module numbers are arrays, so a packed file
+listing 300k modules is inspected in seconds. Another format is one more function in :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
+
+from ..config import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from ..errors import VBLoRAError
+from ..storage.header_size import Columns, header_bytes
+from .adapter_summary import ITEMSIZE, ST_TO_TORCH, Summary, index_bits, read_summary, st_dtype
 
-if TYPE_CHECKING:
-    from ..adapter_files import AdapterFile
+__all__ = ["FORMATS", "FormatSize", "TensorSpec", "build_report", "histogram", "safetensors_header_bytes", "st_dtype"]
 
 PEFT_METADATA = {"format": "pt"}  # what PEFT (and vblora_rs, and to-lora) write into __metadata__
-# safetensors dtype names in the order of the crate's `Dtype` enum: tensors are laid out by descending dtype,
-# then by name, which fixes each tensor's data_offsets and hence the header's length.
-_DTYPE_ORDER = (
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
-    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
-)  # fmt: skip
-_DTYPE_RANK = {name: i for i, name in enumerate(_DTYPE_ORDER)}
-_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8,
-}  # fmt: skip
-# torch dtype (str without "torch.") -> safetensors name, as safetensors.torch maps them
-_TORCH_TO_ST = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
-    "float8_e8m0fnu": "F8_E8M0", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
-    "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
-    "float32": "F32", "complex64": "C64", "float64": "F64", "int64": "I64", "uint64": "U64",
-}  # fmt: skip
+LOGITS_A, LOGITS_B = ".vblora_logits_A", ".vblora_logits_B"
 # Parts of a file, in the order tables list them.
 PARTS = ("bank", "logits", "indices", "weights", "lora_A", "lora_B", "extras", "header")
 
@@ -58,34 +50,30 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
-def st_dtype(dtype: Any, what: str) -> str:
-    """The safetensors name of a torch dtype."""
-    name = _TORCH_TO_ST.get(str(dtype).removeprefix("torch."))
-    if name is None:
-        raise VBLoRAError(f"{what}: dtype {dtype} has no safetensors equivalent")
-    return name
+def spec_columns(specs: list[TensorSpec]) -> list[Columns]:
+    """A few tensors of any shapes as columns, one per dtype."""
+    by_dtype: dict[str, list[TensorSpec]] = {}
+    for spec in specs:
+        by_dtype.setdefault(spec.dtype, []).append(spec)
+    return [
+        Columns.of_keys(
+            dtype,
+            [s.key for s in group],
+            np.array([len(",".join(map(str, s.shape))) for s in group], dtype=np.int64),
+            np.array([s.nbytes for s in group], dtype=np.int64),
+        )
+        for dtype, group in by_dtype.items()
+    ]
 
 
 def safetensors_header_bytes(specs: list[TensorSpec], metadata: Optional[dict[str, str]]) -> int:
     """Bytes before the tensor data of a safetensors file holding ``specs``: the 8-byte length, then the header
-    JSON (``__metadata__`` first, tensors in file order with dtype, shape and data_offsets; no spaces) padded
-    with spaces to a multiple of 8, as the safetensors crate (0.4 to 0.8) writes it."""
-    entries: dict[str, Any] = {}
-    if metadata is not None:
-        entries["__metadata__"] = metadata
-    offset = 0
-    for spec in sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype], s.key)):
-        entries[spec.key] = {
-            "dtype": spec.dtype,
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    length = len(json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return 8 + -(-length // 8) * 8
+    JSON (``__metadata__`` first, tensors with dtype, shape and data_offsets; no spaces) padded with spaces to a
+    multiple of 8, as the safetensors crate (0.4 to 0.8) writes it."""
+    return header_bytes(spec_columns(specs), metadata)
 
 
 @dataclass(frozen=True)
@@ -100,136 +88,132 @@ class FormatSize:
         return sum(self.parts.values())
 
 
-def size_of(name: str, specs: list[TensorSpec], metadata: Optional[dict[str, str]]) -> FormatSize:
-    parts = dict.fromkeys(PARTS, 0)
-    for spec in specs:
-        parts[spec.part] += spec.nbytes
-    parts["header"] = safetensors_header_bytes(specs, metadata)
-    return FormatSize(name, parts)
+@dataclass
+class Part:
+    """Tensors of one part of a format: columns, and their bytes (summed here once)."""
+
+    name: str
+    columns: list[Columns]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(c.nbytes.sum()) for c in self.columns)
+
+
+def size_of(name: str, parts: list[Part], metadata: Optional[dict[str, str]]) -> FormatSize:
+    sizes = dict.fromkeys(PARTS, 0)
+    for part in parts:
+        sizes[part.name] += part.nbytes
+    sizes["header"] = header_bytes([c for part in parts for c in part.columns], metadata)
+    return FormatSize(name, sizes)
 
 
 # --- the formats ------------------------------------------------------------------------------------
 
 
-def _file_metadata(adapter: AdapterFile) -> Optional[dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(adapter.weights_path, framework="pt") as fh:
-        return fh.metadata()
-
-
-def _common_specs(adapter: AdapterFile) -> list[TensorSpec]:
-    """The bank and the extras: the same tensors in every format that keeps them."""
-    from ..checkpoint import BANK_KEY
-
-    specs = [TensorSpec(BANK_KEY, st_dtype(adapter.bank.dtype, BANK_KEY), tuple(adapter.bank.shape), "bank")]
-    return specs + _extra_specs(adapter)
+def _module_columns(s: Summary, suffix: str, dtype: str, *dims: np.ndarray) -> Columns:
+    """One tensor per module, ``MODEL_PREFIX + name + suffix``, of shape ``dims`` (a column each)."""
+    dims = tuple(np.broadcast_to(np.asarray(d, dtype=np.int64), s.in_sub.shape) for d in dims)
+    nbytes = np.prod(np.stack(dims), axis=0) * ITEMSIZE[dtype]
+    # the prefix and suffix are plain ASCII: each adds its length to the name's JSON bytes
+    key_bytes = s.name_json_bytes + len(MODEL_PREFIX) + len(suffix)
+    shape_chars = Columns.shape_text_chars(*dims)
+    return Columns(dtype, key_bytes, shape_chars, nbytes, lambda: [f"{MODEL_PREFIX}{n}{suffix}" for n in s.names])
 
 
-def _extra_specs(adapter: AdapterFile) -> list[TensorSpec]:
-    return [TensorSpec(k, st_dtype(v.dtype, k), tuple(v.shape), "extras") for k, v in adapter.extras.items()]
+def _common_parts(s: Summary, bank_key: str = BANK_KEY, bank_dtype: Optional[str] = None) -> list[Part]:
+    """The bank (under ``bank_key``, in ``bank_dtype`` if given) and the extras: the same tensors in every format
+    that keeps them."""
+    cfg = s.config
+    bank = TensorSpec(bank_key, bank_dtype or s.bank_dtype, (cfg.num_vectors, cfg.vector_length), "bank")
+    return [Part("bank", spec_columns([bank])), _extras_part(s)]
 
 
-def _value_dtype(adapter: AdapterFile) -> str:
-    """The dtype PEFT saves logits and top-K weights in (the model's): that of the ones the file holds."""
-    name = next(iter(adapter.modules))
-    values = adapter.logits(name)[0] if adapter.storage == "full" else adapter.topk(name)[1]
-    return st_dtype(values.dtype, name)
+def _extras_part(s: Summary) -> Part:
+    return Part("extras", spec_columns([TensorSpec(k, d, shape, "extras") for k, d, shape in s.extras]))
 
 
-def _peft_indices_dtype(num_vectors: int) -> str:
-    """PEFT's smallest integer dtype for top-K indices (``checkpoint.indices_dtype``, in safetensors' names)."""
-    return "U8" if num_vectors < 2**8 else "I16" if num_vectors < 2**15 else "I32" if num_vectors < 2**31 else "I64"
-
-
-def full_logits_size(adapter: AdapterFile) -> FormatSize:
+def full_logits_size(s: Summary) -> FormatSize:
     """PEFT's default file: every logit of every sub-vector."""
-    from ..adapter_files import LOGITS_A, LOGITS_B, MODULE_PREFIX
-
-    cfg, dtype = adapter.config, _value_dtype(adapter)
-    specs = _common_specs(adapter)
-    L, nv = cfg.vector_length, cfg.num_vectors
-    for name, m in adapter.modules.items():
-        specs.append(TensorSpec(MODULE_PREFIX + name + LOGITS_A, dtype, (cfg.r, m.in_features // L, nv), "logits"))
-        specs.append(TensorSpec(MODULE_PREFIX + name + LOGITS_B, dtype, (m.out_features // L, cfg.r, nv), "logits"))
-    metadata = _file_metadata(adapter) if adapter.storage == "full" else PEFT_METADATA
-    return size_of("full logits", specs, metadata)
+    r, nv = s.config.r, s.config.num_vectors
+    logits = [
+        _module_columns(s, LOGITS_A, s.value_dtype, r, s.in_sub, nv),
+        _module_columns(s, LOGITS_B, s.value_dtype, s.out_sub, r, nv),
+    ]
+    metadata = s.file_metadata if s.storage == "full" else PEFT_METADATA
+    return size_of("full logits", [*_common_parts(s), Part("logits", logits)], metadata)
 
 
-def peft_topk_size(adapter: AdapterFile) -> FormatSize:
+def peft_topk_size(s: Summary) -> FormatSize:
     """PEFT's ``save_only_topk_weights`` file: k indices and k-1 weights per sub-vector."""
-    from ..adapter_files import LOGITS_A, LOGITS_B, MODULE_PREFIX
-    from ..checkpoint import TOPK_INDICES, TOPK_WEIGHTS
-
-    cfg, dtype = adapter.config, _value_dtype(adapter)
-    idx_dtype = _peft_indices_dtype(cfg.num_vectors)
-    if adapter.storage == "topk":  # the file's own (PEFT's rule, unless another writer chose otherwise)
-        first = adapter.topk(next(iter(adapter.modules)))[0]
-        idx_dtype = st_dtype(first.dtype, "top-K indices")
-    specs = _common_specs(adapter)
-    L, k = cfg.vector_length, cfg.topk
-    for name, m in adapter.modules.items():
-        for logits, lead in ((LOGITS_A, (cfg.r, m.in_features // L)), (LOGITS_B, (m.out_features // L, cfg.r))):
-            key = MODULE_PREFIX + name + logits
-            specs.append(TensorSpec(key + TOPK_INDICES, idx_dtype, (*lead, k), "indices"))
-            specs.append(TensorSpec(key + TOPK_WEIGHTS, dtype, (*lead, k - 1), "weights"))
-    metadata = _file_metadata(adapter) if adapter.storage == "topk" else PEFT_METADATA
-    return size_of("PEFT top-K", specs, metadata)
+    r, k = s.config.r, s.config.topk
+    indices, weights = [], []
+    for logits, lead in ((LOGITS_A, (r, s.in_sub)), (LOGITS_B, (s.out_sub, r))):
+        indices.append(_module_columns(s, logits + TOPK_INDICES, s.index_dtype, *lead, k))
+        weights.append(_module_columns(s, logits + TOPK_WEIGHTS, s.value_dtype, *lead, k - 1))
+    metadata = s.file_metadata if s.storage == "topk" else PEFT_METADATA
+    return size_of("PEFT top-K", [*_common_parts(s), Part("indices", indices), Part("weights", weights)], metadata)
 
 
-def lora_size(adapter: AdapterFile) -> FormatSize:
+def lora_size(s: Summary) -> FormatSize:
     """The same adapter as plain LoRA of the same rank, float32 A and B: what ``vblora to-lora`` writes."""
-    from ..adapter_files import MODULE_PREFIX
-
-    r = adapter.config.r
-    specs = _extra_specs(adapter)
-    for name, m in adapter.modules.items():
-        specs.append(TensorSpec(f"{MODULE_PREFIX}{name}.lora_A.weight", "F32", (r, m.in_features), "lora_A"))
-        specs.append(TensorSpec(f"{MODULE_PREFIX}{name}.lora_B.weight", "F32", (m.out_features, r), "lora_B"))
-    return size_of("LoRA float32", specs, PEFT_METADATA)
-
-
-def _packed_size(adapter: AdapterFile, half: Optional[Any], name: str) -> FormatSize:
-    """The packed file, measured by writing it (its header holds a JSON modules table and the config)."""
-    import torch
-
-    from .. import packed
-    from ..checkpoint import BANK_KEY
-
-    tensors = adapter.tensors
-    if adapter.storage == "full":
-        tensors = packed.topk_tensors_from_full(tensors, adapter.config)
-    if half is not None:
-        # sizes depend on shapes only: a bank beyond float16's range (legal) must not stop the measurement
-        limit = float(torch.finfo(half).max)
-        tensors = {**tensors, BANK_KEY: tensors[BANK_KEY].clamp(-limit, limit)}
-    with tempfile.TemporaryDirectory(prefix="vblora_inspect_") as tmp:
-        scratch = os.path.join(tmp, packed.PACKED_WEIGHTS_NAME)
-        try:
-            report = packed.write_packed(scratch, tensors, adapter.config, half, report_errors=False)
-        except VBLoRAError as exc:  # about the adapter, not the scratch file it was measured with
-            raise VBLoRAError(f"{adapter.weights_path}: {str(exc).replace(scratch + ': ', '')}") from None
-    parts = dict.fromkeys(PARTS, 0)
-    parts.update(bank=report.bank_bytes, indices=report.indices_bytes, weights=report.weights_bytes)
-    parts["extras"] = sum(spec.nbytes for spec in _extra_specs(adapter))
-    parts["header"] = report.header_and_extras_bytes - parts["extras"]
-    return FormatSize(name, parts)
+    r, L = s.config.r, s.config.vector_length
+    parts = [
+        _extras_part(s),
+        Part("lora_A", [_module_columns(s, ".lora_A.weight", "F32", r, s.in_sub * L)]),
+        Part("lora_B", [_module_columns(s, ".lora_B.weight", "F32", s.out_sub * L, r)]),
+    ]
+    return size_of("LoRA float32", parts, PEFT_METADATA)
 
 
-def packed_size(adapter: AdapterFile) -> FormatSize:
+def _packed_metadata(s: Summary) -> dict[str, str]:
+    """The ``__metadata__`` ``vblora pack`` writes for the adapter (a packed file's own, as it is)."""
+    from ..packed_arrays import stored_config_json
+
+    if s.storage == "packed" and s.file_metadata is not None:
+        return s.file_metadata
+    cfg = s.config
+    modules = [[n, cfg.r, int(a), int(b)] for n, a, b in zip(s.names, s.in_sub, s.out_sub)]
+    return {
+        "format": "pt",
+        "vblora_packed": "1",
+        "num_vectors": str(cfg.num_vectors),
+        "vector_length": str(cfg.vector_length),
+        "topk": str(cfg.topk),
+        "index_bits": str(index_bits(cfg.num_vectors)),
+        "indices_dtype": ST_TO_TORCH[s.index_dtype],
+        "key_prefix": MODEL_PREFIX,
+        "modules": json.dumps(modules, separators=(",", ":"), ensure_ascii=False),
+        "config": stored_config_json(cfg),
+    }
+
+
+def _packed_size(s: Summary, half: Optional[str], name: str) -> FormatSize:
+    """The packed file (docs/packed-format.md): bank, bit-packed indices, k-1 weights per sub-vector, extras."""
+    cfg = s.config
+    subs = int(s.sub_vectors.sum())
+    nbytes = (subs * cfg.topk * index_bits(cfg.num_vectors) + 7) // 8
+    value_dtype = half or s.value_dtype
+    parts = [
+        *_common_parts(s, "vector_bank", half),
+        Part("indices", spec_columns([TensorSpec("topk_indices", "U8", (nbytes,), "indices")])),
+        Part("weights", spec_columns([TensorSpec("topk_weights", value_dtype, (subs, cfg.topk - 1), "weights")])),
+    ]
+    return size_of(name, parts, _packed_metadata(s))
+
+
+def packed_size(s: Summary) -> FormatSize:
     """vblora_rs's packed file (``vblora pack``): indices bit-packed, weights and bank as stored."""
-    return _packed_size(adapter, None, "packed")
+    return _packed_size(s, None, "packed")
 
 
-def packed_half_size(adapter: AdapterFile) -> FormatSize:
+def packed_half_size(s: Summary) -> FormatSize:
     """The lossy packed file (``vblora pack --half float16``): bank and weights in float16."""
-    import torch
-
-    return _packed_size(adapter, torch.float16, "packed float16")
+    return _packed_size(s, "F16", "packed float16")
 
 
-# Every format the adapter can be sized in, each a function of the adapter.
-FORMATS: list[Callable[[AdapterFile], FormatSize]] = [
+# Every format the adapter can be sized in, each a function of the adapter's summary.
+FORMATS: list[Callable[[Summary], FormatSize]] = [
     full_logits_size,
     peft_topk_size,
     packed_size,
@@ -240,43 +224,6 @@ STORAGE_FORMAT = {"full": "full logits", "topk": "PEFT top-K", "packed": "packed
 
 
 # --- bank usage -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BankUsage:
-    counts: list[int]  # how many sub-vectors select each bank vector (one of their top-k)
-    mean_top1_weight: float  # mean over sub-vectors of the largest of their k weights
-    sub_vectors: int
-
-    @property
-    def unused(self) -> int:
-        return sum(1 for c in self.counts if c == 0)
-
-
-def bank_usage(adapter: AdapterFile) -> BankUsage:
-    """Selections per bank vector: the stored indices (top-K), or the top-k of the logits as PEFT picks them."""
-    import torch
-
-    from .. import ops
-    from ..progress import bar
-    from ..tuner import topk_table as compact
-
-    counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
-    top1_sum, rows = 0.0, 0
-    progress = bar(len(adapter.modules), "bank usage", unit="module")
-    for name in adapter.modules:
-        progress.update(1)
-        if adapter.storage == "full":
-            pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
-        else:
-            idx_A, w_A, idx_B, w_B = adapter.topk(name)
-            pairs = [(idx_A, compact.full_weights(w_A)), (idx_B, compact.full_weights(w_B))]
-        for indices, weights in pairs:
-            counts += torch.bincount(indices.reshape(-1).long(), minlength=counts.numel())
-            top1_sum += float(weights.float().amax(-1).double().sum())
-            rows += weights[..., 0].numel()
-    progress.close()
-    return BankUsage(counts.tolist(), top1_sum / rows if rows else 0.0, rows)
 
 
 def histogram(counts: list[int], max_bins: int = 12) -> list[tuple[int, int, int]]:
@@ -293,41 +240,25 @@ def histogram(counts: list[int], max_bins: int = 12) -> list[tuple[int, int, int
 # --- the report -------------------------------------------------------------------------------------
 
 
-def _stored_bytes(adapter: AdapterFile, keys: tuple[str, ...]) -> int:
-    """Bytes a module's tensors take in the adapter's file (packed: indices at their bit width, rounded up)."""
-    from ..checkpoint import TOPK_INDICES
-
-    if adapter.storage != "packed":
-        return sum(adapter.tensors[k].nbytes for k in keys)
-    bits = max(1, (adapter.config.num_vectors - 1).bit_length())
-    total = 0
-    for key in keys:
-        t = adapter.tensors[key]
-        total += (t.numel() * bits + 7) // 8 if key.endswith(TOPK_INDICES) else t.nbytes
-    return total
-
-
-def build_report(adapter: AdapterFile) -> dict[str, Any]:
+def build_report(s: Summary) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain JSON-able data."""
-    usage = bank_usage(adapter)
-    formats = [fmt(adapter) for fmt in FORMATS]
+    usage = s.usage
+    formats = [fmt(s) for fmt in FORMATS]
     order = sorted(range(len(usage.counts)), key=lambda i: (-usage.counts[i], i))
+    L = s.config.vector_length
     return {
         "adapter": {
-            "weights_path": adapter.weights_path,
-            "storage": adapter.storage,
-            "format": STORAGE_FORMAT[adapter.storage],
-            "file_bytes": os.path.getsize(adapter.weights_path),
+            "weights_path": s.weights_path,
+            "storage": s.storage,
+            "format": STORAGE_FORMAT[s.storage],
+            "file_bytes": os.path.getsize(s.weights_path),
         },
-        "config": adapter.config.to_dict(),
+        "config": s.config.to_dict(),
         "modules": [
-            {
-                "module": m.name,
-                "shape": [m.out_features, m.in_features],
-                "sub_vectors": m.sub_vectors,
-                "stored_bytes": _stored_bytes(adapter, m.keys),
-            }
-            for m in adapter.modules.values()
+            {"module": name, "shape": [out_sub * L, in_sub * L], "sub_vectors": subs, "stored_bytes": stored}
+            for name, out_sub, in_sub, subs, stored in zip(
+                s.names, s.out_sub.tolist(), s.in_sub.tolist(), s.sub_vectors.tolist(), s.stored_bytes.tolist()
+            )
         ],
         "formats": [{"name": f.name, "parts": f.parts, "total": f.total} for f in formats],
         "bank_usage": {
@@ -344,13 +275,13 @@ def build_report(adapter: AdapterFile) -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
-        ).rstrip()
-        for row in rows
-    ]
+    """Rows as aligned lines (columns ``right`` right-aligned), padded a column at a time: a table may have a row
+    per module, hundreds of thousands of them."""
+    columns = []
+    for i, cells in enumerate(zip(*rows)):
+        width = max(map(len, cells))
+        columns.append([c.rjust(width) for c in cells] if i in right else [c.ljust(width) for c in cells])
+    return ["  ".join(cells).rstrip() for cells in zip(*columns)]
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -406,9 +337,7 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise VBLoRAError(
-            "--plot needs matplotlib, which is not installed (pip install 'vblora-rs[plot]')"
-        ) from exc
+        raise VBLoRAError("--plot needs matplotlib, which is not installed (pip install 'vblora-rs[plot]')") from exc
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
@@ -460,13 +389,26 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..adapter_files import read_adapter
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The report holds a few objects per module (hundreds of thousands for a file listing that many) and no
+    reference cycles: the cyclic collector would only rescan them again and again (~45% of the time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
+
+def run(args: argparse.Namespace) -> int:
     if args.plot:
         _require_matplotlib()  # before the work, not after
-    report = build_report(read_adapter(args.adapter))
-    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    with _collector_paused():
+        report = build_report(read_summary(args.adapter))
+        text = json.dumps(report, indent=2) if args.json else render_text(report)
+    print(text)
     if args.plot:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

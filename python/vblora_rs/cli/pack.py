@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from typing import Any
 
 from ..errors import VBLoRAError
@@ -115,19 +116,24 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
-    from ..checkpoint import WEIGHTS_NAME, write_safetensors_atomically
-    from ..packed import PACKED_WEIGHTS_NAME, read_packed
+    from ..config import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
+    from ..packed_arrays import unpack
 
     src = os.fspath(args.adapter)
     file = os.path.join(src, PACKED_WEIGHTS_NAME) if os.path.isdir(src) else src
     if not os.path.isfile(file):
         raise VBLoRAError(f"{src}: no {PACKED_WEIGHTS_NAME} found" if file != src else f"{src}: file not found")
-    config, tensors = read_packed(file)
-    print(f"read   {file}: {_size(file)}")
+    created = not os.path.lexists(args.out)
     _output_folder(args.out, args.force)
     target = os.path.join(args.out, WEIGHTS_NAME)
-    write_safetensors_atomically(tensors, target)
+    try:  # decoded, checked and written in Rust from the flat arrays (no tensor object per module)
+        config, modules = unpack(file, target)
+    except BaseException:
+        if created:  # a bad file leaves no output folder behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    print(f"read   {file}: {_size(file)}")
     config.save_only_topk_weights = True
     config.save_pretrained(args.out)
-    print(f"wrote  {target}: {_size(target)} (PEFT save_only_topk_weights checkpoint)")
+    print(f"wrote  {target}: {_size(target)} (PEFT save_only_topk_weights checkpoint, {modules:,d} modules)")
     return 0

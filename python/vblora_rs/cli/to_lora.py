@@ -11,7 +11,8 @@ import argparse
 import json
 import os
 import shutil
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..config import CONFIG_NAME, WEIGHTS_NAME
 from . import add_output
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter_files import AdapterFile
+    from ..config import VBLoRAConfig
+    from ..packed_arrays import PackedArrays
 
 LORA_CONFIG_NAME = CONFIG_NAME
 LORA_WEIGHTS_NAME = WEIGHTS_NAME  # PEFT names a LoRA adapter's weights file as any other
@@ -50,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def lora_config(adapter: AdapterFile) -> dict[str, Any]:
-    """PEFT ``LoraConfig`` fields of the exported adapter (as ``LoraConfig.to_dict`` names them)."""
-    cfg = adapter.config
+def lora_config(cfg: VBLoRAConfig, modules: Iterable[str]) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields of the exported adapter of ``modules`` (as ``LoraConfig.to_dict`` names them)."""
     return {
         "peft_type": "LORA",
         "task_type": cfg.task_type,
@@ -64,7 +66,7 @@ def lora_config(adapter: AdapterFile) -> dict[str, Any]:
         "lora_alpha": cfg.r,  # scaling = lora_alpha / r = 1: VB-LoRA has no scaling
         "lora_dropout": 0.0,
         # exact module paths: the same modules whatever target_modules, layers_to_transform, exclude_modules chose
-        "target_modules": sorted(adapter.modules),
+        "target_modules": sorted(modules),
         "fan_in_fan_out": cfg.fan_in_fan_out,
         "bias": _BIAS[cfg.bias],
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -99,6 +101,13 @@ def _output_bytes(adapter: AdapterFile) -> int:
     return factors + sum(t.nbytes for t in adapter.extras.values())
 
 
+def _packed_output_bytes(arrays: PackedArrays) -> int:
+    """:func:`_output_bytes` of a packed file, from its modules table."""
+    cfg = arrays.config
+    features = int((arrays.dims[:, 1] + arrays.dims[:, 2]).sum()) * cfg.vector_length
+    return 4 * cfg.r * features + sum(len(data) for *_, data in arrays.extras)
+
+
 def _check_room(out: str, needed: int) -> None:
     """The export must fit the output's disk and this machine's free memory (it is built in memory, then written):
     a small hostile file can describe factors of any size."""
@@ -119,43 +128,89 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     """Write the LoRA export of the VB-LoRA adapter at ``adapter_path`` into the folder ``output`` and return its
     path. The folder appears whole or not at all (:mod:`..storage.atomic`); an existing one is replaced only with
     ``force``. Factors that are not finite (an overflow) are an error naming the module, never written."""
+    from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
     from ..adapter_files import read_adapter
     from ..errors import VBLoRAError
+    from ..packed_arrays import read_packed_arrays
     from ..storage import atomic, finite
+    from ..storage.locate import PACKED, locate
+    from .lora_packed import packed_lora_tensors
 
     out = os.path.abspath(os.fspath(output))
     _check_output(out, force)
-    adapter = read_adapter(adapter_path)
-    if os.path.abspath(os.path.dirname(adapter.weights_path)) == out:
-        raise VBLoRAError(f"{out}: is the input adapter's own folder; choose another output")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    _check_room(out, _output_bytes(adapter))
-    tensors = lora_tensors(adapter)
-    for key, value in tensors.items():
-        if value.dtype.is_floating_point:
-            problem = finite.overflow_problem(value.detach().float().numpy())
-            if problem:
-                raise VBLoRAError(f"{adapter.weights_path}: {key} {problem}")
-    config = lora_config(adapter)
+    found = locate(adapter_path)
+    if found.kind == PACKED:  # every module at once from the flat arrays (a file may list 300k modules)
+        arrays = read_packed_arrays(found.weights_path)
+        weights_path, config, names = found.weights_path, arrays.config, [m[0] for m in arrays.modules]
+        _check_inputs(out, weights_path, _packed_output_bytes(arrays), names)
+        tensors: Optional[dict[str, Any]] = packed_lora_tensors(arrays)
+        save = save_numpy
+    else:
+        tensors = None
+    if tensors is None:  # a PEFT folder, or extras numpy cannot hold: tensor by tensor
+        adapter = read_adapter(adapter_path)
+        weights_path, config, names = adapter.weights_path, adapter.config, list(adapter.modules)
+        _check_inputs(out, weights_path, _output_bytes(adapter), names)
+        tensors = lora_tensors(adapter)
+        for key, value in tensors.items():
+            if value.dtype.is_floating_point:
+                problem = finite.overflow_problem(value.detach().float().numpy())
+                if problem:
+                    raise VBLoRAError(f"{weights_path}: {key} {problem}")
+        save = save_file
+    config_fields = lora_config(config, names)
 
     staging = atomic.temp_folder(out)
     try:
         try:
-            save_file(tensors, os.path.join(staging, LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+            save(tensors, os.path.join(staging, LORA_WEIGHTS_NAME), metadata={"format": "pt"})
         except Exception as exc:  # safetensors' SafetensorError (a full disk, ...) is no OSError
             if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
                 raise VBLoRAError(f"{out}: writing {LORA_WEIGHTS_NAME} failed: {exc}") from None
             raise
         with open(os.path.join(staging, LORA_CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
+            json.dump(config_fields, fh, indent=2, sort_keys=True)
             fh.write("\n")
         atomic.usual_mode(staging, folder=True)  # mkdtemp's 0700 would make the adapter private
         atomic.install(staging, out, replace=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+# safetensors readers refuse longer headers
+MAX_HEADER_BYTES = 100_000_000
+# the least a header entry takes besides its key: `:{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},`
+_ENTRY_MIN = len(':{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},')
+
+
+def _check_header(weights_path: str, names: list[str]) -> None:
+    """The LoRA file's header must fit safetensors' limit: refused from a lower bound of it, before any factor is
+    built (a file listing a million modules would need two million entries)."""
+    from ..config import MODEL_PREFIX
+    from ..errors import VBLoRAError
+    from ..storage.header_size import json_string_bytes
+
+    per_key = len(MODEL_PREFIX) + len(".lora_A.weight") + _ENTRY_MIN
+    lower = 2 * (int(json_string_bytes(names).sum()) + per_key * len(names))
+    if lower > MAX_HEADER_BYTES:
+        raise VBLoRAError(
+            f"{weights_path}: lists {len(names):,d} modules: their LoRA file ({2 * len(names):,d} tensors) needs a "
+            f"header of at least {lower:,d} bytes, and safetensors readers accept at most {MAX_HEADER_BYTES:,d}"
+        )
+
+
+def _check_inputs(out: str, weights_path: str, needed: int, names: list[str]) -> None:
+    """The input is not the output's own folder, the LoRA header fits safetensors, the export fits disk and memory."""
+    from ..errors import VBLoRAError
+
+    if os.path.abspath(os.path.dirname(weights_path)) == out:
+        raise VBLoRAError(f"{out}: is the input adapter's own folder; choose another output")
+    _check_header(weights_path, names)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _check_room(out, needed)
 
 
 def _check_output(out: str, force: bool) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from .. import config as config_file
 from .. import packed
 from ..errors import VBLoRAError
+from ..packed_arrays import check_modules_known
 from ..storage.locate import PACKED, locate
 from .peft_backend import apply_to_peft
 
@@ -84,6 +85,13 @@ def save_packed(
     return report if half_dtype is not None else None
 
 
+def _module_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules of ``model`` as a packed file names them (relative to the base model of a
+    PeftModel)."""
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    return [name for name, _ in base.named_modules() if name]
+
+
 def packed_file_of(path: Union[str, os.PathLike]) -> str:
     """The packed file of ``path`` (the file itself, or the one in the folder), by the one adapter locator."""
     located = locate(path)
@@ -102,7 +110,11 @@ def load_packed(
     model (returns a new PeftModel, of the config's task type) or a PeftModel (adds ``adapter_name`` to it, as
     ``load_adapter``). Everything is checked before the model changes; the adapter loads in compact form."""
     apply_to_peft()
-    stored, tensors = packed.read_packed(packed_file_of(path))
+    file = packed_file_of(path)
+    # the modules table against the model's modules, from the header alone: a small file can list a million
+    # modules, and nothing per module (tensors, PEFT's layers) is built for one the model lacks
+    check_modules_known(file, _module_paths(model), "the model")
+    stored, tensors = packed.read_packed(file)
     config = _peft_config(stored)
     config.inference_mode = not is_trainable
     if isinstance(model, peft.PeftModel):
