@@ -36,6 +36,7 @@ from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
 from .gc_pause import collector_paused
 from .layer import Linear, VBLoRALayer
+from .memory_budget import MemoryBudget
 from .quantized import layer_class_for
 
 # config fields a VB-LoRA layer cannot do without (PEFT's config accepts null for each)
@@ -68,8 +69,22 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     # --- injection ------------------------------------------------------------------------------
 
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        # Before anything is allocated: PEFT's config takes any values (a 2^31 x 2^31 bank, a regex that never
-        # finishes), and an adapter name is a folder name when saving.
+        # One bank dict for the tuner's life: layers hold a reference to it, and PEFT's hook would replace it with
+        # an empty one whenever another adapter is added.
+        if "vblora_vector_bank" not in self._modules:
+            self.vblora_vector_bank = nn.ParameterDict({})
+            shared_bank.mark_owned(self.vblora_vector_bank)  # layers hold it by reference (FSDP: one owner)
+        if "vblora_topk" not in self._modules:
+            # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
+            self.vblora_topk = nn.ModuleDict({})
+        _LIVE_TUNERS.add(self)
+
+    @staticmethod
+    def check_new_adapter(config: Any, adapter_name: str) -> None:
+        """Refuse a config or adapter name no layer can be built from, before anything is allocated: PEFT's config
+        takes any values (a 2^31 x 2^31 bank, a regex that never finishes), and an adapter name is a folder name
+        when saving. Runs for every injection (PEFT's ``add_adapter``/``load_adapter`` skip the pre-injection
+        hook)."""
         if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or any(
             sep in adapter_name for sep in ("/", "\\", os.sep)
         ):
@@ -87,15 +102,6 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # PEFT keeps name lists as sets; as the JSON file would hold them (mixed types in a hostile file too)
         as_json = {k: list(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
         check_config(as_json, source)
-        # One bank dict for the tuner's life: layers hold a reference to it, and PEFT's hook would replace it with
-        # an empty one whenever another adapter is added.
-        if "vblora_vector_bank" not in self._modules:
-            self.vblora_vector_bank = nn.ParameterDict({})
-            shared_bank.mark_owned(self.vblora_vector_bank)  # layers hold it by reference (FSDP: one owner)
-        if "vblora_topk" not in self._modules:
-            # Compact adapters' top-K tables (one per adapter, shared by its layers like the bank).
-            self.vblora_topk = nn.ModuleDict({})
-        _LIVE_TUNERS.add(self)
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str, draw: bool = True) -> None:
         """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter).
@@ -129,8 +135,16 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # checkpoint fills it in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB
         # for a 7B model), and the load hook refuses a checkpoint without a bank.
         init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
+        budget = self.__dict__.get("_memory_budget") or MemoryBudget(f"config of adapter {adapter_name!r}")
         if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
+            budget.take("the vector bank", (vblora_config.num_vectors, vblora_config.vector_length))
             self._init_vblora_vector_bank(vblora_config, adapter_name, draw=init_logits)
+        if init_logits:
+            in_out = _in_out_features(target)
+            if in_out is not None:
+                r, length = vblora_config.r, vblora_config.vector_length
+                budget.take("logits A", (r, in_out[0] // length, vblora_config.num_vectors))
+                budget.take("logits B", (in_out[1] // length, r, vblora_config.num_vectors))
         if isinstance(target, Linear):
             target.update_layer(
                 adapter_name, self.vblora_vector_bank, vblora_config.r, config=vblora_config, init_logits=init_logits
@@ -178,12 +192,16 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # PEFT restores the trainability of the parameters of `model` the injection touched; the banks are the
         # tuner's, outside `model` (see shared_bank), so the other adapters' banks are restored here
         banks = [(bank, bank.requires_grad) for name, bank in self.vblora_vector_bank.items() if name != adapter_name]
+        self.check_new_adapter(self.peft_config[adapter_name], adapter_name)
+        self.__dict__["_memory_budget"] = MemoryBudget(f"config of adapter {adapter_name!r}")
         try:
             with collector_paused():
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             self._undo_injection(model, adapter_name)
             raise
+        finally:
+            del self.__dict__["_memory_budget"]
         for bank, requires_grad in banks:
             bank.requires_grad_(requires_grad)
 
@@ -391,6 +409,16 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             for _, layer in layers:
                 layer.materialize_meta_logits(adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _in_out_features(target: nn.Module) -> Optional[tuple[int, int]]:
+    """``(in, out)`` features of a target layer (nn.Linear and its quantized subclasses, transformers' Conv1D)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D):
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    if isinstance(base, nn.Linear):
+        return int(base.in_features), int(base.out_features)
+    return None
 
 
 def _tuner_or_none(model: nn.Module) -> Optional[nn.Module]:
