@@ -9,6 +9,7 @@ import resource
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -384,3 +385,24 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
         if proc.returncode == 130:
             assert err.strip().count("\n") == 0 and "interrupted" in err and not out.exists()
     assert not leftovers(tmp_path)
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # building the parser imports every command (numpy with them); a SIGINT during a C extension's import comes
+    # out of the import as that extension's ImportError, as numpy's "PyCapsule_Import could not import" did
+    import signal
+
+    from vblora_rs import cli
+
+    def importing_numpy() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here
+        except KeyboardInterrupt as exc:
+            raise ImportError("PyCapsule_Import could not import module 'datetime'") from exc
+        raise AssertionError("no SIGINT arrived")
+
+    monkeypatch.setattr(cli, "build_parser", importing_numpy)
+    assert cli.main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err == "vblora: interrupted; nothing was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

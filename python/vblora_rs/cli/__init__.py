@@ -57,33 +57,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``vblora`` console script; returns the exit status. Every failure is one line on
     stderr (``vblora COMMAND: error: ...``, status 1); Ctrl-C is status 130, and every writer leaves its
     output whole or absent, so an interrupted command has written nothing."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with _counting_sigints() as sigints:
+    name = "vblora"  # what the messages say until a command is known
+    # SIGINTs are counted from the start: building the parser imports the commands (numpy among them), and a
+    # Ctrl-C during a C extension's import surfaces as that extension's ImportError
+    with _counting_sigints() as sigints:
+        try:
+            args = build_parser().parse_args(argv)
+            name = f"vblora {args.command}"
             status = args.run(args)
-    except KeyboardInterrupt:
-        print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except ImportError:
-        # Ctrl-C while a C extension is being imported (numpy on a command's first use) surfaces as that
-        # extension's ImportError: it is still the interrupt
-        if not sigints[0]:
-            raise
-        print(f"vblora {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader went away (``vblora inspect ... | head``): not an error of ours; stop writing to it
-        _silence_stdout()
-        return 0
-    except (VBLoRAError, OSError, RecursionError, MemoryError, OverflowError) as exc:
-        print(f"vblora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except BaseException as exc:
-        if _is_panic(exc) or type(exc).__name__ == "SafetensorError":
-            print(f"vblora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except ImportError:
+            if not sigints[0]:
+                raise
+            print(f"{name}: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # the reader went away (``vblora inspect ... | head``): not an error of ours; stop writing to it
+            _silence_stdout()
+            return 0
+        except (VBLoRAError, OSError, RecursionError, MemoryError, OverflowError) as exc:
+            print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
             return 1
-        raise
+        except BaseException as exc:
+            if _is_panic(exc) or type(exc).__name__ == "SafetensorError":
+                print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+                return 1
+            raise
     return int(status or 0)
 
 
@@ -133,7 +134,7 @@ def check_threads(value: int) -> int:
 def console_main() -> None:
     try:
         status = main()
-    except KeyboardInterrupt:  # before a command started (parsing its arguments): nothing was written either
+    except KeyboardInterrupt:  # between main's handlers (leaving them): nothing was written either
         print("vblora: interrupted; nothing was written", file=sys.stderr)
         status = 130
     sys.exit(status)
