@@ -104,13 +104,9 @@ pub(crate) const FAST_LANES: usize = 8;
 /// the result is the lane-wise maxima of the whole row and whether any element is NaN. Lanes
 /// hold disjoint elements, so the `k`-th largest lane maximum is at most the row's `k`-th
 /// largest value. `xs.len()` must be a multiple of `FAST_LANES` and `out` hold one entry per
-/// chunk. `next` (a row selected soon) is only prefetched, by the AVX2 version.
+/// chunk.
 #[inline(always)]
-pub(crate) fn chunk_maxima(
-    xs: &[f32],
-    _next: &[u8],
-    out: &mut [[f32; FAST_LANES]],
-) -> ([f32; FAST_LANES], bool) {
+pub(crate) fn chunk_maxima(xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) {
     let mut lanes = [f32::NEG_INFINITY; FAST_LANES];
     let mut nan = [false; FAST_LANES];
     for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
@@ -130,35 +126,29 @@ pub(crate) fn chunk_maxima(
 }
 
 /// [`chunk_maxima`] with AVX: per 16 elements two loads, two `vmaxps`, one unordered compare of
-/// the pair (true if either is NaN) and an OR, plus a `prefetcht0` of the next 64 bytes of
-/// `next`: with the second pass and the bookkeeping between rows the hardware prefetcher falls
-/// behind, the hint keeps the next row streaming in. Only called from code compiled with the
+/// the pair (true if either is NaN) and an OR. No software prefetch: the hardware prefetcher
+/// keeps up with this loop on its own, and a `prefetcht0` per 64 bytes of the row after next
+/// (kept here until issue 14's measurements) made the whole selection ~25% slower on one thread
+/// (see the measurements at the top of this file). Only called from code compiled with the
 /// `avx2` target feature.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn chunk_maxima_avx2(
     xs: &[f32],
-    next: &[u8],
     out: &mut [[f32; FAST_LANES]],
 ) -> ([f32; FAST_LANES], bool) {
     use std::arch::x86_64::{
         __m256, _mm256_cmp_ps, _mm256_max_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps,
-        _mm256_setzero_ps, _mm_prefetch, _CMP_UNORD_Q, _MM_HINT_T0,
+        _mm256_setzero_ps, _CMP_UNORD_Q,
     };
     let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
     let neg = _mm256_set1_ps(f32::NEG_INFINITY);
     let (mut lanes, mut nan) = (neg, _mm256_setzero_ps());
-    // Raw addresses for the hint, clamped into `next`: a prefetch never faults, and this keeps
-    // the loop free of branches.
-    let (pf, pf_last) = (next.as_ptr(), next.len().saturating_sub(1));
-    let mut line = 0_usize;
     for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
         let (mut m0, mut m1) = (neg, neg);
         let mut pairs = chunk.chunks_exact(16);
         for p in &mut pairs {
-            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(line.min(pf_last)).cast());
-            line += 64;
             let (a, b) = (load(&p[..8]), load(&p[8..]));
             // `max_ps(x, m)` returns `m` when `x` is NaN: NaN is ignored, as in `chunk_maxima`.
             m0 = _mm256_max_ps(a, m0);
@@ -292,12 +282,7 @@ pub(crate) fn candidates_avx2(
 /// that need them), while the generic code that calls them is shared by every level.
 pub(crate) trait Scan: Copy {
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
-    fn chunk_maxima(
-        &self,
-        xs: &[f32],
-        next: &[u8],
-        out: &mut [[f32; FAST_LANES]],
-    ) -> ([f32; FAST_LANES], bool);
+    fn chunk_maxima(&self, xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool);
     fn candidates(
         &self,
         xs: &[f32],
@@ -314,7 +299,7 @@ pub(crate) struct ScanWith<M, C, A>(pub(crate) M, pub(crate) C, pub(crate) A);
 impl<M, C, A> Scan for ScanWith<M, C, A>
 where
     M: Fn(&[f32; LANES], f32) -> u64 + Copy,
-    C: Fn(&[f32], &[u8], &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) + Copy,
+    C: Fn(&[f32], &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) + Copy,
     A: Fn(&[f32], &[[f32; FAST_LANES]], f32, &mut Vec<Elem>) -> bool + Copy,
 {
     #[inline(always)]
@@ -323,13 +308,8 @@ where
     }
 
     #[inline(always)]
-    fn chunk_maxima(
-        &self,
-        xs: &[f32],
-        next: &[u8],
-        out: &mut [[f32; FAST_LANES]],
-    ) -> ([f32; FAST_LANES], bool) {
-        (self.1)(xs, next, out)
+    fn chunk_maxima(&self, xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) {
+        (self.1)(xs, out)
     }
 
     #[inline(always)]
@@ -356,7 +336,7 @@ pub(crate) fn portable_scan() -> impl Scan {
 pub(crate) fn avx2_scan() -> impl Scan {
     ScanWith(
         |xs: &[f32; LANES], top: f32| may_enter_avx2(xs, top),
-        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, out),
         |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
             candidates_avx2(xs, chunk_max, below, cand)
         },
@@ -439,7 +419,7 @@ pub(crate) fn candidates_avx512(
 pub(crate) fn avx512_scan() -> impl Scan {
     ScanWith(
         |xs: &[f32; LANES], top: f32| may_enter_avx512(xs, top),
-        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, out),
         |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
             candidates_avx512(xs, chunk_max, below, cand)
         },
@@ -743,18 +723,13 @@ impl Selector {
     }
 
     /// Selects the top `k` of `row` (which has at least `k` elements) with the vector
-    /// building blocks `scan`; `next` is a row that will be selected soon, to prefetch.
+    /// building blocks `scan`.
     #[inline(always)]
-    pub(crate) fn select<T: Element>(
-        &mut self,
-        row: &[T],
-        next: &[T],
-        scan: impl Scan,
-    ) -> Result<(), HasNan> {
+    pub(crate) fn select<T: Element>(&mut self, row: &[T], scan: impl Scan) -> Result<(), HasNan> {
         self.queue.clear();
         self.idx.clear();
         if uses_partial_sort(self.k, row.len()) {
-            if !self.distinct_top(row, next, scan)? {
+            if !self.distinct_top(row, scan)? {
                 self.queue.clear();
                 self.heap_select(row, scan)?;
             }
@@ -776,12 +751,7 @@ impl Selector {
     /// among them, when `t` is `-inf`, when too many qualify, or when the row does not split
     /// into 8-lane vectors or `k > 8`.
     #[inline(always)]
-    fn distinct_top<T: Element>(
-        &mut self,
-        row: &[T],
-        next: &[T],
-        scan: impl Scan,
-    ) -> Result<bool, HasNan> {
+    fn distinct_top<T: Element>(&mut self, row: &[T], scan: impl Scan) -> Result<bool, HasNan> {
         let k = self.k;
         if k > FAST_LANES || !row.len().is_multiple_of(FAST_LANES) {
             return Ok(false);
@@ -796,7 +766,7 @@ impl Selector {
             self.chunk_max.resize(chunks, [0.0; FAST_LANES]);
         }
         let chunk_max = &mut self.chunk_max[..chunks];
-        let (lanes, nan) = scan.chunk_maxima(xs, bytemuck::cast_slice::<T, u8>(next), chunk_max);
+        let (lanes, nan) = scan.chunk_maxima(xs, chunk_max);
         if nan {
             return Err(HasNan);
         }
@@ -994,8 +964,7 @@ fn topk_rows<T: Element>(
     let mut sel = Selector::new(k);
     for (r, (idx_row, w_row)) in idx_out.chunks_mut(k).zip(w_out.chunks_mut(k)).enumerate() {
         let row = first_row + r;
-        let next = logits.row((row + 2).min(logits.rows() - 1));
-        if sel.select(logits.row(row), next, scan).is_err() {
+        if sel.select(logits.row(row), scan).is_err() {
             return Some(row);
         }
         for (o, &i) in idx_row.iter_mut().zip(sel.indices()) {
