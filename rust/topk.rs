@@ -722,12 +722,26 @@ impl Selector {
         if !scan.candidates(xs, chunk_max, below, cand) {
             return Ok(false);
         }
-        // Insertion sort, largest first: a handful of candidates.
-        for i in 1..cand.len() {
-            let mut j = i;
-            while j > 0 && cand[j - 1].0 < cand[j].0 {
-                cand.swap(j - 1, j);
-                j -= 1;
+        // Insertion sort, largest first. Usually a handful of candidates: then each new one is
+        // compared with every one before it and exchanged by selects, not branches (on random
+        // logits their order is a coin toss). That is the insertion sort's order: the element
+        // stops at the first pair that is not `<`, and the sorted pairs below exchange nothing.
+        if cand.len() <= FAST_LANES {
+            for i in 1..cand.len() {
+                for j in (1..=i).rev() {
+                    let (a, b) = (cand[j - 1], cand[j]);
+                    let swap = a.0 < b.0;
+                    cand[j - 1] = if swap { b } else { a };
+                    cand[j] = if swap { a } else { b };
+                }
+            }
+        } else {
+            for i in 1..cand.len() {
+                let mut j = i;
+                while j > 0 && cand[j - 1].0 < cand[j].0 {
+                    cand.swap(j - 1, j);
+                    j -= 1;
+                }
             }
         }
         // `+0.0 == -0.0`: a tie for torch's `>`, so that falls back too.
