@@ -47,11 +47,12 @@
 //! * Through Python (`ops.topk_softmax`, torch's 2 OpenMP threads, medians of rounds that time
 //!   it and `logits.sum()` in turn): the selection alone went from 1.00-1.43x `logits.sum()` to
 //!   0.90-1.07x (load average 1.2-3.6); the whole call, in runs no other tenant disturbed (load
-//!   1.2-1.5), from 1.09-1.30x to 1.08-1.14x. The rest of the call is torch's softmax of the
-//!   kept `(39,040, 2)` logits, which `ops.topk_softmax` runs for bit parity with PEFT: ~1.0 ms
-//!   on 2 threads, ~2.0 ms on one (~50 ns a row, its per-row overhead), 0.08-0.15x
-//!   `logits.sum()`. That share, not the selection, keeps the call near or above 1.1x; under
-//!   load it grows (its 2-thread team waits for a descheduled thread).
+//!   1.2-1.5), from 1.09-1.30x to 1.08-1.14x; on one thread timed by thread CPU time (load
+//!   1.7-1.8), from 1.25-1.27x to 1.085-1.09x (the selection from 1.13-1.16x to 0.96x). The rest
+//!   of the call is torch's softmax of the kept `(39,040, 2)` logits, which `ops.topk_softmax`
+//!   runs for bit parity with PEFT: ~1.0 ms on 2 threads, ~2.0 ms on one (~50 ns a row, its
+//!   per-row overhead), 0.08-0.15x `logits.sum()`. That share, not the selection, keeps the call
+//!   near 1.1x; under load it grows (its 2-thread team waits for a descheduled thread).
 
 use crate::element::{Element, CHUNK};
 use crate::error::KernelError;
