@@ -21,18 +21,21 @@
 //!   equals the k-th, every correct top-k is the same; pass 1 keeps one 8-lane maximum per
 //!   128-chunk (branch-free; NaN by one unordered compare per *two* vectors, true if either
 //!   is NaN), the k-th largest lane max is a threshold `t <= v_k` (branch-free for k = 1, 2),
-//!   pass 2 collects the elements `>= t` of only the chunks that can hold one (AVX2: chunk
-//!   maxima two at a time, then 16 elements per test), and sorts them; any tie (or `t = -inf`,
+//!   pass 2 collects the elements `>= t` of only the chunks that can hold one (bit sets of the
+//!   qualifying chunks and elements by straight-line compares, then only the set bits), and
+//!   sorts them; any tie (or `t = -inf`,
 //!   or > 64 candidates, or k > 8, or rows not a multiple of 8) falls back to the exact
 //!   streamed heap select, mask-based. (2) AVX2 intrinsics for the vector steps (safe inside
 //!   the `target_feature` functions; loads via `bytemuck::cast`), passed down as closures made
-//!   in the AVX2 wrapper. (3) `prefetcht0` of the row two ahead, one line per 16 elements
-//!   inside pass 1: with pass 2 between rows the hardware prefetcher stalls (without it, 2.07x
-//!   of `logits.sum()` instead of 1.70x). Pass 1 alone streams at the speed of a bare AVX2 max
-//!   (1.0x, Rust probe); the whole top-k is 1.25-1.36x of it, the rest being pass 2 and the
-//!   per-row bookkeeping, which memory stalls do not hide. From Python 1.34-1.44x of
-//!   `logits.sum()`, where the 16-lane version measured 1.70-1.86x (partly torch's spinning
-//!   workers, see threads below).
+//!   in the AVX2 wrapper. (3) No software prefetch: a `prefetcht0` of the row two ahead, one
+//!   line per 16 elements inside pass 1, once measured 1.70x of `logits.sum()` against 2.07x
+//!   without (an earlier pass 2), but with the branch-light pass 2 of issue 14 it cost ~30%
+//!   (1.64x of a bare row-max pass against 1.24x, one thread, CPU time). Pass 1 alone streams
+//!   at the speed of a bare max (1.02x, Rust probe); the whole top-k is ~1.15-1.2x of it on one
+//!   thread, the rest being pass 2 and the per-row bookkeeping, which memory stalls do not
+//!   hide. From Python, the selection is ~0.9-1.07x of `logits.sum()` and the whole
+//!   `ops.topk_softmax` ~1.08-1.14x on a quiet machine, torch's softmax of the kept logits being
+//!   most of the rest (the measurements and what was tried are at the top of `topk.rs`).
 //! * gather (`lowrank`): the fused kernel selects and gathers row by row, so the
 //!   `rows x num_vectors` softmax and the `(rows, k, L)` gather PEFT builds never exist. The
 //!   output is written, never read before written: accumulating into the fresh zeroed `Vec`

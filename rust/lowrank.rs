@@ -179,8 +179,7 @@ fn select_gather_rows<T: Element, B: Element>(
     let mut buf = vec![0.0_f32; CHUNK];
     for (r, out_row) in out.chunks_mut(bank.cols()).enumerate() {
         let row = first + r;
-        let next = logits.row((row + 2).min(logits.rows() - 1));
-        if sel.select(logits.row(row), next, scan).is_err() {
+        if sel.select(logits.row(row), scan).is_err() {
             return Some(row);
         }
         sel.softmax_into(&mut w);

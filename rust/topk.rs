@@ -23,6 +23,36 @@
 //! elements above it are sorted. Any tie falls back to the heap select above. The heap
 //! select itself compares 16 elements at a time against the heap top and visits only the set
 //! bits of the mask (so the "chunk / block" skip of earlier versions is now per element).
+//!
+//! Speed (issue 14: top-K + softmax of 39,040x2,048 float32 logits, `k = 2`, against
+//! `logits.sum()` over the same 320 MB). Measured on a shared 2-core AMD EPYC (Zen 4, AVX-512
+//! level), so only ratios taken in one process with the two timed in turn mean anything; one
+//! thread was also timed by thread CPU time, which the other tenants' load does not enter.
+//! * Kept: no software prefetch. A `prefetcht0` per 64 bytes of the row after next made the
+//!   selection 1.64x a plain row-max pass against 1.24x without it (one thread, CPU time); the
+//!   first pass alone streams at 1.02x row-max without it and 1.18x with it. Prefetching only
+//!   the start of the next row (4 to 128 lines, T0 or T1, 1 to 4 rows ahead) was 1.17-1.64x:
+//!   never better than none. The hardware prefetcher keeps up with the first pass on its own.
+//! * Kept: the second pass (`candidates`) and the sort of the candidates without
+//!   data-dependent branches where it can (bit sets, then only the set bits; selects): their
+//!   branches mispredicted on random logits, and each mispredict also stopped the next row's
+//!   loads. 1.24-1.27x row-max before, 1.16-1.21x after (one thread, CPU time).
+//! * Dropped: a 512-bit first pass (one 16-lane maximum per 256 elements, NaN into a mask):
+//!   1.08x row-max against 1.02x for the 256-bit one; Zen 4 splits 512-bit operations in two.
+//!   Dropping the NaN check from the first pass would gain about 1%.
+//! * Not the way: one pass keeping the running top `k` with a compare against the current
+//!   `k`-th per 16 elements is what `heap_select` does; on the same data (rows of 2,047, where
+//!   the fast path does not apply) it was 1.43-1.52x row-max against 1.14-1.34x for the fast
+//!   path: each compare waits on the current threshold, which keeps changing early in the row.
+//! * Through Python (`ops.topk_softmax`, torch's 2 OpenMP threads, medians of rounds that time
+//!   it and `logits.sum()` in turn): the selection alone went from 1.00-1.43x `logits.sum()` to
+//!   0.90-1.07x (load average 1.2-3.6); the whole call, in runs no other tenant disturbed (load
+//!   1.2-1.5), from 1.09-1.30x to 1.08-1.14x; on one thread timed by thread CPU time (load
+//!   1.7-1.8), from 1.25-1.27x to 1.085-1.09x (the selection from 1.13-1.16x to 0.96x). The rest
+//!   of the call is torch's softmax of the kept `(39,040, 2)` logits, which `ops.topk_softmax`
+//!   runs for bit parity with PEFT: ~1.0 ms on 2 threads, ~2.0 ms on one (~50 ns a row, its
+//!   per-row overhead), 0.08-0.15x `logits.sum()`. That share, not the selection, keeps the call
+//!   near 1.1x; under load it grows (its 2-thread team waits for a descheduled thread).
 
 use crate::element::{Element, CHUNK};
 use crate::error::KernelError;
@@ -99,18 +129,17 @@ pub(crate) const FAST_CHUNK: usize = 128;
 /// Lanes of the fast path's maxima (one AVX register of `f32`).
 pub(crate) const FAST_LANES: usize = 8;
 
+// `candidates` keeps one bit per element of a chunk in whole `u64` words.
+const _: () = assert!(FAST_CHUNK.is_multiple_of(64) && 64 % FAST_LANES == 0);
+
 /// The fast path's first pass over a row: `out[c]` gets the lane-wise maxima of chunk `c` of
 /// `xs` (`FAST_CHUNK` elements; element `j` of a chunk goes to lane `j % 8`, NaN ignored), and
 /// the result is the lane-wise maxima of the whole row and whether any element is NaN. Lanes
 /// hold disjoint elements, so the `k`-th largest lane maximum is at most the row's `k`-th
 /// largest value. `xs.len()` must be a multiple of `FAST_LANES` and `out` hold one entry per
-/// chunk. `next` (a row selected soon) is only prefetched, by the AVX2 version.
+/// chunk.
 #[inline(always)]
-pub(crate) fn chunk_maxima(
-    xs: &[f32],
-    _next: &[u8],
-    out: &mut [[f32; FAST_LANES]],
-) -> ([f32; FAST_LANES], bool) {
+pub(crate) fn chunk_maxima(xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) {
     let mut lanes = [f32::NEG_INFINITY; FAST_LANES];
     let mut nan = [false; FAST_LANES];
     for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
@@ -130,35 +159,29 @@ pub(crate) fn chunk_maxima(
 }
 
 /// [`chunk_maxima`] with AVX: per 16 elements two loads, two `vmaxps`, one unordered compare of
-/// the pair (true if either is NaN) and an OR, plus a `prefetcht0` of the next 64 bytes of
-/// `next`: with the second pass and the bookkeeping between rows the hardware prefetcher falls
-/// behind, the hint keeps the next row streaming in. Only called from code compiled with the
+/// the pair (true if either is NaN) and an OR. No software prefetch: the hardware prefetcher
+/// keeps up with this loop on its own, and a `prefetcht0` per 64 bytes of the row after next
+/// (kept here until issue 14's measurements) made the whole selection ~25% slower on one thread
+/// (see the measurements at the top of this file). Only called from code compiled with the
 /// `avx2` target feature.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn chunk_maxima_avx2(
     xs: &[f32],
-    next: &[u8],
     out: &mut [[f32; FAST_LANES]],
 ) -> ([f32; FAST_LANES], bool) {
     use std::arch::x86_64::{
         __m256, _mm256_cmp_ps, _mm256_max_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps,
-        _mm256_setzero_ps, _mm_prefetch, _CMP_UNORD_Q, _MM_HINT_T0,
+        _mm256_setzero_ps, _CMP_UNORD_Q,
     };
     let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
     let neg = _mm256_set1_ps(f32::NEG_INFINITY);
     let (mut lanes, mut nan) = (neg, _mm256_setzero_ps());
-    // Raw addresses for the hint, clamped into `next`: a prefetch never faults, and this keeps
-    // the loop free of branches.
-    let (pf, pf_last) = (next.as_ptr(), next.len().saturating_sub(1));
-    let mut line = 0_usize;
     for (chunk, max_out) in xs.chunks(FAST_CHUNK).zip(out) {
         let (mut m0, mut m1) = (neg, neg);
         let mut pairs = chunk.chunks_exact(16);
         for p in &mut pairs {
-            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(line.min(pf_last)).cast());
-            line += 64;
             let (a, b) = (load(&p[..8]), load(&p[8..]));
             // `max_ps(x, m)` returns `m` when `x` is NaN: NaN is ignored, as in `chunk_maxima`.
             m0 = _mm256_max_ps(a, m0);
@@ -189,98 +212,84 @@ pub(crate) fn above8(xs: &[f32; FAST_LANES], t: f32) -> u32 {
         .fold(0, |mask, (l, &x)| mask | (u32::from(!(x <= t)) << l))
 }
 
+/// [`above8`] with AVX: one compare and one movemask. Only called from code compiled with the
+/// `avx2` target feature.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn above8_avx2(xs: &[f32; FAST_LANES], t: f32) -> u32 {
+    use std::arch::x86_64::{
+        __m256, _mm256_cmp_ps, _mm256_movemask_ps, _mm256_set1_ps, _CMP_NLE_UQ,
+    };
+    let v = bytemuck::cast::<[f32; 8], __m256>(*xs);
+    // 8 mask bits: the cast is exact.
+    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(v, _mm256_set1_ps(t))) as u32
+}
+
+/// [`above8`] with AVX-512VL: one compare straight into a mask register. Only called from code
+/// compiled with the `avx512f,avx512vl` target features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+#[inline]
+pub(crate) fn above8_avx512(xs: &[f32; FAST_LANES], t: f32) -> u32 {
+    use std::arch::x86_64::{__m256, _mm256_cmp_ps_mask, _mm256_set1_ps, _CMP_NLE_UQ};
+    let v = bytemuck::cast::<[f32; 8], __m256>(*xs);
+    u32::from(_mm256_cmp_ps_mask::<_CMP_NLE_UQ>(v, _mm256_set1_ps(t)))
+}
+
 /// The fast path's second pass: pushes `(x, column)` for every element `x > below` of the
-/// chunks of `xs` whose maximum in `chunk_max` is `> below`, in column order. Returns `false`
+/// chunks of `xs` whose maximum in `chunk_max` is `> below`, in column order, with `above`
+/// ([`above8`] or its AVX2 / AVX-512 version) comparing 8 elements at a time. Returns `false`
 /// (stopping early) once more than `MAX_CANDIDATES` were found.
+///
+/// Which chunks qualify, and which elements of a qualifying chunk, are first gathered into bit
+/// sets by straight-line compares, then only the set bits are visited: the data decide the trip
+/// counts of two short loops instead of a branch per chunk and per 16 elements, which on random
+/// logits mispredicted about half the time and cost more than the compares.
 #[inline(always)]
 pub(crate) fn candidates(
     xs: &[f32],
     chunk_max: &[[f32; FAST_LANES]],
     below: f32,
     cand: &mut Vec<Elem>,
+    above: impl Fn(&[f32; FAST_LANES], f32) -> u32,
 ) -> bool {
-    for (c, max) in chunk_max.iter().enumerate() {
-        if above8(max, below) == 0 {
-            continue;
-        }
-        let start = c * FAST_CHUNK;
-        let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
-        for (g, v) in chunk.chunks_exact(FAST_LANES).enumerate() {
-            let v: &[f32; FAST_LANES] = v.try_into().unwrap();
-            let mut mask = above8(v, below);
-            while mask != 0 {
-                let l = mask.trailing_zeros() as usize;
-                mask &= mask - 1;
-                cand.push((v[l], start + g * FAST_LANES + l));
-            }
-        }
-        if cand.len() > MAX_CANDIDATES {
-            return false;
-        }
-    }
-    true
-}
-
-/// [`candidates`] with AVX: chunk maxima two at a time, then each qualifying chunk 16
-/// elements at a time (two compares OR-ed, one test), so most steps are a compare and a
-/// not-taken branch. Only called from code compiled with the `avx2` target feature.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-pub(crate) fn candidates_avx2(
-    xs: &[f32],
-    chunk_max: &[[f32; FAST_LANES]],
-    below: f32,
-    cand: &mut Vec<Elem>,
-) -> bool {
-    use std::arch::x86_64::{
-        __m256, _mm256_cmp_ps, _mm256_movemask_ps, _mm256_or_ps, _mm256_set1_ps, _mm256_testz_ps,
-        _CMP_NLE_UQ,
-    };
-    let t = _mm256_set1_ps(below);
-    let load = |v: &[f32]| bytemuck::cast::<[f32; 8], __m256>(v.try_into().unwrap());
-    let above = |v: __m256| _mm256_cmp_ps::<_CMP_NLE_UQ>(v, t);
-    let visit = |cand: &mut Vec<Elem>, start: usize, v: &[f32]| {
-        // 8 mask bits: the cast is exact.
-        let mut mask = _mm256_movemask_ps(above(load(v))) as u32;
-        while mask != 0 {
-            let l = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            cand.push((v[l], start + l));
-        }
-    };
-    for (pair_no, pair) in chunk_max.chunks(2).enumerate() {
-        let hit = pair
-            .iter()
-            .map(|m| above(bytemuck::cast::<[f32; 8], __m256>(*m)));
-        let any = hit
-            .clone()
-            .fold(_mm256_set1_ps(0.0), |a, h| _mm256_or_ps(a, h));
-        if _mm256_testz_ps(any, any) == 1 {
-            continue;
-        }
-        for (i, h) in hit.enumerate() {
-            if _mm256_testz_ps(h, h) == 1 {
-                continue;
-            }
-            let start = (2 * pair_no + i) * FAST_CHUNK;
+    for (g, group) in chunk_max.chunks(64).enumerate() {
+        let mut chunks = group.iter().enumerate().fold(0_u64, |bits, (i, max)| {
+            bits | (u64::from(above(max, below) != 0) << i)
+        });
+        while chunks != 0 {
+            let start = (g * 64 + chunks.trailing_zeros() as usize) * FAST_CHUNK;
+            chunks &= chunks - 1;
             let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
-            let mut sixteens = chunk.chunks_exact(16);
-            for (g, p) in (&mut sixteens).enumerate() {
-                let (a, b) = (above(load(&p[..8])), above(load(&p[8..])));
-                let ab = _mm256_or_ps(a, b);
-                if _mm256_testz_ps(ab, ab) == 0 {
-                    visit(cand, start + 16 * g, &p[..8]);
-                    visit(cand, start + 16 * g + 8, &p[8..]);
+            // Bit `j % 64` of `hits[j / 64]` for element `j` of the chunk. A whole chunk has a
+            // fixed length, so the 16 compares unroll with constant shifts; only a row's last
+            // chunk can be shorter.
+            let mut hits = [0_u64; FAST_CHUNK / 64];
+            match <&[f32; FAST_CHUNK]>::try_from(chunk) {
+                Ok(full) => {
+                    for (j, v) in full.chunks_exact(FAST_LANES).enumerate() {
+                        let bits = u64::from(above(v.try_into().unwrap(), below));
+                        hits[j * FAST_LANES / 64] |= bits << (j * FAST_LANES % 64);
+                    }
+                }
+                Err(_) => {
+                    for (j, v) in chunk.chunks_exact(FAST_LANES).enumerate() {
+                        let bits = u64::from(above(v.try_into().unwrap(), below));
+                        hits[j * FAST_LANES / 64] |= bits << (j * FAST_LANES % 64);
+                    }
                 }
             }
-            let rest = start + chunk.len() - sixteens.remainder().len();
-            for (g, v) in sixteens.remainder().chunks_exact(8).enumerate() {
-                visit(cand, rest + 8 * g, v);
+            for (h, mut bits) in hits.into_iter().enumerate() {
+                while bits != 0 {
+                    let j = 64 * h + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    cand.push((chunk[j], start + j));
+                }
             }
-        }
-        if cand.len() > MAX_CANDIDATES {
-            return false;
+            if cand.len() > MAX_CANDIDATES {
+                return false;
+            }
         }
     }
     true
@@ -292,12 +301,7 @@ pub(crate) fn candidates_avx2(
 /// that need them), while the generic code that calls them is shared by every level.
 pub(crate) trait Scan: Copy {
     fn may_enter(&self, xs: &[f32; LANES], top: f32) -> u64;
-    fn chunk_maxima(
-        &self,
-        xs: &[f32],
-        next: &[u8],
-        out: &mut [[f32; FAST_LANES]],
-    ) -> ([f32; FAST_LANES], bool);
+    fn chunk_maxima(&self, xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool);
     fn candidates(
         &self,
         xs: &[f32],
@@ -314,7 +318,7 @@ pub(crate) struct ScanWith<M, C, A>(pub(crate) M, pub(crate) C, pub(crate) A);
 impl<M, C, A> Scan for ScanWith<M, C, A>
 where
     M: Fn(&[f32; LANES], f32) -> u64 + Copy,
-    C: Fn(&[f32], &[u8], &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) + Copy,
+    C: Fn(&[f32], &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) + Copy,
     A: Fn(&[f32], &[[f32; FAST_LANES]], f32, &mut Vec<Elem>) -> bool + Copy,
 {
     #[inline(always)]
@@ -323,13 +327,8 @@ where
     }
 
     #[inline(always)]
-    fn chunk_maxima(
-        &self,
-        xs: &[f32],
-        next: &[u8],
-        out: &mut [[f32; FAST_LANES]],
-    ) -> ([f32; FAST_LANES], bool) {
-        (self.1)(xs, next, out)
+    fn chunk_maxima(&self, xs: &[f32], out: &mut [[f32; FAST_LANES]]) -> ([f32; FAST_LANES], bool) {
+        (self.1)(xs, out)
     }
 
     #[inline(always)]
@@ -347,7 +346,13 @@ where
 /// The portable [`Scan`].
 #[inline(always)]
 pub(crate) fn portable_scan() -> impl Scan {
-    ScanWith(may_enter, chunk_maxima, candidates)
+    ScanWith(
+        may_enter,
+        chunk_maxima,
+        |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
+            candidates(xs, chunk_max, below, cand, above8)
+        },
+    )
 }
 
 /// The AVX2 [`Scan`]. Its closures are made here, so they carry the `avx2` feature.
@@ -356,9 +361,9 @@ pub(crate) fn portable_scan() -> impl Scan {
 pub(crate) fn avx2_scan() -> impl Scan {
     ScanWith(
         |xs: &[f32; LANES], top: f32| may_enter_avx2(xs, top),
-        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, out),
         |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
-            candidates_avx2(xs, chunk_max, below, cand)
+            candidates(xs, chunk_max, below, cand, |v, t| above8_avx2(v, t))
         },
     )
 }
@@ -377,71 +382,17 @@ pub(crate) fn may_enter_avx512(xs: &[f32; LANES], top: f32) -> u64 {
     u64::from(lo) | (u64::from(hi) << 8)
 }
 
-/// [`candidates`] with AVX-512VL: the steps of [`candidates_avx2`], each compare giving its bit
-/// mask directly. Only called from code compiled with the `avx512f,avx512vl` target features.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl")]
-#[inline]
-pub(crate) fn candidates_avx512(
-    xs: &[f32],
-    chunk_max: &[[f32; FAST_LANES]],
-    below: f32,
-    cand: &mut Vec<Elem>,
-) -> bool {
-    use std::arch::x86_64::{_mm256_cmp_ps_mask, _mm256_set1_ps, _CMP_NLE_UQ};
-    let t = _mm256_set1_ps(below);
-    let above = |v: &[f32]| {
-        _mm256_cmp_ps_mask::<_CMP_NLE_UQ>(bytemuck::cast(<[f32; 8]>::try_from(v).unwrap()), t)
-    };
-    let visit = |cand: &mut Vec<Elem>, start: usize, v: &[f32], mut mask: u8| {
-        while mask != 0 {
-            let l = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            cand.push((v[l], start + l));
-        }
-    };
-    for (pair_no, pair) in chunk_max.chunks(2).enumerate() {
-        let hit: [u8; 2] = std::array::from_fn(|i| pair.get(i).map_or(0, |m| above(m)));
-        if hit[0] | hit[1] == 0 {
-            continue;
-        }
-        for (i, h) in hit.into_iter().enumerate() {
-            if h == 0 {
-                continue;
-            }
-            let start = (2 * pair_no + i) * FAST_CHUNK;
-            let chunk = &xs[start..xs.len().min(start + FAST_CHUNK)];
-            let mut sixteens = chunk.chunks_exact(16);
-            for (g, p) in (&mut sixteens).enumerate() {
-                let (a, b) = (above(&p[..8]), above(&p[8..]));
-                if a | b != 0 {
-                    visit(cand, start + 16 * g, &p[..8], a);
-                    visit(cand, start + 16 * g + 8, &p[8..], b);
-                }
-            }
-            let rest = start + chunk.len() - sixteens.remainder().len();
-            for (g, v) in sixteens.remainder().chunks_exact(8).enumerate() {
-                visit(cand, rest + 8 * g, v, above(v));
-            }
-        }
-        if cand.len() > MAX_CANDIDATES {
-            return false;
-        }
-    }
-    true
-}
-
 /// The AVX-512 [`Scan`]: compares into mask registers ([`may_enter_avx512`],
-/// [`candidates_avx512`]); the first pass is [`chunk_maxima_avx2`], which streams at memory
+/// [`above8_avx512`]); the first pass is [`chunk_maxima_avx2`], which streams at memory
 /// speed already. Its closures are made here, so they carry the AVX-512 features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 pub(crate) fn avx512_scan() -> impl Scan {
     ScanWith(
         |xs: &[f32; LANES], top: f32| may_enter_avx512(xs, top),
-        |xs: &[f32], next: &[u8], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, next, out),
+        |xs: &[f32], out: &mut [[f32; FAST_LANES]]| chunk_maxima_avx2(xs, out),
         |xs: &[f32], chunk_max: &[[f32; FAST_LANES]], below: f32, cand: &mut Vec<Elem>| {
-            candidates_avx512(xs, chunk_max, below, cand)
+            candidates(xs, chunk_max, below, cand, |v, t| above8_avx512(v, t))
         },
     )
 }
@@ -743,18 +694,13 @@ impl Selector {
     }
 
     /// Selects the top `k` of `row` (which has at least `k` elements) with the vector
-    /// building blocks `scan`; `next` is a row that will be selected soon, to prefetch.
+    /// building blocks `scan`.
     #[inline(always)]
-    pub(crate) fn select<T: Element>(
-        &mut self,
-        row: &[T],
-        next: &[T],
-        scan: impl Scan,
-    ) -> Result<(), HasNan> {
+    pub(crate) fn select<T: Element>(&mut self, row: &[T], scan: impl Scan) -> Result<(), HasNan> {
         self.queue.clear();
         self.idx.clear();
         if uses_partial_sort(self.k, row.len()) {
-            if !self.distinct_top(row, next, scan)? {
+            if !self.distinct_top(row, scan)? {
                 self.queue.clear();
                 self.heap_select(row, scan)?;
             }
@@ -776,12 +722,7 @@ impl Selector {
     /// among them, when `t` is `-inf`, when too many qualify, or when the row does not split
     /// into 8-lane vectors or `k > 8`.
     #[inline(always)]
-    fn distinct_top<T: Element>(
-        &mut self,
-        row: &[T],
-        next: &[T],
-        scan: impl Scan,
-    ) -> Result<bool, HasNan> {
+    fn distinct_top<T: Element>(&mut self, row: &[T], scan: impl Scan) -> Result<bool, HasNan> {
         let k = self.k;
         if k > FAST_LANES || !row.len().is_multiple_of(FAST_LANES) {
             return Ok(false);
@@ -796,7 +737,7 @@ impl Selector {
             self.chunk_max.resize(chunks, [0.0; FAST_LANES]);
         }
         let chunk_max = &mut self.chunk_max[..chunks];
-        let (lanes, nan) = scan.chunk_maxima(xs, bytemuck::cast_slice::<T, u8>(next), chunk_max);
+        let (lanes, nan) = scan.chunk_maxima(xs, chunk_max);
         if nan {
             return Err(HasNan);
         }
@@ -811,12 +752,26 @@ impl Selector {
         if !scan.candidates(xs, chunk_max, below, cand) {
             return Ok(false);
         }
-        // Insertion sort, largest first: a handful of candidates.
-        for i in 1..cand.len() {
-            let mut j = i;
-            while j > 0 && cand[j - 1].0 < cand[j].0 {
-                cand.swap(j - 1, j);
-                j -= 1;
+        // Insertion sort, largest first. Usually a handful of candidates: then each new one is
+        // compared with every one before it and exchanged by selects, not branches (on random
+        // logits their order is a coin toss). That is the insertion sort's order: the element
+        // stops at the first pair that is not `<`, and the sorted pairs below exchange nothing.
+        if cand.len() <= FAST_LANES {
+            for i in 1..cand.len() {
+                for j in (1..=i).rev() {
+                    let (a, b) = (cand[j - 1], cand[j]);
+                    let swap = a.0 < b.0;
+                    cand[j - 1] = if swap { b } else { a };
+                    cand[j] = if swap { a } else { b };
+                }
+            }
+        } else {
+            for i in 1..cand.len() {
+                let mut j = i;
+                while j > 0 && cand[j - 1].0 < cand[j].0 {
+                    cand.swap(j - 1, j);
+                    j -= 1;
+                }
             }
         }
         // `+0.0 == -0.0`: a tie for torch's `>`, so that falls back too.
@@ -994,8 +949,7 @@ fn topk_rows<T: Element>(
     let mut sel = Selector::new(k);
     for (r, (idx_row, w_row)) in idx_out.chunks_mut(k).zip(w_out.chunks_mut(k)).enumerate() {
         let row = first_row + r;
-        let next = logits.row((row + 2).min(logits.rows() - 1));
-        if sel.select(logits.row(row), next, scan).is_err() {
+        if sel.select(logits.row(row), scan).is_err() {
             return Some(row);
         }
         for (o, &i) in idx_row.iter_mut().zip(sel.indices()) {
@@ -1244,6 +1198,32 @@ pub(crate) mod tests {
         for k in [5, 33, 100, 299, 300] {
             assert!(!uses_partial_sort(k, n));
             assert_matches(&x, n, k, 2);
+        }
+    }
+
+    /// Rows of more than 64 fast-path chunks: `candidates` takes the chunk maxima 64 at a
+    /// time, so the top values are planted in the later groups and in a short last chunk.
+    #[test]
+    fn fast_path_long_rows() {
+        for n in [64 * FAST_CHUNK + 8, 20_000, 3 * 64 * FAST_CHUNK] {
+            let rows = 4;
+            let mut x = lcg(n as u64, rows * n);
+            for (r, row) in x.chunks_mut(n).enumerate() {
+                // Row 0 as drawn; row 1: the top two in the last (short) chunk; row 2: in the
+                // second group of chunks, in one lane; row 3: 70 near-equal values at the top.
+                match r {
+                    1 => (row[n - 1], row[n - 8]) = (9.0, 8.5),
+                    2 => {
+                        let at = (64 * FAST_CHUNK + 3).min(n - 9);
+                        (row[at], row[at + 8]) = (9.0, 8.5);
+                    }
+                    3 => (0..70).for_each(|i| row[(i * 293) % n] = 9.0 - i as f32 * 1e-3),
+                    _ => {}
+                }
+            }
+            for k in [1, 2, 5, 8] {
+                assert_matches(&x, n, k, 2);
+            }
         }
     }
 
