@@ -142,8 +142,8 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_dropout = DropoutDict()
         self.vblora_logits_A = LogitsDict(self)
         self.vblora_logits_B = LogitsDict(self)
-        # the tuner's bank dict is seen through a view without parameters (see shared_bank: one owner for FSDP)
-        shared_bank.hold(self, nn.ParameterDict({}))
+        # (PEFT's empty vblora_vector_bank stays until update_layer holds the tuner's bank through a view without
+        # parameters: see shared_bank, one owner for FSDP)
         # Compact adapters (loaded from top-K weights, or ``compact_``-ed): the tuner's shared tables and this
         # layer's first row in them (A's rows, then B's). Such adapters have no entry in the logits dicts.
         # The tables are held, not registered: a process may hold a thousand adapters, and registering them in

@@ -1,11 +1,12 @@
 """How a VB-LoRA layer holds the vector bank its tuner owns.
 
-The tuner's bank dict (adapter -> ``(num_vectors, vector_length)`` Parameter) is the only module that registers
-the bank. Each layer registers a :class:`BankView` of that dict instead: a child module with no parameters of its
-own. Module walks that claim parameters subtree by subtree (FSDP2's ``fully_shard`` on each decoder layer, then on
-the root) find no bank under a layer, so the first layer's group cannot take the one bank away from all the
-others; through the tuner it is still one parameter of the model (``named_parameters``, DDP, optimizers,
-``.to()``), and every layer sees each change of it because the dict object is shared.
+The tuner's bank dict (adapter -> ``(num_vectors, vector_length)`` Parameter) is the only module that registers the
+bank. Each layer registers the dict's one :class:`BankView` instead (shared by the layers, as PEFT's layers share
+the dict): a child module with no parameters of its own. Module walks that claim parameters subtree by subtree
+(FSDP2's ``fully_shard`` on each decoder layer, then on the root) find no bank under a layer, so the first layer's
+group cannot take the one bank away from all the others; through the tuner it is still one parameter of the model
+(``named_parameters``, DDP, optimizers, ``.to()``), and every layer sees each change of it because the dict object
+is shared.
 
 The view keeps what PEFT's layers look like from outside: ``layer.vblora_vector_bank[adapter]``, ``in``,
 ``items()``; ``state_dict()`` keys ``<layer>.vblora_vector_bank.<adapter>`` (the tuner's tensor; PEFT's layers
@@ -28,6 +29,7 @@ from torch import nn
 ATTRIBUTE = "vblora_vector_bank"
 # set on the tuner's bank dict: layers register a view of it (a plain attribute, kept by copies and pickles)
 OWNED_BY_TUNER = "vblora_owned_by_tuner"
+_VIEW = "vblora_view"  # the owned dict's one BankView, shared by its layers
 
 
 def mark_owned(bank: nn.ParameterDict) -> None:
@@ -94,8 +96,16 @@ class BankView(nn.Module):
 
 
 def hold(layer: nn.Module, bank: nn.ParameterDict) -> None:
-    """Make ``bank`` the layer's ``vblora_vector_bank``: a view if a tuner owns it, else the dict itself."""
-    layer._modules[ATTRIBUTE] = BankView(bank) if getattr(bank, OWNED_BY_TUNER, False) else bank
+    """Make ``bank`` the layer's ``vblora_vector_bank``: the tuner's one view if a tuner owns it, else the dict
+    itself. One view serves every layer, as PEFT's layers share one bank dict: a view per layer would be 224 more
+    modules on a 7B model (about half a MiB, most of what a compact load adds over the checkpoint)."""
+    if not getattr(bank, OWNED_BY_TUNER, False):
+        layer._modules[ATTRIBUTE] = bank
+        return
+    view = bank.__dict__.get(_VIEW)
+    if view is None:
+        view = bank.__dict__[_VIEW] = BankView(bank)  # a plain attribute: not a submodule of the dict
+    layer._modules[ATTRIBUTE] = view
 
 
 def of(layer: nn.Module) -> nn.ParameterDict:
