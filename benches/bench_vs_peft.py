@@ -129,10 +129,11 @@ def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, s
         base_o.weight.copy_(weight)
     names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
     bank_t, bank_o = nn.ParameterDict(), nn.ParameterDict()
+    banks = {}
     for name in names:
-        bank = torch.rand(NUM_VECTORS, VECTOR_LENGTH, generator=g) * 0.04 - 0.02
-        bank_t[name] = nn.Parameter(bank.clone())
-        bank_o[name] = nn.Parameter(bank.clone())
+        banks[name] = torch.rand(NUM_VECTORS, VECTOR_LENGTH, generator=g) * 0.04 - 0.02
+        bank_t[name] = nn.Parameter(banks[name].clone())
+        bank_o[name] = nn.Parameter(banks[name].clone())
     theirs = PeftLinear(base_t, bank_t, "default", config=peft_config(), r=R)
     ours = vblora_rs.Linear(
         base_o, bank_o, "default", r=R, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH, topk=TOPK
@@ -140,14 +141,16 @@ def layer_pair(in_f: int, out_f: int, dtype: torch.dtype, n_adapters: int = 1, s
     for name in names[1:]:
         theirs.update_layer(name, bank_t, R, config=peft_config())
         ours.update_layer(name, bank_o, R, topk=TOPK, num_vectors=NUM_VECTORS, vector_length=VECTOR_LENGTH)
-    # PEFT's layer takes the base weight's dtype; get_peft_model then casts adapters back to float32
-    # (autocast_adapter_dtype=True), which is how users run it and how ours holds them.
+    # A layer (PEFT's, and ours like it) takes the base weight's dtype; get_peft_model then casts adapters back to
+    # float32 (autocast_adapter_dtype=True), which is how users run them: the same cast here, on both sides.
     with torch.no_grad():
-        for holder in (theirs.vblora_logits_A, theirs.vblora_logits_B, bank_t):
+        holders = (theirs.vblora_logits_A, theirs.vblora_logits_B, bank_t, ours.vblora_logits_A, ours.vblora_logits_B)
+        for holder in (*holders, bank_o):
             for param in holder.values():
                 param.data = param.data.float()
-        for name in names:  # the bf16 round trip rounded PEFT's bank: give it ours again
-            bank_t[name].copy_(bank_o[name])
+        for name in names:  # the bf16 round trip rounded both banks: give them the drawn values again
+            bank_t[name].copy_(banks[name])
+            bank_o[name].copy_(banks[name])
     with torch.no_grad():
         for name in names:
             for attr in ("vblora_logits_A", "vblora_logits_B"):
