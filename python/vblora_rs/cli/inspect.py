@@ -10,14 +10,11 @@ listing 300k modules is inspected in seconds. Another format is one more functio
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,6 +22,7 @@ import numpy as np
 
 from ..config import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from ..errors import VBLoRAError
+from ..gc_pause import collector_paused
 from ..storage.header_size import Columns, header_bytes
 from .adapter_summary import ITEMSIZE, ST_TO_TORCH, Summary, index_bits, read_summary, st_dtype
 
@@ -389,23 +387,10 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The report holds a few objects per module (hundreds of thousands for a file listing that many) and no
-    reference cycles: the cyclic collector would only rescan them again and again (~45% of the time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         _require_matplotlib()  # before the work, not after
-    with _collector_paused():
+    with collector_paused():  # a few objects per module, no cycles
         report = build_report(read_summary(args.adapter))
         text = json.dumps(report, indent=2) if args.json else render_text(report)
     print(text)

@@ -30,11 +30,11 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import BANK_KEY, MODEL_PREFIX
 from ..errors import VBLoRAError
+from ..gc_pause import collector_paused
 from ..storage.config_file import check_config
 from . import sharding, shared_bank, weights_check
 from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
-from .gc_pause import collector_paused
 from .layer import Linear, VBLoRALayer
 from .memory_budget import MemoryBudget
 from .quantized import layer_class_for
