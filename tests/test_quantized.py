@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import peft  # noqa: E402
 import vblora_rs  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from vblora_rs.cli import main as cli_main  # noqa: E402
+from vblora_rs.errors import VBLoRAError  # noqa: E402
 from vblora_rs.tuner import bnb_weights  # noqa: E402
 from vblora_rs.tuner.layer import VBLoRALayer  # noqa: E402
 from vblora_rs.tuner.quantized import Linear4bit, Linear8bitLt, QuantizedLinear  # noqa: E402
@@ -646,3 +648,43 @@ def test_mixed_batch_over_a_4bit_base(base_dir: Path) -> None:
         default = model(batch).logits
     torch.testing.assert_close(mixed[0], default[0], **model_tol())
     torch.testing.assert_close(mixed[1], other[1], **model_tol())
+
+
+# --- FSDP over a quantized base: refused -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank (fully_shard needs a group; one rank shows the same parameter swap)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fully_shard_model_refuses_a_quantized_base_before_sharding(base_dir: Path, one_rank_group: None) -> None:
+    from vblora_rs import distributed as vd
+
+    model = vb_model(load_quantized(base_dir, "nf4"))
+    with pytest.raises(VBLoRAError, match=r"rank 0: module '.*' is a bitsandbytes 4bit layer: FSDP2"):
+        vd.fully_shard_model(model)
+    assert all(isinstance(m.get_base_layer().weight, bnb.nn.Params4bit) for _, m in quantized_layers(model))
+
+
+def test_a_quantized_base_sharded_by_hand_is_refused_at_forward_and_by_check_sharding(
+    base_dir: Path, one_rank_group: None
+) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from vblora_rs import distributed as vd
+
+    model = vb_model(load_quantized(base_dir, "int8"))
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    with pytest.raises(VBLoRAError, match="bitsandbytes 8bit layer under this VB-LoRA layer .* without its"):
+        model(ids())
+    with pytest.raises(VBLoRAError, match=r"module '.*' is a bitsandbytes 8bit layer"):
+        vd.check_sharding(model)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import VBLoRAError
+from .tuner import bnb_weights
 from .tuner.model import VBLoRAModel
 from .tuner.sharding import is_fsdp_module, is_shard, rank
 
@@ -71,6 +72,7 @@ def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = 
     blocks = list(layers) if layers is not None else decoder_layers(model)
     if not blocks:
         raise VBLoRAError(f"{type(model).__name__}: no layers to shard")
+    refuse_quantized(model)  # before anything is sharded
     for block in blocks:
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
@@ -78,15 +80,32 @@ def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = 
     return model
 
 
+def refuse_quantized(model: nn.Module) -> None:
+    """FSDP2 cannot shard bitsandbytes layers: it swaps their packed weight for a DTensor without the quantization
+    state, and bitsandbytes then computes with wrong weights without a word. Raise ``VBLoRAError`` naming the first
+    such module."""
+    for name, module in model.named_modules():
+        kind = bnb_weights.kind_of(module)
+        if kind is not None:
+            raise VBLoRAError(
+                f"rank {rank()}: module {name!r} is a bitsandbytes {kind} layer: FSDP2 (fully_shard) over a "
+                "quantized base is not supported (the sharded weight loses its quantization state and bitsandbytes "
+                "would compute with wrong weights); train on a quantized base in one process per model copy (DDP)"
+            )
+
+
 def check_sharding(model: nn.Module) -> None:
     """Raise ``VBLoRAError`` naming the module when FSDP2 shards a bank in a way that breaks sharing:
 
     - ``fully_shard`` on the bank dict itself: that module is never called, so the layers would meet its shards;
     - a bank left whole (``ignored_params``, or no ``fully_shard`` on a module above the tuner) while the model is
-      sharded: its gradient would not be reduced over the ranks and the ranks' banks would drift apart.
+      sharded: its gradient would not be reduced over the ranks and the ranks' banks would drift apart;
+    - a bitsandbytes quantized layer in a sharded model (see :func:`refuse_quantized`).
 
     Call it between steps (in a forward the root holds its parameters gathered)."""
     sharded_model = any(is_fsdp_module(m) for m in model.modules())
+    if sharded_model:
+        refuse_quantized(model)
     for name, tuner in _tuners(model):
         bank_dict = tuner.vblora_vector_bank
         where = f"{name}.vblora_vector_bank" if name else "vblora_vector_bank"

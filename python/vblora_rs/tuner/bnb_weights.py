@@ -56,6 +56,18 @@ def is_quantized(module: nn.Module) -> bool:
     return False
 
 
+def lost_quantization(module: nn.Module) -> bool:
+    """Whether a bitsandbytes layer's weight is no longer bitsandbytes' own parameter: FSDP2 (``fully_shard``)
+    swaps in its sharded DTensor, and around a forward the gathered plain tensor, neither carrying the quantization
+    state, and bitsandbytes then computes with wrong weights without a word (measured: two ranks fed the same
+    batch disagreed with each other and with one process)."""
+    kind = kind_of(module)
+    if kind is None:
+        return False
+    bnb = _bnb()
+    return not isinstance(module.weight, bnb.nn.Params4bit if kind == "4bit" else bnb.nn.Int8Params)
+
+
 # --- snapshots: what a quantized weight is made of ---------------------------------------------------------------
 
 

@@ -28,8 +28,10 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .. import ops
+from ..errors import VBLoRAError
 from . import bnb_weights
 from .layer import Linear
+from .sharding import rank
 
 SUPPORTED = "bitsandbytes Linear4bit (NF4, FP4) and Linear8bitLt"
 
@@ -112,6 +114,17 @@ class QuantizedLinear(Linear):
             bnb_weights.install(base, bnb_weights.quantize(base, weight))
         self._pre_merge = None
         self.merged_adapters = []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if bnb_weights.lost_quantization(base):
+            raise VBLoRAError(
+                f"rank {rank()}: the bitsandbytes {bnb_weights.kind_of(base)} layer under this VB-LoRA layer "
+                f"({self.in_features} -> {self.out_features}) holds a {type(base.weight).__name__} weight without its "
+                "quantization state: FSDP's fully_shard over a quantized base is not supported (bitsandbytes would "
+                "compute with wrong weights); train on a quantized base in one process per model copy (DDP)"
+            )
+        return super().forward(x, *args, **kwargs)
 
 
 class Linear4bit(QuantizedLinear):
