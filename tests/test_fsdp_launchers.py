@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import vblora_rs
 from fsdp_reference import assert_adapter_matches, assert_losses_match, param_bounds, reference, tiny
 from vblora_rs import PeftModel
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import (built or installed)
 EXAMPLE = ROOT / "examples" / "fsdp"
 
 
 def launch(command: list[str], tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
