@@ -119,14 +119,18 @@ def test_weights_that_overflow_float32_are_refused(tmp_path: Path, capsys: pytes
 
 def test_a_repeated_index_is_refused_by_every_reader(tmp_path: Path) -> None:
     """The one top-K rule: what merge refuses, the packed encoder and the Python check refuse too."""
-    from vblora_rs.storage.topk import row_problem
+    from vblora_rs.storage.topk import first_bad_row
 
-    assert row_problem(np.array([[0, 1], [2, 2]]), np.array([[0.5], [0.5]], np.float32), 4) == (
-        "row 1: indices repeats index 2"
+    assert first_bad_row(np.array([[0, 1], [2, 2]]), np.array([[0.5], [0.5]], np.float32), 4) == (
+        1,
+        "indices",
+        "repeats index 2",
     )
-    assert row_problem(np.array([[0, 4]]), np.array([[0.5]], np.float32), 4).startswith("row 0: indices holds index 4")
-    assert row_problem(np.array([[0, 1]]), np.array([[1.5]], np.float32), 4).startswith("row 0: weights has weights")
-    assert row_problem(np.array([[0, 1]]), np.array([[0.5]], np.float32), 4) == ""
+    row, part, reason = first_bad_row(np.array([[0, 4]]), np.array([[0.5]], np.float32), 4)
+    assert (row, part) == (0, "indices") and reason.startswith("holds index 4")
+    row, part, reason = first_bad_row(np.array([[0, 1]]), np.array([[1.5]], np.float32), 4)
+    assert (row, part) == (0, "weights") and reason.startswith("has weights")
+    assert first_bad_row(np.array([[0, 1]]), np.array([[0.5]], np.float32), 4) is None
     base = save_base("llama", tmp_path / "base")
     adapter = save_adapter("llama", tmp_path / "adapter", seed=1, topk=True)
     path = adapter / "adapter_model.safetensors"

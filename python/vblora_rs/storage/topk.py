@@ -1,5 +1,5 @@
 """THE validity rule of stored top-K rows, the one every reader applies (Rust ``stored_topk``: the packed
-decoder, the streaming merge, and through :func:`row_problem` the torch-free tools and the model side).
+decoder, the streaming merge, and through :func:`first_bad_row` the model side's checks).
 
 A row of ``k`` indices and ``k - 1`` stored softmax weights is valid when every index is in
 ``[0, num_vectors)``, no index repeats within the row, every weight is finite and ``>= 0``, and the weights
@@ -26,12 +26,3 @@ def first_bad_row(indices: np.ndarray, weights: np.ndarray, num_vectors: int) ->
     found = _native.check_topk_rows(idx, w, num_vectors)
     return None if found is None else (int(found[0]), str(found[1]), str(found[2]))
 
-
-def row_problem(indices: np.ndarray, weights: np.ndarray, num_vectors: int) -> str:
-    """``""`` when every row is valid, else ``"row R: indices|weights <reason>"`` for the first bad row (see
-    :func:`first_bad_row`)."""
-    found = first_bad_row(indices, weights, num_vectors)
-    if found is None:
-        return ""
-    row, part, reason = found
-    return f"row {row}: {part} {reason}"
