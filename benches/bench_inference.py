@@ -33,7 +33,7 @@ import peft  # noqa: E402
 import vblora_rs  # noqa: E402
 from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from vblora_rs.optim import param_groups  # noqa: E402
+from vblora_rs.training.optim import param_groups  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 R, NUM_VECTORS, TOPK = 4, 256, 2

@@ -37,8 +37,8 @@ from peft import get_peft_model_state_dict  # noqa: E402
 from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from vblora_rs.config import VBLoRAConfig as FileConfig  # noqa: E402
-from vblora_rs.packed import PackReport, read_packed, write_packed  # noqa: E402
+from vblora_rs.convert.packed import PackReport, read_packed, write_packed  # noqa: E402
+from vblora_rs.storage.adapter_config import AdapterConfig as FileConfig  # noqa: E402
 
 R, NUM_VECTORS, VECTOR_LENGTH, TOPK = 4, 2048, 256, 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

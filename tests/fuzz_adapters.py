@@ -193,7 +193,7 @@ def _from_pretrained(adapter: Path, base: Path, work: Path) -> None:
 
 
 def _merge(adapter: Path, base: Path, work: Path) -> None:
-    from vblora_rs import merge_plan
+    from vblora_rs import merge as merge_plan
 
     merge_plan.write_merged(merge_plan.plan_merge(str(base), [str(adapter)], num_threads=1), str(work / "merged"))
 
@@ -206,7 +206,7 @@ def _inspect(adapter: Path, base: Path, work: Path) -> None:
 
 
 def _to_lora(adapter: Path, base: Path, work: Path) -> None:
-    from vblora_rs.cli.to_lora import export_lora
+    from vblora_rs.convert.lora import export_lora
 
     export_lora(adapter, work / "lora")
 

@@ -2,7 +2,7 @@
 modules must not cost minutes and gigabytes).
 
 Files are written by the project's own writers, so they are valid: the packed file by the Rust encoder
-(``_native.encode_packed``, the writer under :func:`vblora_rs.packed.write_packed`, called here with the flat
+(``_native.encode_packed``, the writer under :func:`vblora_rs.convert.packed.write_packed`, called here with the flat
 arrays it takes so that writing a million modules does not itself cost a Python object per module), the PEFT
 folder by ``safetensors.numpy`` with PEFT's keys. Torch-free, so a measured CLI run is not charged for torch
 imported by its fixture.
@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 from vblora_rs import _native
-from vblora_rs.config import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME, VBLoRAConfig
+from vblora_rs.storage.adapter_config import AdapterConfig as VBLoRAConfig
+from vblora_rs.storage.names import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 
 PREFIX = "base_model.model."
 BANK_KEY = "base_model.vblora_vector_bank"

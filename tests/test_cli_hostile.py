@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from test_cli_merge import leftovers, run_cli, save_adapter, save_base
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.storage import atomic
-from vblora_rs.storage.config_file import check_config
+from vblora_rs.storage.adapter_config import check_config
 from vblora_rs.storage.json_file import MAX_DEPTH, parse_object
 from vblora_rs.storage.locate import locate
 
@@ -90,7 +90,7 @@ def test_huge_bank_values_overflow_with_an_error_naming_the_tensor(tmp_path: Pat
     assert run_cli(base, adapter, "-o", tmp_path / "out") == 1
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
     with pytest.raises(VBLoRAError, match=r"tensor model\.layers\.\d+\..*weight: weight at .* overflows float32"):
-        from vblora_rs import merge_plan
+        from vblora_rs import merge as merge_plan
 
         merge_plan.write_merged(merge_plan.plan_merge(str(base), [str(adapter)]), str(tmp_path / "out"))
 
@@ -103,7 +103,7 @@ def test_an_infinite_logit_is_refused(tmp_path: Path) -> None:
     key = next(k for k in sorted(tensors) if k.endswith("vblora_logits_A"))
     tensors[key][0, 0, 3] = np.inf
     save_file(tensors, str(path))
-    from vblora_rs import merge_plan
+    from vblora_rs import merge as merge_plan
 
     with pytest.raises(VBLoRAError, match=f"tensor {key} row 0 holds [+]inf logits"):
         merge_plan.plan_merge(str(base), [str(adapter)])
@@ -314,7 +314,7 @@ def test_an_unpadded_header_and_a_bank_beyond_float16_are_legal(tmp_path: Path) 
 
 
 def test_a_packed_config_that_is_not_a_json_object(tmp_path: Path) -> None:
-    from vblora_rs.storage.config_file import parse_config
+    from vblora_rs.storage.adapter_config import parse_config
 
     for text, message in [("[1]", "expected a JSON object, got list"), ("{nope", "not valid JSON")]:
         with pytest.raises(VBLoRAError, match=f"f.safetensors \\(its config\\): {message}"):

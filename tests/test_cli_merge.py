@@ -18,9 +18,11 @@ import torch
 import vblora_rs
 from conftest import MODEL_CASES, output_tensor, peft_from_pretrained, peft_get_peft_model
 from safetensors.torch import load_file, save_file
-from vblora_rs import merge_plan
+from vblora_rs import _native
+from vblora_rs import merge as merge_plan
 from vblora_rs.cli import main
 from vblora_rs.errors import VBLoRAError
+from vblora_rs.merge.plan import INDEX_FILE
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
 ADAPTER_KW = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0}
@@ -211,9 +213,9 @@ def test_dtype_converts_then_merges(tmp_path: Path) -> None:
     assert {t.dtype for t in ours.values()} == {torch.bfloat16}
     assert_matches(ours, peft_merged(base, [adapter], torch.bfloat16).state_dict(), one_rounding=True)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    index = json.loads((out / merge_plan.INDEX_FILE).read_text())
+    index = json.loads((out / INDEX_FILE).read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in ours.values())
-    assert index["weight_map"] == json.loads((base / merge_plan.INDEX_FILE).read_text())["weight_map"]
+    assert index["weight_map"] == json.loads((base / INDEX_FILE).read_text())["weight_map"]
 
 
 def test_prefix_mismatch_is_matched_by_suffix(tmp_path: Path) -> None:
@@ -431,7 +433,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     base = save_base("llama", tmp_path / "base", sharded=True)
     adapter = save_adapter("llama", tmp_path / "adapter", seed=1)
     plan = merge_plan.plan_merge(str(base), [str(adapter)])
-    real = merge_plan._native.merge_safetensors
+    real = _native.merge_safetensors
     calls = []
 
     def disk_full_on_third_shard(src, dst, *args):  # type: ignore[no-untyped-def]
@@ -442,7 +444,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
             raise OSError(28, "No space left on device")
         return real(src, dst, *args)
 
-    monkeypatch.setattr(merge_plan._native, "merge_safetensors", disk_full_on_third_shard)
+    monkeypatch.setattr(_native, "merge_safetensors", disk_full_on_third_shard)
     with pytest.raises(OSError, match="No space"):
         merge_plan.write_merged(plan, str(tmp_path / "out"))
     assert len(calls) == 3 and not (tmp_path / "out").exists() and not leftovers(tmp_path)

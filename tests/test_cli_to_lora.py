@@ -16,8 +16,8 @@ import torch
 import vblora_rs
 from conftest import MODEL_CASES, output_tensor, peft_from_pretrained
 from safetensors.torch import load_file, save_file
-from vblora_rs.adapter_files import module_factors, read_adapter
 from vblora_rs.cli import main
+from vblora_rs.convert.adapter_tensors import module_factors, read_adapter
 
 # outputs of the same deltas through another order of products, over the deepest of MODEL_CASES' models
 ATOL = max(tolerances.model(case)["atol"] for case in MODEL_CASES)

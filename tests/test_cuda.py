@@ -12,7 +12,7 @@ import tolerances
 import torch
 import vblora_rs
 from conftest import MODEL_CASES, bank_named_once, output_tensor, peft_get_peft_model
-from vblora_rs.optim import create_optimizer
+from vblora_rs.training.optim import create_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

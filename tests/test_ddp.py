@@ -16,7 +16,7 @@ from conftest import MODEL_CASES
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from vblora_rs import VBLoRAConfig, get_peft_model
-from vblora_rs.optim import param_groups
+from vblora_rs.training.optim import param_groups
 
 WORLD = 2
 BATCH = 4  # two samples per rank

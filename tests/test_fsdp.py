@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard`` on each decoder layer, then on the PeftModel) over two CPU processes (gloo).
 
 One spawn runs everything the ranks do: a few AdamW steps on half batches, the adapter saved from the sharded model
-(full and top-K) with ``vblora_rs.distributed.save_pretrained``, and the bad inputs (PEFT's own save on a rank's
+(full and top-K) with ``vblora_rs.training.fsdp.save_pretrained``, and the bad inputs (PEFT's own save on a rank's
 shards, a merge and ``compact_`` on shards, a bank sharded on its own or left out of every group). The test process
 then trains the same model in one process on the full batches and compares."""
 
@@ -53,7 +53,7 @@ def _attempt(results: dict[str, Any], key: str, action: Any) -> None:
 
 def _bad_shardings(results: dict[str, Any]) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    from vblora_rs.distributed import check_sharding, fully_shard_model
+    from vblora_rs.training.fsdp import check_sharding, fully_shard_model
 
     ids = eval_ids()
     # the helper: the decoder layers found from _no_split_modules, then the root
@@ -94,7 +94,7 @@ def _bad_shardings(results: dict[str, Any]) -> None:
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
-    from vblora_rs.distributed import check_sharding, full_state_dict, save_pretrained
+    from vblora_rs.training.fsdp import check_sharding, full_state_dict, save_pretrained
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -209,7 +209,7 @@ def test_bad_inputs_get_named_errors(spawned: Path) -> None:
         assert res["no_grad_repeat_equal"] and res["no_grad_sees_edit"]
         # PEFT's save of one rank's shards: refused on that rank, no adapter file written
         assert res["direct_save"].startswith(f"rank {rank}: adapter 'default' cannot be saved"), res["direct_save"]
-        assert "vblora_rs.distributed.save_pretrained" in res["direct_save"]
+        assert "vblora_rs.training.fsdp.save_pretrained" in res["direct_save"]
         assert not {"adapter_model.safetensors", "adapter_config.json"} & set(res["direct_files"])
         # the Rust no-grad paths never see a shard
         assert res["merge"].startswith(f"rank {rank}: adapter 'default' is sharded by FSDP"), res["merge"]

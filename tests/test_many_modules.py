@@ -20,8 +20,8 @@ import torch
 import vblora_rs
 from conftest import make_mlp
 from safetensors import safe_open
-from vblora_rs import packed
 from vblora_rs.cli import main
+from vblora_rs.convert import packed
 from vblora_rs.errors import VBLoRAError
 
 N = 15_000  # and 4N: about a second for the larger inspect on a loaded 2-core machine

@@ -22,15 +22,14 @@ from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from vblora_rs import VBLoRAConfig, VBLoRAError, _native, get_peft_model
-from vblora_rs.checkpoint import BANK_KEY
 from vblora_rs.cli import main as cli_main
-from vblora_rs.packed import (
-    PACKED_WEIGHTS_NAME,
+from vblora_rs.convert.packed import (
     is_packed_file,
     read_packed,
     topk_tensors_from_full,
     write_packed,
 )
+from vblora_rs.storage.names import BANK_KEY, PACKED_WEIGHTS_NAME
 
 DATA = Path(__file__).parent / "data"
 BROKEN = DATA / "broken"

@@ -11,7 +11,7 @@ import vblora_rs
 from conftest import MODEL_CASES, output_tensor, peft_from_pretrained
 from safetensors.torch import load_file
 from test_parity_peft import build_pair
-from vblora_rs.packed import PACKED_WEIGHTS_NAME
+from vblora_rs.storage.names import PACKED_WEIGHTS_NAME
 
 
 @pytest.mark.parametrize("case", ["mlp", "gpt2", "llama"])

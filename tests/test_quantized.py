@@ -666,7 +666,7 @@ def one_rank_group(tmp_path: Path) -> Iterator[None]:
 
 
 def test_fully_shard_model_refuses_a_quantized_base_before_sharding(base_dir: Path, one_rank_group: None) -> None:
-    from vblora_rs import distributed as vd
+    from vblora_rs.training import fsdp as vd
 
     model = vb_model(load_quantized(base_dir, "nf4"))
     with pytest.raises(VBLoRAError, match=r"rank 0: module '.*' is a bitsandbytes 4bit layer: FSDP2"):
@@ -678,7 +678,7 @@ def test_a_quantized_base_sharded_by_hand_is_refused_at_forward_and_by_check_sha
     base_dir: Path, one_rank_group: None
 ) -> None:
     from torch.distributed.fsdp import fully_shard
-    from vblora_rs import distributed as vd
+    from vblora_rs.training import fsdp as vd
 
     model = vb_model(load_quantized(base_dir, "int8"))
     for block in model.base_model.model.model.layers:

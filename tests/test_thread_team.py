@@ -14,8 +14,8 @@ import tolerances
 import torch
 import vblora_rs
 from vblora_rs import _native, ops
+from vblora_rs._threads import torch_openmp_library
 from vblora_rs.errors import VBLoRAError
-from vblora_rs.thread_team import torch_openmp_library
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
 TORCH_OPENMP = torch_openmp_library()

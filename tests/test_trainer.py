@@ -24,7 +24,7 @@ from vblora_rs import (
     get_peft_model,
     set_lora_cache_size,
 )
-from vblora_rs.optim import create_optimizer, param_groups
+from vblora_rs.training.optim import create_optimizer, param_groups
 
 EPS32 = torch.finfo(torch.float32).eps
 DEFAULT_CACHE = get_lora_cache_size()

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
-from vblora_rs.distributed import check_sharding, save_pretrained  # noqa: E402
+from vblora_rs.training.fsdp import check_sharding, save_pretrained  # noqa: E402
 
 
 def main(out: Path) -> None:

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
-from vblora_rs.distributed import check_sharding  # noqa: E402
+from vblora_rs.training.fsdp import check_sharding  # noqa: E402
 
 
 class Batches(torch.utils.data.Dataset):

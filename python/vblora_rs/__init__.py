@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from .api import get_peft_model
     from .ops import get_num_threads, set_num_threads
-    from .optim import create_optimizer, param_groups
+    from .training.optim import create_optimizer, param_groups
     from .tuner.cache import get_lora_cache_size, set_lora_cache_size
     from .tuner.layer import Linear, VBLoRALayer
     from .tuner.model import VBLoRAModel
@@ -39,13 +39,13 @@ _LAZY = {
     "VBLoRALayer": (".tuner.layer", False),
     "VBLoRAModel": (".tuner.model", False),
     "apply_to_peft": (".tuner.peft_backend", False),
-    "create_optimizer": (".optim", False),
+    "create_optimizer": (".training.optim", False),
     "get_lora_cache_size": (".tuner.cache", False),
     "get_num_threads": (".ops", False),
     "get_peft_model": (".api", True),
     "is_applied": (".tuner.peft_backend", False),
     "load_packed": (".tuner.packed_adapters", False),
-    "param_groups": (".optim", False),
+    "param_groups": (".training.optim", False),
     "remove_from_peft": (".tuner.peft_backend", False),
     "save_packed": (".tuner.packed_adapters", False),
     "set_lora_cache_size": (".tuner.cache", False),

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from . import _native
+from ._threads import bind_torch_threads
 from .errors import VBLoRAError
-from .thread_team import bind_torch_threads
 
 __all__ = [
     "MergeTerm",
@@ -67,7 +67,9 @@ def native_ok(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _float_view(t: torch.Tensor, name: str) -> np.ndarray:
+def float_view(t: torch.Tensor, name: str) -> np.ndarray:
+    """A zero-copy numpy view of a CPU float tensor for the kernels (bfloat16 as its uint16 bits); VBLoRAError
+    naming ``name`` for a tensor the kernels cannot take."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter):  # e.g. FSDP's DTensor: numpy() would refuse it
         raise VBLoRAError(
             f"{name} is a {type(t).__name__} (a tensor subclass, such as an FSDP shard); the Rust kernels take "
@@ -142,7 +144,7 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
     rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included."""
     rows = _rows(logits, name)
     # The kept logits come back from the selection itself (exact, widened as .float() does): no gather.
-    idx, kept = _wrap(name, _native.topk_many, [_float_view(rows, name)], int(k), True, get_num_threads())
+    idx, kept = _wrap(name, _native.topk_many, [float_view(rows, name)], int(k), True, get_num_threads())
     indices = torch.from_numpy(idx)
     weights = torch.softmax(torch.from_numpy(kept), dim=-1)
     shape = (*logits.shape[:-1], int(k))
@@ -159,7 +161,7 @@ def topk_softmax_many(
     rows = [_rows(t, name) for t in logits]
     if not rows:
         return torch.empty(0, int(k), dtype=torch.long), torch.empty(0, int(k))
-    views = [_float_view(r, name) for r in rows]
+    views = [float_view(r, name) for r in rows]
     idx, kept = _wrap(name, _native.topk_many, views, int(k), True, get_num_threads())
     # the kept logits come back exactly (widened to float32, as torch's .float() does)
     return torch.from_numpy(idx), torch.softmax(torch.from_numpy(kept), dim=-1)
@@ -190,7 +192,7 @@ def low_rank_from_topk(
         _native.low_rank_from_topk,
         idx.numpy(),
         w.detach().numpy(),
-        _float_view(bank, "vector bank"),
+        float_view(bank, "vector bank"),
         get_num_threads(),
     )
     return torch.from_numpy(out).reshape(*indices.shape[:-1], bank.shape[1])
@@ -284,7 +286,7 @@ def merge_(
             f"{name} has shape {tuple(weight.shape)} but the adapter delta has shape "
             f"{(u.shape[0], v.shape[1])}" + (f" (B @ A is {want}, fan_in_fan_out=True)" if fan_in_fan_out else "")
         )
-    view = _float_view(weight, name)
+    view = float_view(weight, name)
     _wrap(name, _native.rank_update_, view, u.numpy(), v.numpy(), get_num_threads())
     return weight
 

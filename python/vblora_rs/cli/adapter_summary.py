@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from ..config import BANK_KEY
 from ..errors import VBLoRAError
 from ..storage.header_size import json_string_bytes
 from ..storage.locate import PACKED, locate
+from ..storage.names import BANK_KEY, index_bits, indices_dtype_name
 
 if TYPE_CHECKING:
-    from ..adapter_files import AdapterFile
-    from ..config import VBLoRAConfig
-    from ..packed_arrays import PackedArrays
+    from ..convert.adapter_tensors import AdapterFile
+    from ..storage.adapter_config import AdapterConfig
+    from ..storage.packed_arrays import PackedArrays
 
 # torch dtype (str without "torch.") -> safetensors name, as safetensors.torch maps them
 TORCH_TO_ST = {
@@ -46,16 +46,6 @@ def st_dtype(dtype: Any, what: str) -> str:
     return name
 
 
-def peft_indices_dtype(num_vectors: int) -> str:
-    """PEFT's smallest integer dtype for top-K indices (``topk_table.indices_dtype``, in safetensors' names)."""
-    return "U8" if num_vectors < 2**8 else "I16" if num_vectors < 2**15 else "I32" if num_vectors < 2**31 else "I64"
-
-
-def index_bits(num_vectors: int) -> int:
-    """Bits per index in a packed file: ``max(1, ceil(log2(num_vectors)))``."""
-    return max(1, (num_vectors - 1).bit_length())
-
-
 @dataclass(frozen=True)
 class BankUsage:
     counts: list[int]  # how many sub-vectors select each bank vector (one of their top-k)
@@ -76,7 +66,7 @@ class Summary:
 
     weights_path: str
     storage: str  # "full", "topk" or "packed"
-    config: VBLoRAConfig
+    config: AdapterConfig
     names: list[str]
     in_sub: np.ndarray
     out_sub: np.ndarray
@@ -106,10 +96,10 @@ def read_summary(path: str) -> Summary:
     """The summary of the adapter at ``path`` (anything :func:`vblora_rs.storage.locate.locate` accepts)."""
     found = locate(path)
     if found.kind == PACKED:
-        from ..packed_arrays import read_packed_arrays
+        from ..storage.packed_arrays import read_packed_arrays
 
         return from_packed(read_packed_arrays(found.weights_path))
-    from ..adapter_files import read_adapter
+    from ..convert.adapter_tensors import read_adapter
 
     return from_adapter_file(read_adapter(path))
 
@@ -180,8 +170,8 @@ def adapter_bank_usage(adapter: AdapterFile) -> BankUsage:
     import torch
 
     from .. import ops
-    from ..progress import bar
-    from ..tuner import topk_table as compact
+    from .._progress import bar
+    from ..convert import topk
 
     counts = torch.zeros(adapter.config.num_vectors, dtype=torch.long)
     top1_sum, rows = 0.0, 0
@@ -192,7 +182,7 @@ def adapter_bank_usage(adapter: AdapterFile) -> BankUsage:
             pairs = [ops.topk_softmax(t.contiguous(), adapter.config.topk) for t in adapter.logits(name)]
         else:
             idx_A, w_A, idx_B, w_B = adapter.topk(name)
-            pairs = [(idx_A, compact.full_weights(w_A)), (idx_B, compact.full_weights(w_B))]
+            pairs = [(idx_A, topk.full_weights(w_A)), (idx_B, topk.full_weights(w_B))]
         for indices, weights in pairs:
             counts += torch.bincount(indices.reshape(-1).long(), minlength=counts.numel())
             top1_sum += float(weights.float().amax(-1).double().sum())
@@ -206,7 +196,7 @@ def from_adapter_file(adapter: AdapterFile) -> Summary:
     first = next(iter(adapter.modules))
     if adapter.storage == "full":
         value_dtype = st_dtype(adapter.logits(first)[0].dtype, first)
-        index_dtype = peft_indices_dtype(config.num_vectors)
+        index_dtype = TORCH_TO_ST[indices_dtype_name(config.num_vectors)]
     else:
         idx, weights = adapter.topk(first)[:2]
         value_dtype = st_dtype(weights.dtype, first)

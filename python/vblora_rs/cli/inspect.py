@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..config import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
+from .._gc_pause import collector_paused
 from ..errors import VBLoRAError
-from ..gc_pause import collector_paused
 from ..storage.header_size import Columns, header_bytes
-from .adapter_summary import ITEMSIZE, ST_TO_TORCH, Summary, index_bits, read_summary, st_dtype
+from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS, index_bits
+from .adapter_summary import ITEMSIZE, ST_TO_TORCH, Summary, read_summary, st_dtype
 
 __all__ = ["FORMATS", "FormatSize", "TensorSpec", "build_report", "histogram", "safetensors_header_bytes", "st_dtype"]
 
@@ -166,7 +166,7 @@ def lora_size(s: Summary) -> FormatSize:
 
 def _packed_metadata(s: Summary) -> dict[str, str]:
     """The ``__metadata__`` ``vblora pack`` writes for the adapter (a packed file's own, as it is)."""
-    from ..packed_arrays import stored_config_json
+    from ..storage.packed_arrays import stored_config_json
 
     if s.storage == "packed" and s.file_metadata is not None:
         return s.file_metadata

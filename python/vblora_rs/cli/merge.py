@@ -1,7 +1,7 @@
 """``vblora merge``: merge VB-LoRA adapters into a safetensors model, streaming, without torch.
 
-The planning and the checks live in :mod:`vblora_rs.merge_plan`; the streaming in the Rust extension. This
-module only parses arguments, shows progress and reports.
+The work is :func:`vblora_rs.merge.merge` (planning and checks, then the Rust streaming writer); this module
+only parses arguments and reports.
 """
 
 from __future__ import annotations
@@ -59,17 +59,21 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import merge_plan
-    from ..progress import bar
+    from ..merge import merge
 
     check_threads(args.threads)
     start = time.perf_counter()
-    merge_plan.check_output(args.out, args.base, args.adapters, args.force)
-    plan = merge_plan.plan_merge(args.base, args.adapters, args.weights, args.dtype, args.threads)
-    for note in plan.notes:
-        print(f"vblora merge: {note}", file=sys.stderr)
-    with bar(plan.total_bytes, "merging", unit="B") as progress:
-        merge_plan.write_merged(plan, args.out, args.threads, progress.update, force=args.force)
+    plan = merge(
+        args.base,
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        force=args.force,
+        progress=True,
+        on_note=lambda note: print(f"vblora merge: {note}", file=sys.stderr),
+    )
     print(
         f"merged {len(plan.adapters)} adapter(s) into {plan.merged_tensors} tensors of "
         f"{len(plan.base.shards)} shard(s) in {time.perf_counter() - start:.1f} s: {args.out}"

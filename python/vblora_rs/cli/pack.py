@@ -69,14 +69,15 @@ def run_pack(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save as safetensors_bytes
 
-    from ..checkpoint import WEIGHTS_NAME, read_safetensors
-    from ..config import CONFIG_NAME, VBLoRAConfig
-    from ..packed import PACKED_WEIGHTS_NAME, topk_tensors_from_full, write_packed
+    from ..convert.packed import topk_tensors_from_full, write_packed
+    from ..convert.safetensors_file import read_safetensors
+    from ..storage.adapter_config import AdapterConfig
+    from ..storage.names import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 
     src = os.fspath(args.adapter)
     if not os.path.isdir(src):
         raise VBLoRAError(f"{src}: not a folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    config = VBLoRAConfig.from_pretrained(src)
+    config = AdapterConfig.from_pretrained(src)
     weights_file = os.path.join(src, WEIGHTS_NAME)
     if not os.path.isfile(weights_file):
         raise VBLoRAError(f"{src}: no {WEIGHTS_NAME} found")
@@ -116,8 +117,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
-    from ..config import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
-    from ..packed_arrays import unpack
+    from ..storage.names import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
+    from ..storage.packed_arrays import unpack
 
     src = os.fspath(args.adapter)
     file = os.path.join(src, PACKED_WEIGHTS_NAME) if os.path.isdir(src) else src

@@ -17,7 +17,7 @@ import torch
 from peft import VBLoRAConfig
 from torch import nn
 
-from .. import progress
+from .. import _progress as progress
 from ..errors import VBLoRAError
 from . import DEFAULT_STEPS, adapter_calls, data, showcase, smollm2
 
@@ -82,7 +82,7 @@ def answer_loss(model: nn.Module, inputs: showcase.Inputs, labels: torch.Tensor)
 
 def train(model: nn.Module, examples: list[tuple[list[int], list[int]]], steps: int, seed: int, pad_id: int) -> None:
     """AdamW with VB-LoRA's two learning rates, batches of :data:`BATCH` drawn epoch by epoch."""
-    from ..optim import create_optimizer
+    from ..training.optim import create_optimizer
 
     optimizer = create_optimizer(model, lr_bank=5e-3, lr_logits=5e-2)
     generator = torch.Generator().manual_seed(seed)

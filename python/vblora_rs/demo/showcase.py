@@ -51,7 +51,8 @@ def file_bytes(folder: str) -> tuple[int, int]:
     PEFT's top-K file (its indices just take fewer bits each)."""
     from safetensors import safe_open
 
-    from ..packed import PACKED_WEIGHTS_NAME, read_packed
+    from ..convert.packed import read_packed
+    from ..storage.names import PACKED_WEIGHTS_NAME
 
     path = next(os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".safetensors"))
     if os.path.basename(path) == PACKED_WEIGHTS_NAME:
@@ -66,7 +67,7 @@ def file_bytes(folder: str) -> tuple[int, int]:
 def save_every_format(model: nn.Module, out_dir: str, rank: int) -> dict[str, str]:
     """Save the adapter in every format plus its LoRA export; print stored numbers and bytes of each. Returns
     the folders by format (``"lora"`` for the export)."""
-    from ..cli.to_lora import export_lora
+    from ..convert.lora import export_lora
 
     labels = {
         adapter_calls.FULL: "PEFT, full logits",
@@ -91,8 +92,8 @@ def same_tensors_as_topk(packed_dir: str, topk_dir: str) -> tuple[int, int]:
     """(tensors equal bit for bit, tensors) between the packed file, decoded, and PEFT's top-K file."""
     from safetensors.torch import load_file
 
-    from ..config import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
-    from ..packed import read_packed
+    from ..convert.packed import read_packed
+    from ..storage.names import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 
     decoded = read_packed(os.path.join(packed_dir, PACKED_WEIGHTS_NAME))[1]
     stored = load_file(os.path.join(topk_dir, WEIGHTS_NAME))
@@ -102,11 +103,9 @@ def same_tensors_as_topk(packed_dir: str, topk_dir: str) -> tuple[int, int]:
 
 def merge_folder(base_dir: str, adapter_dir: str, out_dir: str) -> None:
     """What ``vblora merge BASE ADAPTER -o OUT --force`` does, called as the library it is."""
-    from .. import merge_plan
+    from ..merge import merge
 
-    merge_plan.check_output(out_dir, base_dir, [adapter_dir], force=True)
-    plan = merge_plan.plan_merge(base_dir, [adapter_dir])
-    merge_plan.write_merged(plan, out_dir, force=True)
+    merge(base_dir, [adapter_dir], out_dir, force=True)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from peft import VBLoRAConfig
 from torch import nn
 
-from .. import progress
+from .. import _progress as progress
 from ..errors import VBLoRAError
 from . import DEFAULT_STEPS, adapter_calls, showcase, smollm2
 

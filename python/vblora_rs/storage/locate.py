@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..config import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 from ..errors import VBLoRAError
+from .names import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
 
 PEFT = "peft"
 PACKED = "packed"

@@ -22,8 +22,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import ops
+from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
 from ..ops import MergeTerm
+from ..storage.adapter_config import size_problem
 from . import cache as lora_cache
 from . import sharding, shared_bank
 from . import topk_table as compact
@@ -188,11 +190,9 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         about to be filled from a checkpoint (in compact top-K form, see :meth:`set_compact`)."""
         s = layer_settings(config, kwargs)
         topk, num_vectors, vector_length = s["topk"], s["num_vectors"], s["vector_length"]
-        for name, value in (("r", r), ("topk", topk), ("num_vectors", num_vectors), ("vector_length", vector_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` {value} should be a positive integer value")
-        if topk > num_vectors:
-            raise ValueError(f"`topk` {topk} must not exceed `num_vectors` {num_vectors}")
+        problem = size_problem({"r": r, "topk": topk, "num_vectors": num_vectors, "vector_length": vector_length})
+        if problem:
+            raise ValueError(problem)
         if self.in_features % vector_length != 0:
             raise ValueError(f"`in_features` {self.in_features} must be divisible by `vector_length` {vector_length}")
         if self.out_features % vector_length != 0:
@@ -304,8 +304,8 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         """Turn a compact adapter back into dense (frozen) logits, as PEFT loads a top-K checkpoint."""
         idx_A, w_A, idx_B, w_B = self.stored_topk(adapter_name)
         num_vectors = self.vblora_topk[adapter_name].num_vectors
-        logits_A = compact.dense_logits(idx_A, w_A, num_vectors)
-        logits_B = compact.dense_logits(idx_B, w_B, num_vectors)
+        logits_A = topk_codec.dense_logits(idx_A, w_A, num_vectors)
+        logits_B = topk_codec.dense_logits(idx_B, w_B, num_vectors)
         del self.vblora_topk_rows[adapter_name]
         self.vblora_logits_A[adapter_name] = nn.Parameter(logits_A, requires_grad=False)
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
@@ -372,11 +372,11 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         idx_A, w_A, idx_B, w_B = self.stored_topk(adapter)
         num_vectors = self.vblora_topk[adapter].num_vectors
         if torch.compiler.is_compiling():
-            idx_A, w_A = compact.traceable_compute_form(idx_A, w_A)
-            idx_B, w_B = compact.traceable_compute_form(idx_B, w_B)
+            idx_A, w_A = topk_codec.traceable_compute_form(idx_A, w_A)
+            idx_B, w_B = topk_codec.traceable_compute_form(idx_B, w_B)
         else:
-            idx_A, w_A = compact.compute_form(idx_A, w_A, num_vectors)
-            idx_B, w_B = compact.compute_form(idx_B, w_B, num_vectors)
+            idx_A, w_A = topk_codec.compute_form(idx_A, w_A, num_vectors)
+            idx_B, w_B = topk_codec.compute_form(idx_B, w_B, num_vectors)
         bank = self.vblora_vector_bank[adapter].to(idx_A.device)
         if cast_to_fp32:
             bank = bank.float()

@@ -28,10 +28,11 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import BANK_KEY, MODEL_PREFIX
+from .._gc_pause import collector_paused
+from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
-from ..gc_pause import collector_paused
-from ..storage.config_file import check_config
+from ..storage.adapter_config import SIZE_FIELDS, check_config, size_problem
+from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from . import sharding, shared_bank, weights_check
 from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
@@ -93,12 +94,9 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         unset = [f for f in REQUIRED_CONFIG_FIELDS if getattr(config, f, None) is None]
         if unset:  # PEFT's config takes null for any field; the layers need these
             raise VBLoRAError(f"{source}: {unset[0]} must be set, got null")
-        for name in ("r", "topk"):  # PEFT's own wording for what its layer checks
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise VBLoRAError(f"{source}: `{name}` {value!r} should be a positive integer value")
-        if isinstance(config.num_vectors, int) and config.topk > config.num_vectors:
-            raise VBLoRAError(f"{source}: `topk` {config.topk} must not exceed `num_vectors` {config.num_vectors}")
+        problem = size_problem({name: getattr(config, name) for name in SIZE_FIELDS})
+        if problem:
+            raise VBLoRAError(f"{source}: {problem}")
         # PEFT keeps name lists as sets; as the JSON file would hold them (mixed types in a hostile file too)
         as_json = {k: list(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
         check_config(as_json, source)
@@ -315,7 +313,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         bank = self.vblora_vector_bank[adapter_name]
         sharding.require_whole([*dense, bank], adapter_name, self.vblora_vector_bank, "compact_")
         with torch.no_grad():
-            encoded = iter(compact.encode_many(dense, config.topk, config.num_vectors))
+            encoded = iter(topk_codec.encode_many(dense, config.topk, config.num_vectors))
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for _, layer in layers:
             if layer.is_compact(adapter_name):
@@ -373,10 +371,10 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         to_return: dict[str, torch.Tensor] = {}
         logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
         if config.save_only_topk_weights:
-            encoded = compact.encode_many(list(logits.values()), config.topk, config.num_vectors)
+            encoded = topk_codec.encode_many(list(logits.values()), config.topk, config.num_vectors)
             for key, (idx, weights) in zip(logits, encoded):
-                to_return[f"{key}{compact.TOPK_INDICES}"] = idx
-                to_return[f"{key}{compact.TOPK_WEIGHTS}"] = weights
+                to_return[f"{key}{TOPK_INDICES}"] = idx
+                to_return[f"{key}{TOPK_WEIGHTS}"] = weights
         else:
             to_return.update(logits)
         to_return.update(_compact_layer_tensors(model, adapter_name, config.save_only_topk_weights))
@@ -450,10 +448,10 @@ def _compact_layer_tensors(model: nn.Module, adapter_name: str, topk_form: bool)
         for key, idx, w in (("vblora_logits_A", idx_A, w_A), ("vblora_logits_B", idx_B, w_B)):
             model_key = f"{MODEL_PREFIX}{name}.{key}.{adapter_name}"
             if topk_form:
-                out[model_key + compact.TOPK_INDICES] = idx.to(compact.indices_dtype(num_vectors))
-                out[model_key + compact.TOPK_WEIGHTS] = w
+                out[model_key + TOPK_INDICES] = idx.to(topk_codec.indices_dtype(num_vectors))
+                out[model_key + TOPK_WEIGHTS] = w
             else:
-                out[model_key] = compact.dense_logits(idx, w, num_vectors)
+                out[model_key] = topk_codec.dense_logits(idx, w, num_vectors)
     return out
 
 

@@ -18,11 +18,12 @@ from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from .. import config as config_file
-from .. import packed
+from ..convert import packed
 from ..errors import VBLoRAError
-from ..packed_arrays import check_modules_known
+from ..storage.adapter_config import AdapterConfig
 from ..storage.locate import PACKED, locate
+from ..storage.names import PACKED_WEIGHTS_NAME, WEIGHTS_NAME
+from ..storage.packed_arrays import check_modules_known
 from .peft_backend import apply_to_peft
 
 
@@ -36,13 +37,13 @@ def _half_dtype(half: Union[bool, torch.dtype, None]) -> Optional[torch.dtype]:
     raise ValueError(f"half must be a bool, torch.float16 or torch.bfloat16, got {half!r}")
 
 
-def _file_config(config: Any) -> config_file.VBLoRAConfig:
+def _file_config(config: Any) -> AdapterConfig:
     """PEFT's config as the torch-free config the packed file stores."""
     data = config.to_dict()
-    return config_file.VBLoRAConfig.from_dict(data, source="the adapter's config")
+    return AdapterConfig.from_dict(data, source="the adapter's config")
 
 
-def _peft_config(stored: config_file.VBLoRAConfig) -> peft.VBLoRAConfig:
+def _peft_config(stored: AdapterConfig) -> peft.VBLoRAConfig:
     """The torch-free config read from a packed file as PEFT's VBLoRAConfig."""
     names = {f.name for f in dataclasses.fields(peft.VBLoRAConfig)}
     return peft.VBLoRAConfig(**{k: v for k, v in stored.to_dict().items() if k in names and k != "peft_type"})
@@ -76,10 +77,10 @@ def save_packed(
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     report = packed.write_packed(
-        os.path.join(directory, packed.PACKED_WEIGHTS_NAME), tensors, _file_config(stored), half_dtype
+        os.path.join(directory, PACKED_WEIGHTS_NAME), tensors, _file_config(stored), half_dtype
     )
     stored.save_pretrained(directory)
-    stale = os.path.join(directory, config_file.WEIGHTS_NAME)
+    stale = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(stale):
         os.unlink(stale)
     return report if half_dtype is not None else None

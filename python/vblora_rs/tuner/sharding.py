@@ -50,12 +50,12 @@ def require_whole(tensors: Iterable[torch.Tensor], adapter: str, bank_dict: nn.M
             f"rank {rank()}: adapter {adapter!r}: fully_shard was applied to the vector bank dict itself "
             "(base_model.vblora_vector_bank), which is never called, so its bank is still sharded when the layers "
             "use it; shard the decoder layers and then the PeftModel (the root), which owns the bank: "
-            "vblora_rs.distributed.fully_shard_model(model)"
+            "vblora_rs.training.fsdp.fully_shard_model(model)"
         )
     raise VBLoRAError(
         f"rank {rank()}: adapter {adapter!r} is sharded by FSDP (DTensor shards) where {action} needs its whole "
         "tensors: this runs outside the sharded model's forward, or the module that fully_shard gave them to is "
-        "not called around this layer. Gather first (vblora_rs.distributed.save_pretrained, or "
+        "not called around this layer. Gather first (vblora_rs.training.fsdp.save_pretrained, or "
         "torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True) and merge or "
         "compact the gathered adapter in one process"
     )
@@ -67,7 +67,7 @@ def refuse_sharded_state_dict(state_dict: dict[str, torch.Tensor], adapter: str)
     if sharded:
         raise VBLoRAError(
             f"rank {rank()}: adapter {adapter!r} cannot be saved from this rank's FSDP shards ({sharded[0]} is a "
-            "DTensor slice); call vblora_rs.distributed.save_pretrained(model, directory) on every rank: it gathers "
+            "DTensor slice); call vblora_rs.training.fsdp.save_pretrained(model, directory) on every rank: it gathers "
             "the full tensors and writes on rank 0 only. No adapter file was written (PEFT may have written its "
             "model card, README.md, before asking for the tensors)"
         )

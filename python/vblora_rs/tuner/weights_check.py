@@ -13,9 +13,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import BANK_KEY, MODEL_PREFIX
+from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
 from ..storage import finite
+from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from . import topk_table as compact
 
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
@@ -26,7 +27,7 @@ def _where(adapter_name: str) -> str:
 
 
 def is_topk_checkpoint(state_dict: dict[str, torch.Tensor]) -> bool:
-    return any(k.endswith((compact.TOPK_INDICES, compact.TOPK_WEIGHTS)) for k in state_dict)
+    return any(k.endswith((TOPK_INDICES, TOPK_WEIGHTS)) for k in state_dict)
 
 
 def take_topk_parts(
@@ -46,32 +47,32 @@ def take_topk_parts(
             ckpt = f"{MODEL_PREFIX}{name}.{key}"
             if ckpt in state_dict:
                 raise VBLoRAError(f"{where}: tensor {ckpt} holds dense logits in a top-K checkpoint")
-            missing = [ckpt + s for s in (compact.TOPK_INDICES, compact.TOPK_WEIGHTS) if ckpt + s not in state_dict]
+            missing = [ckpt + s for s in (TOPK_INDICES, TOPK_WEIGHTS) if ckpt + s not in state_dict]
             if missing:
                 raise VBLoRAError(f"{where}: missing tensor {missing[0]}")
-            idx, w = state_dict.pop(ckpt + compact.TOPK_INDICES), state_dict.pop(ckpt + compact.TOPK_WEIGHTS)
+            idx, w = state_dict.pop(ckpt + TOPK_INDICES), state_dict.pop(ckpt + TOPK_WEIGHTS)
             if tuple(idx.shape[:-1]) != grid:
                 raise VBLoRAError(
-                    f"{where}: tensor {ckpt}{compact.TOPK_INDICES} has shape {tuple(idx.shape)}, the model expects "
+                    f"{where}: tensor {ckpt}{TOPK_INDICES} has shape {tuple(idx.shape)}, the model expects "
                     f"{(*grid, config.topk)}"
                 )
-            compact.check_layout(where, ckpt, idx, w, config.topk)
+            topk_codec.check_layout(where, ckpt, idx, w, config.topk)
             if parts and w.dtype != parts[0][1].dtype:
                 raise VBLoRAError(
-                    f"{where}: tensor {ckpt}{compact.TOPK_WEIGHTS} has dtype {w.dtype}, the others {parts[0][1].dtype}"
+                    f"{where}: tensor {ckpt}{TOPK_WEIGHTS} has dtype {w.dtype}, the others {parts[0][1].dtype}"
                 )
             keys.append(ckpt)
             parts.append((idx, w))
-    stray = [k for k in state_dict if k.endswith((compact.TOPK_INDICES, compact.TOPK_WEIGHTS))]
+    stray = [k for k in state_dict if k.endswith((TOPK_INDICES, TOPK_WEIGHTS))]
     if stray:
         raise VBLoRAError(f"{where}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
     for key, (idx, w) in zip(keys, parts):  # before the table narrows them to PEFT's dtype (which would wrap)
-        if compact.index_problem(idx, config.num_vectors):
-            compact.check_stored(where, key, idx, w, config.num_vectors, config.topk)
+        if topk_codec.index_problem(idx, config.num_vectors):
+            topk_codec.check_stored(where, key, idx, w, config.num_vectors, config.topk)
     table, starts = compact.table_from_layers(parts, config.num_vectors, config.topk)
-    if compact.value_problem(table.indices, table.weights, config.num_vectors):
+    if topk_codec.value_problem(table.indices, table.weights, config.num_vectors):
         for key, (idx, w) in zip(keys, parts):  # name the tensor at fault
-            compact.check_stored(where, key, idx, w, config.num_vectors, config.topk)
+            topk_codec.check_stored(where, key, idx, w, config.num_vectors, config.topk)
     return table, starts
 
 

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import VBLoRAError
-from .tuner import bnb_weights
-from .tuner.model import VBLoRAModel
-from .tuner.sharding import is_fsdp_module, is_shard, rank
+from ..errors import VBLoRAError
+from ..tuner import bnb_weights
+from ..tuner.model import VBLoRAModel
+from ..tuner.sharding import is_fsdp_module, is_shard, rank
 
 
 def _tuners(model: nn.Module) -> list[tuple[str, VBLoRAModel]]:
@@ -113,7 +113,7 @@ def check_sharding(model: nn.Module) -> None:
             raise VBLoRAError(
                 f"rank {rank()}: fully_shard was applied to {where}, the bank dict itself: it is never called, so "
                 "every layer would meet its shards; shard the decoder layers and then the root (the PeftModel), "
-                "which owns the bank: vblora_rs.distributed.fully_shard_model(model)"
+                "which owns the bank: vblora_rs.training.fsdp.fully_shard_model(model)"
             )
         if not sharded_model:
             continue
@@ -123,7 +123,7 @@ def check_sharding(model: nn.Module) -> None:
                     f"rank {rank()}: the bank {where}.{adapter} is not sharded by any fully_shard group while the "
                     "model is (left out with ignored_params, or no fully_shard on the PeftModel after its layers): "
                     "its gradient would not be reduced over the ranks; call fully_shard(model) on the root, or "
-                    "vblora_rs.distributed.fully_shard_model(model)"
+                    "vblora_rs.training.fsdp.fully_shard_model(model)"
                 )
 
 
@@ -142,7 +142,7 @@ def save_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> Non
     failed. Without a process group it is PEFT's ``save_pretrained``."""
     for reserved in ("state_dict", "is_main_process"):
         if reserved in kwargs:
-            raise VBLoRAError(f"save_pretrained: {reserved!r} is set by vblora_rs.distributed.save_pretrained")
+            raise VBLoRAError(f"save_pretrained: {reserved!r} is set by vblora_rs.training.fsdp.save_pretrained")
     if not (dist.is_available() and dist.is_initialized()):
         model.save_pretrained(save_directory, **kwargs)
         return

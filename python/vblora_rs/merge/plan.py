@@ -1,14 +1,10 @@
-"""``vblora merge`` without torch: plan the merge of VB-LoRA adapters into a safetensors model, check
-everything, then stream it shard by shard through the Rust writer.
+"""The plan of a ``vblora merge``, without torch: every check made before a byte is written.
 
 Planning reads only the base's safetensors headers and the adapters (validated whole, in time and memory
 linear in their files, but no factor built yet), maps each adapted module to one base tensor, and checks names,
 shapes, dtypes and the adapters' agreement before a single byte is written. Whether a weight is stored
 transposed (``fan_in_fan_out``) is decided per layer from the base model's type, as PEFT decides it from the
-layer class, never from the adapter's config. Writing builds the factors of one shard's tensors at a time
-(memory bounded by that shard's adapted weights) into a temporary folder next to the output, moved into place
-in one step at the end (:mod:`.storage.atomic`); any error or Ctrl-C removes it, so the output is whole or
-absent. The base folder is only ever read.
+layer class, never from the adapter's config. Writing the plan is :mod:`.write`.
 
 Several adapters merge in one pass: their factors stack along the rank, ``u = [w1 B1 | w2 B2 ...]``,
 ``v = [A1; A2; ...]`` (transposed for layers stored ``(in, out)``, GPT-2's Conv1D), so each weight is read,
@@ -17,26 +13,23 @@ updated with one rounding and written once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import stat
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from . import _native
-from .errors import VBLoRAError
-from .storage import atomic, finite
-from .storage.config_file import parse_config, read_config
-from .storage.json_file import read_object
-from .storage.locate import PACKED, locate
+from .. import _native
+from ..errors import VBLoRAError
+from ..storage import finite
+from ..storage.adapter_config import parse_config, read_config
+from ..storage.json_file import read_object
+from ..storage.locate import PACKED, locate
+from ..storage.names import MODEL_PREFIX
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PEFT_PREFIX = "base_model.model."
 # --dtype names -> safetensors dtypes.
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 FLOAT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -247,7 +240,7 @@ class _Names:
 
 
 def _target(module: str, names: _Names, adapter: Adapter) -> str:
-    stripped = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+    stripped = module[len(MODEL_PREFIX) :] if module.startswith(MODEL_PREFIX) else module
     target = f"{stripped}.weight"
     found = names.match(target)
     if not found:
@@ -284,7 +277,7 @@ def _check_tensor(shard: Shard, name: str, part: Part, out_dtype: Optional[str])
         )
 
 
-def _stack(tensor: str, parts: list[tuple[Part, Factors]]) -> Factors:
+def stack(tensor: str, parts: list[tuple[Part, Factors]]) -> Factors:
     """``(u, v)`` with ``u @ v = sum_i w_i * delta_i`` in the base tensor's layout."""
     us, vs = [], []
     for part, (a, b) in parts:
@@ -397,116 +390,3 @@ def plan_merge(
         updates.setdefault(base.where[target].name, {})[target] = parts
     files, file_notes = _extra_files(base)
     return Plan(base, adapters, out_dtype, updates, files, notes + file_notes)
-
-
-# --- writing ----------------------------------------------------------------------------------------
-
-
-def check_output(out: str, base_dir: str, adapter_dirs: list[str], force: bool) -> None:
-    """Refuse an existing OUT without ``force``, and any OUT whose replacement would delete an input."""
-    real_out = os.path.realpath(out)
-    for label, folder in [("BASE", base_dir)] + [("ADAPTER", d) for d in adapter_dirs]:
-        real = os.path.realpath(folder)
-        if real_out == real or real.startswith(real_out + os.sep) or real_out.startswith(real + os.sep):
-            raise VBLoRAError(f"{out}: the output must lie outside {label} {folder} and not contain it")
-    if os.path.lexists(out) and not force:
-        raise VBLoRAError(f"{out}: already exists (pass --force to replace it)")
-
-
-def _output_index(plan: Plan) -> dict:
-    index = json.loads(json.dumps(plan.base.index))
-    meta = index.get("metadata")
-    if plan.out_dtype and isinstance(meta, dict) and "total_size" in meta:
-        size = FLOAT_SIZES[DTYPES[plan.out_dtype]]
-        total = 0
-        for shard in plan.base.shards:
-            total += shard.data_bytes
-            for dtype, shape in shard.tensors.values():
-                if dtype in FLOAT_SIZES:
-                    total += math.prod(shape) * (size - FLOAT_SIZES[dtype])
-        meta["total_size"] = total
-    return index
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-
-
-def _copy_extra(plan: Plan, folder: str) -> None:
-    for name in plan.extra_files:
-        src, dst = os.path.join(plan.base.path, name), os.path.join(folder, name)
-        if name == "config.json" and plan.out_dtype:
-            config = read_object(src)
-            # transformers 5 writes "dtype", older versions "torch_dtype"; from_pretrained(dtype="auto") reads it.
-            config["dtype"] = plan.out_dtype
-            if "torch_dtype" in config:
-                config["torch_dtype"] = plan.out_dtype
-            _write_json(dst, config)
-        else:
-            shutil.copyfile(src, dst)
-        os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode))  # a private file stays private
-
-
-def shard_updates(plan: Plan, shard: str, num_threads: int = 0) -> dict[str, Factors]:
-    """``{tensor: (u, v)}`` of one shard: the factors of the modules merged into it, built now (memory: this
-    shard's adapted weights, not the whole model's)."""
-    tensors = plan.updates.get(shard, {})
-    wanted: dict[int, list[str]] = {}
-    for parts in tensors.values():
-        for part in parts:
-            wanted.setdefault(id(part.adapter), []).append(part.module)
-    built: dict[tuple[int, str], Factors] = {}
-    for adapter in plan.adapters:
-        modules = wanted.get(id(adapter))
-        if modules:
-            for module, factors in adapter.factors(modules, num_threads).items():
-                built[(id(adapter), module)] = factors
-    return {
-        tensor: _stack(tensor, [(p, built[(id(p.adapter), p.module)]) for p in parts])
-        for tensor, parts in tensors.items()
-    }
-
-
-def write_merged(
-    plan: Plan,
-    out: str,
-    num_threads: int = 0,
-    progress: Optional[Callable[[int], object]] = None,
-    force: bool = False,
-) -> None:
-    """Stream every shard of the base with the plan's updates into a temporary folder next to ``out``,
-    add the index and the other files, then move it to ``out`` in one step (replacing it only with ``force``;
-    without it, an ``out`` that another run created meanwhile makes this one fail). On any error, nothing is
-    left behind and an existing ``out`` is kept."""
-    check_output(out, plan.base.path, [os.path.dirname(a.path) for a in plan.adapters], force)
-    out = os.path.abspath(out)
-    with atomic.no_interrupt():  # a Ctrl-C between creating the folder and the try below would leave it behind
-        tmp = atomic.temp_folder(out)
-    try:
-        for shard in plan.base.shards:
-            try:
-                _native.merge_safetensors(
-                    shard.path,
-                    os.path.join(tmp, shard.name),
-                    shard_updates(plan, shard.name, num_threads),
-                    plan.out_dtype,
-                    num_threads,
-                    progress,
-                )
-            except VBLoRAError as exc:
-                if "overflows" not in str(exc):
-                    raise
-                # the base weight is finite: what overflowed is the adapters' update, so name them too
-                adapters = ", ".join(a.path for a in plan.adapters)
-                raise VBLoRAError(f"{exc} (the update of adapter {adapters})") from exc
-        if plan.base.index is not None:
-            _write_json(os.path.join(tmp, INDEX_FILE), _output_index(plan))
-        _copy_extra(plan, tmp)
-        atomic.usual_mode(tmp, folder=True)  # mkdtemp's 0700 would make the model private
-        atomic.install(tmp, out, replace=force)  # Ctrl-C waits for it: "interrupted" means nothing was written
-    except BaseException:
-        with atomic.no_interrupt():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import VBLoRAError
+from ..errors import VBLoRAError
 
 BANK_KEY = "vblora_vector_bank"
 LOGITS_KEY = "vblora_logits"

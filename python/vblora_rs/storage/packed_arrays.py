@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
-from .config import VBLoRAConfig
-from .errors import VBLoRAError
-from .storage.config_file import check_config
-from .storage.json_file import parse_object
+from .. import _native
+from ..errors import VBLoRAError
+from .adapter_config import AdapterConfig, check_config
+from .json_file import parse_object
 
 __all__ = [
     "PackedArrays",
     "check_modules_known",
     "config_from_header",
+    "encode",
     "first_of_each_rank",
     "read_packed_arrays",
     "stored_config_json",
@@ -38,14 +38,14 @@ __all__ = [
 
 def config_from_header(
     path: str, metadata: dict[str, str], dims: dict[str, int], module_ranks: Iterable[tuple[str, int]]
-) -> VBLoRAConfig:
+) -> AdapterConfig:
     """The config stored in a decoded packed file, checked against its metadata: ``dims`` gives the decoded
     ``num_vectors``, ``vector_length`` and ``topk``; ``module_ranks`` ``(module, r)`` pairs (one per distinct r is
     enough) must all have the config's r."""
     source = f"{path} (metadata field `config`)"
     data = parse_object(metadata["config"], source)
     check_config(data, source)
-    config = VBLoRAConfig.from_dict(data, source=source)
+    config = AdapterConfig.from_dict(data, source=source)
     for name in ("num_vectors", "vector_length", "topk"):
         if getattr(config, name) != dims[name]:
             raise VBLoRAError(
@@ -67,7 +67,7 @@ class PackedArrays:
     stored dtype)."""
 
     path: str
-    config: VBLoRAConfig
+    config: AdapterConfig
     metadata: dict[str, str]
     modules: list[tuple[str, int, int, int]]
     dims: np.ndarray
@@ -90,7 +90,7 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def stored_config_json(config: VBLoRAConfig) -> str:
+def stored_config_json(config: AdapterConfig) -> str:
     """The ``config`` metadata entry a packed file stores for ``config`` (compact JSON, sorted keys, with
     ``save_only_topk_weights: true``: the file holds top-K data, whatever the source adapter kept)."""
     stored = copy.deepcopy(config)
@@ -105,6 +105,20 @@ def first_of_each_rank(modules: list[tuple[str, int, int, int]]) -> list[tuple[s
     for path, r, _, _ in modules:
         seen.setdefault(r, path)
     return [(path, r) for r, path in seen.items()]
+
+
+def encode(
+    path: str,
+    metadata: dict[str, str],
+    modules: list[tuple[str, int, int, int]],
+    indices: np.ndarray,
+    weights: np.ndarray,
+    bank: np.ndarray,
+    extras: list[tuple[str, str, list[int], bytes]],
+) -> int:
+    """Write a packed file at ``path`` (atomically, in Rust) from flat arrays laid out as :class:`PackedArrays`
+    holds them; returns its size in bytes. Bad values raise VBLoRAError naming ``path`` and the argument."""
+    return int(_native.encode_packed(path, metadata, modules, indices, weights, bank, extras))
 
 
 def read_packed_arrays(path: str) -> PackedArrays:
@@ -128,7 +142,7 @@ def read_packed_arrays(path: str) -> PackedArrays:
     )
 
 
-def unpack(path: str, target: str) -> tuple[VBLoRAConfig, int]:
+def unpack(path: str, target: str) -> tuple[AdapterConfig, int]:
     """Write PEFT's top-K checkpoint of the packed file ``path`` to ``target`` (whole or not at all); returns the
     stored config and the number of modules. Linear in the file: the tensors are slices of the decoded arrays."""
     folder = os.path.dirname(os.path.abspath(target))

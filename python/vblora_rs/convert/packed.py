@@ -5,7 +5,7 @@ A packed file is a plain safetensors file: the vector bank, every top-K index of
 ``__metadata__`` (modules table, dims, adapter config). It holds exactly what PEFT's ``save_only_topk_weights``
 checkpoint holds, so :func:`read_packed` gives that checkpoint back bit for bit; ``half=`` also stores the bank and
 weights in float16/bfloat16 (lossy, with a per-layer error report). Encoding, decoding and all validation of the
-file run in Rust (``_native.encode_packed`` / ``decode_packed``); this module maps PEFT's tensor dict to and from
+file run in Rust (through :mod:`vblora_rs.storage.packed_arrays`); this module maps PEFT's tensor dict to and from
 that layout.
 """
 
@@ -18,13 +18,13 @@ from typing import Optional, Union
 
 import torch
 
-from . import _native, ops
-from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS
-from .config import PACKED_WEIGHTS_NAME, VBLoRAConfig
-from .errors import VBLoRAError
-from .packed_arrays import config_from_header, first_of_each_rank, stored_config_json
-from .storage import atomic
-from .tuner import topk_table as compact
+from .. import ops
+from ..errors import VBLoRAError
+from ..storage import atomic, packed_arrays
+from ..storage.adapter_config import AdapterConfig
+from ..storage.names import BANK_KEY, PACKED_WEIGHTS_NAME, TOPK_INDICES, TOPK_WEIGHTS, index_bits
+from . import topk
+from .safetensors_file import check_float
 
 __all__ = [
     "PACKED_WEIGHTS_NAME",
@@ -40,8 +40,6 @@ SUM_TOLERANCE = 1e-6  # how far above 1 the stored k-1 weights of a row may sum 
 
 _INDEX_DTYPES = {torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64"}
 _INDEX_DTYPES_BY_NAME = {name: dtype for dtype, name in _INDEX_DTYPES.items()}
-_FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_FLOAT_DTYPES_BY_NAME = {name: dtype for dtype, name in _FLOAT_DTYPES.items()}
 # safetensors dtype names of the tensors an extra may hold
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -102,12 +100,7 @@ def _module_keys(prefix: str, path: str) -> list[str]:
     return [f"{prefix}{path}.{grid}{part}" for grid in _GRIDS for part in (TOPK_INDICES, TOPK_WEIGHTS)]
 
 
-def _check_float(key: str, t: torch.Tensor) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise VBLoRAError(f"tensor {key} has dtype {t.dtype}, expected float32, float16 or bfloat16")
-
-
-def _layout(tensors: dict[str, torch.Tensor], config: VBLoRAConfig) -> _Layout:
+def _layout(tensors: dict[str, torch.Tensor], config: AdapterConfig) -> _Layout:
     """Checks a PEFT top-K checkpoint dict against ``config`` and lays it out for the encoder; errors name the key."""
     suffix = f".{_GRIDS[0]}{TOPK_INDICES}"
     bases = [key[: -len(suffix)] for key in tensors if key.endswith(suffix)]
@@ -142,7 +135,7 @@ def _layout(tensors: dict[str, torch.Tensor], config: VBLoRAConfig) -> _Layout:
                 )
             if idx.dtype not in _INDEX_DTYPES:
                 raise VBLoRAError(f"tensor {ikey} has dtype {idx.dtype}, expected uint8, int16, int32 or int64")
-            _check_float(wkey, w)
+            check_float(w, wkey)
             index_dtype = index_dtype or idx.dtype
             weight_dtype = weight_dtype or w.dtype
             if (idx.dtype, w.dtype) != (index_dtype, weight_dtype):
@@ -158,7 +151,7 @@ def _layout(tensors: dict[str, torch.Tensor], config: VBLoRAConfig) -> _Layout:
     if BANK_KEY not in tensors:
         raise VBLoRAError(f"missing tensor {BANK_KEY}")
     bank = tensors[BANK_KEY]
-    _check_float(BANK_KEY, bank)
+    check_float(bank, BANK_KEY)
     if tuple(bank.shape) != (config.num_vectors, config.vector_length):
         raise VBLoRAError(
             f"tensor {BANK_KEY} has shape {tuple(bank.shape)}, the config says "
@@ -206,7 +199,7 @@ def _layer_errors(
     layout: _Layout, weights_half: torch.Tensor, bank_half: torch.Tensor, progress: bool = False
 ) -> dict[str, float]:
     """Per module, max |B@A - B'@A'| (float32) between the original and the half-stored adapter."""
-    from .progress import bar
+    from .._progress import bar
 
     errors: dict[str, float] = {}
     k = layout.indices.shape[1]
@@ -219,7 +212,7 @@ def _layer_errors(
         idx_b = layout.indices[at + n_a : at + n_a + n_b].reshape(out_sub, r, k)
         factors = []
         for weights, bank in ((layout.weights, layout.bank), (weights_half, bank_half)):
-            full = compact.full_weights(weights[at : at + n_a + n_b])
+            full = topk.full_weights(weights[at : at + n_a + n_b])
             factors.append(
                 ops.low_rank_matrices_from_topk(
                     idx_a, full[:n_a].reshape(r, in_sub, k), idx_b, full[n_a:].reshape(out_sub, r, k), bank
@@ -235,14 +228,14 @@ def _layer_errors(
 def write_packed(
     path: Union[str, os.PathLike],
     tensors: dict[str, torch.Tensor],
-    config: VBLoRAConfig,
+    config: AdapterConfig,
     half: Optional[torch.dtype] = None,
     *,
     source: Optional[str] = None,
     report_errors: bool = True,
     progress: bool = False,
 ) -> PackReport:
-    """Write a PEFT top-K checkpoint dict (as :func:`vblora_rs.checkpoint.adapter_state_dict` returns for a
+    """Write a PEFT top-K checkpoint dict (as PEFT's ``get_peft_model_state_dict`` returns for a
     ``save_only_topk_weights`` config) as one packed file, atomically. ``half`` (torch.float16 or torch.bfloat16)
     stores the bank and weights in that dtype; the report then gives each layer's max delta-weight error. ``source``
     (e.g. the checkpoint file the tensors came from) prefixes messages about bad input tensors."""
@@ -269,17 +262,17 @@ def write_packed(
     metadata = {
         "indices_dtype": _INDEX_DTYPES[layout.indices_dtype],
         "key_prefix": layout.prefix,
-        "config": stored_config_json(config),
+        "config": packed_arrays.stored_config_json(config),
     }
     extras = [_extra_bytes(key, t) for key, t in layout.extras.items()]
     try:
-        total = _native.encode_packed(
+        total = packed_arrays.encode(
             path,
             metadata,
             layout.modules,
             layout.indices.contiguous().numpy(),
-            ops._float_view(weights, "topk weights"),
-            ops._float_view(bank, "vector bank"),
+            ops.float_view(weights, "topk weights"),
+            ops.float_view(bank, "vector bank"),
             extras,
         )
     except VBLoRAError as exc:
@@ -290,7 +283,7 @@ def write_packed(
         raise VBLoRAError(f"{source}: {message[len(path) + 2 :]}") from None
     atomic.usual_mode(path)  # the encoder's temporary file was private
     bank_bytes = bank.numel() * bank.element_size()
-    indices_bytes = (layout.indices.numel() * _index_bits(config.num_vectors) + 7) // 8
+    indices_bytes = (layout.indices.numel() * index_bits(config.num_vectors) + 7) // 8
     weights_bytes = weights.numel() * weights.element_size()
     return PackReport(
         path=path,
@@ -302,11 +295,6 @@ def write_packed(
         half=half,
         layer_errors=errors,
     )
-
-
-def _index_bits(num_vectors: int) -> int:
-    """Bits per stored index: ``max(1, ceil(log2(num_vectors)))``."""
-    return max(1, (num_vectors - 1).bit_length())
 
 
 def _float_tensor(array, dtype_name: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -323,20 +311,19 @@ def _extra_tensor(path: str, name: str, dtype_name: str, shape: list[int], data:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def read_packed(path: Union[str, os.PathLike]) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+def read_packed(path: Union[str, os.PathLike]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The adapter config and PEFT top-K checkpoint dict of a packed file: indices in the PEFT dtype recorded at
     packing, weights, bank and extras in their stored dtypes. A bad file raises VBLoRAError naming it."""
     path = os.fspath(path)
-    decoded = _native.decode_packed(path)
-    config = config_from_header(path, decoded["metadata"], decoded, first_of_each_rank(decoded["modules"]))
-    meta = decoded["metadata"]
+    decoded = packed_arrays.read_packed_arrays(path)
+    config, meta = decoded.config, decoded.metadata
     index_dtype = _INDEX_DTYPES_BY_NAME[meta["indices_dtype"]]  # the decoder accepts these names only
-    prefix, k = meta["key_prefix"], decoded["topk"]
-    indices = torch.from_numpy(decoded["indices"])
-    weights = _float_tensor(decoded["weights"], decoded["weights_dtype"])
+    prefix, k = meta["key_prefix"], config.topk
+    indices = torch.from_numpy(decoded.indices)
+    weights = _float_tensor(decoded.weights, decoded.weights_dtype)
     out: dict[str, torch.Tensor] = {}
     at = 0
-    for module, r, in_sub, out_sub in decoded["modules"]:
+    for module, r, in_sub, out_sub in decoded.modules:
         keys = _module_keys(prefix, module)
         for (ikey, wkey), shape in (((keys[0], keys[1]), (r, in_sub)), ((keys[2], keys[3]), (out_sub, r))):
             n = shape[0] * shape[1]
@@ -344,8 +331,8 @@ def read_packed(path: Union[str, os.PathLike]) -> tuple[VBLoRAConfig, dict[str, 
             out[ikey] = indices[at : at + n].reshape(*shape, k).to(index_dtype, copy=True)
             out[wkey] = weights[at : at + n].reshape(*shape, k - 1).clone()
             at += n
-    out[BANK_KEY] = _float_tensor(decoded["bank"], decoded["bank_dtype"])
-    for name, dtype_name, shape, data in decoded["extras"]:
+    out[BANK_KEY] = _float_tensor(decoded.bank, decoded.bank_dtype)
+    for name, dtype_name, shape, data in decoded.extras:
         if name in out:  # the decoder refuses module keys; the bank's PEFT key is checked here
             raise VBLoRAError(f"{path}: tensor {name} clashes with PEFT's key of the vector bank")
         out[name] = _extra_tensor(path, name, dtype_name, shape, data)
@@ -371,7 +358,7 @@ def is_packed_file(path: Union[str, os.PathLike]) -> bool:
     return isinstance(meta, dict) and "vblora_packed" in meta
 
 
-def topk_tensors_from_full(tensors: dict[str, torch.Tensor], config: VBLoRAConfig) -> dict[str, torch.Tensor]:
+def topk_tensors_from_full(tensors: dict[str, torch.Tensor], config: AdapterConfig) -> dict[str, torch.Tensor]:
     """A full-logits PEFT checkpoint dict converted to the top-K dict PEFT's ``save_only_topk_weights`` save writes
     (same keys, indices dtype and weights); other tensors pass through. Top-K dicts come back unchanged. The new
     tensors are views of two tensors holding every layer (clone them before ``safetensors.torch.save_file``)."""
@@ -390,11 +377,11 @@ def topk_tensors_from_full(tensors: dict[str, torch.Tensor], config: VBLoRAConfi
             raise VBLoRAError(f"tensor {key} has dtype {value.dtype}, expected float logits")
         logits[key] = value
     try:
-        encoded = compact.encode_many(list(logits.values()), config.topk, config.num_vectors)
+        encoded = topk.encode_many(list(logits.values()), config.topk, config.num_vectors)
     except VBLoRAError:  # name the tensor: encode them one by one
         for key, value in logits.items():
             try:
-                compact.encode(value, config.topk, config.num_vectors)
+                topk.encode(value, config.topk, config.num_vectors)
             except VBLoRAError as exc:
                 raise VBLoRAError(f"tensor {key}: {exc}") from None
         raise

@@ -16,13 +16,13 @@ from typing import Optional, Union
 
 import torch
 
-from . import ops
-from .checkpoint import BANK_KEY, TOPK_INDICES, TOPK_WEIGHTS, read_safetensors
-from .config import CONFIG_NAME, VBLoRAConfig
-from .errors import VBLoRAError
-from .storage.config_file import read_config
-from .storage.locate import locate
-from .tuner import topk_table as compact
+from .. import ops
+from ..errors import VBLoRAError
+from ..storage.adapter_config import AdapterConfig, read_config
+from ..storage.locate import locate
+from ..storage.names import BANK_KEY, CONFIG_NAME, TOPK_INDICES, TOPK_WEIGHTS
+from . import topk
+from .safetensors_file import check_float, read_safetensors
 
 __all__ = ["AdapterFile", "ModuleEntry", "module_factors", "read_adapter"]
 
@@ -32,7 +32,6 @@ LOGITS_B = ".vblora_logits_B"
 FULL = "full"
 TOPK = "topk"
 PACKED = "packed"  # the storage kind, as storage.locate names the packed file kind
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class AdapterFile:
     (``..._topk_indices`` and ``..._topk_weights``, the first k-1 softmax weights of every sub-vector).
     """
 
-    config: VBLoRAConfig
+    config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     weights_path: str
     storage: str
@@ -96,12 +95,12 @@ class AdapterFile:
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def _read_peft(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+def _read_peft(folder: str, weights_path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     read_config(os.path.join(folder, CONFIG_NAME))  # types, bounds, regexes, JSON depth: before anything else
-    return VBLoRAConfig.from_pretrained(folder), read_safetensors(weights_path)
+    return AdapterConfig.from_pretrained(folder), read_safetensors(weights_path)
 
 
-def _read_packed(folder: str, weights_path: str) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
+def _read_packed(folder: str, weights_path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     from .packed import read_packed
 
     return read_packed(weights_path)  # the config travels inside the packed file
@@ -131,7 +130,7 @@ def _split_key(key: str) -> Optional[tuple[str, str, str]]:
     return None
 
 
-def _index(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str) -> tuple[str, dict[str, ModuleEntry]]:
+def _index(config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str) -> tuple[str, dict[str, ModuleEntry]]:
     """Storage kind and per-module entries, after checking every VB-LoRA tensor against the config."""
     _check_bank(config, tensors, path)
     found: dict[str, dict[tuple[str, str], str]] = {}
@@ -162,7 +161,7 @@ def _index(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str) ->
     return storage, modules
 
 
-def _check_bank(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str) -> None:
+def _check_bank(config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str) -> None:
     bank = tensors.get(BANK_KEY)
     if bank is None:
         raise VBLoRAError(f"{path}: missing tensor {BANK_KEY}")
@@ -172,18 +171,13 @@ def _check_bank(config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: st
             f"{path}: tensor {BANK_KEY} has shape {tuple(bank.shape)}, the config says "
             f"(num_vectors, vector_length) = {want}"
         )
-    _check_float(bank, path, BANK_KEY)
+    check_float(bank, BANK_KEY, path)
     if not torch.isfinite(bank).all():
         raise VBLoRAError(f"{path}: tensor {BANK_KEY} holds NaN or infinite values")
 
 
-def _check_float(t: torch.Tensor, path: str, key: str) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise VBLoRAError(f"{path}: tensor {key} has dtype {t.dtype}, expected float32, float16 or bfloat16")
-
-
 def _entry(
-    config: VBLoRAConfig,
+    config: AdapterConfig,
     tensors: dict[str, torch.Tensor],
     path: str,
     module: str,
@@ -210,12 +204,12 @@ def _entry(
 
 
 def _check_full(
-    config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
 ) -> ModuleEntry:
     for part in "AB":
         key = keys[(part, "")]
         logits = tensors[key]
-        _check_float(logits, path, key)
+        check_float(logits, key, path)
         if logits.dim() != 3 or logits.shape[-1] != config.num_vectors:
             raise VBLoRAError(
                 f"{path}: tensor {key} has shape {tuple(logits.shape)}, expected 3 dims ending in "
@@ -229,7 +223,7 @@ def _check_full(
 
 
 def _check_topk(
-    config: VBLoRAConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str, module: str, keys: dict[tuple[str, str], str]
 ) -> ModuleEntry:
     for part in "AB":
         ikey, wkey = keys[(part, TOPK_INDICES)], keys[(part, TOPK_WEIGHTS)]
@@ -237,7 +231,7 @@ def _check_topk(
         if indices.dim() != 3:
             raise VBLoRAError(f"{path}: tensor {ikey} has shape {tuple(indices.shape)}, expected 3 dims")
         key = ikey.removesuffix(TOPK_INDICES)
-        compact.check_stored(path, key, indices, tensors[wkey], config.num_vectors, config.topk)
+        topk.check_stored(path, key, indices, tensors[wkey], config.num_vectors, config.topk)
     return _entry(config, tensors, path, module, keys, TOPK_INDICES)
 
 
@@ -247,7 +241,7 @@ def _check_topk(
 def module_factors(adapter: AdapterFile, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (A (r, in), B (out, r))}`` in float32, equal to PEFT's ``_get_lora_matrices`` of the adapter.
     ``progress`` shows a bar (on stderr) once the work has taken a second."""
-    from .progress import bar
+    from .._progress import bar
 
     config, bank = adapter.config, adapter.bank
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -260,8 +254,8 @@ def module_factors(adapter: AdapterFile, progress: bool = False) -> dict[str, tu
                 A, B = ops.low_rank_matrices(logits_A.contiguous(), logits_B.contiguous(), bank, config.topk)
             else:  # what PEFT's forward computes from the dense -inf logits it would rebuild (see compact)
                 idx_A, w_A, idx_B, w_B = adapter.topk(name)
-                idx_A, w_A = compact.compute_form(idx_A, w_A, config.num_vectors)
-                idx_B, w_B = compact.compute_form(idx_B, w_B, config.num_vectors)
+                idx_A, w_A = topk.compute_form(idx_A, w_A, config.num_vectors)
+                idx_B, w_B = topk.compute_form(idx_B, w_B, config.num_vectors)
                 A, B = ops.low_rank_matrices_from_topk(idx_A, w_A, idx_B, w_B, bank)
         except VBLoRAError as exc:
             raise VBLoRAError(f"{adapter.weights_path}: module {name}: {exc}") from None

@@ -1,0 +1,284 @@
+"""The exactly equivalent plain LoRA adapter of a VB-LoRA adapter (``vblora to-lora``, the vLLM plugin).
+
+VB-LoRA adds ``B @ A`` to each target, with A and B gathered from the bank; a LoRA adapter of the same rank
+holding those very A and B with ``lora_alpha = r`` (scaling 1) adds the same delta, so the export is exact
+(no SVD, no truncation) and loads anywhere PEFT's LoRA does.
+
+A PEFT folder goes module by module (:func:`vblora_rs.convert.adapter_tensors.module_factors`); a packed file,
+which may list 300k modules, all at once: the sub-vectors of the whole file are computed in two calls on the
+decoder's flat arrays (PEFT's compute form, then the bank gather), the B grids are transposed together, and each
+module's ``A (r, in)`` and ``B (out, r)`` are views of two buffers: the same values bit for bit (every step is row
+by row), with nothing per module but two numpy views.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from ..errors import VBLoRAError
+from ..storage import atomic, finite
+from ..storage.adapter_config import AdapterConfig
+from ..storage.header_size import json_string_bytes
+from ..storage.locate import PACKED, locate
+from ..storage.names import CONFIG_NAME, MODEL_PREFIX, WEIGHTS_NAME
+from ..storage.packed_arrays import PackedArrays, read_packed_arrays
+
+if TYPE_CHECKING:
+    import torch
+
+    from .adapter_tensors import AdapterFile
+
+__all__ = ["LORA_CONFIG_NAME", "LORA_WEIGHTS_NAME", "export_lora", "lora_config", "lora_tensors", "packed_lora_tensors"]
+
+LORA_CONFIG_NAME = CONFIG_NAME
+LORA_WEIGHTS_NAME = WEIGHTS_NAME  # PEFT names a LoRA adapter's weights file as any other
+# VB-LoRA's bias modes, in LoRA's words.
+_BIAS = {"none": "none", "all": "all", "vblora_only": "lora_only"}
+
+# safetensors dtypes numpy holds (safetensors.numpy writes these); an extra of another dtype (BF16, F8)
+# leaves the export to the tensor-per-module path
+NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "U64": np.uint64, "I32": np.int32,
+    "U32": np.uint32, "I16": np.int16, "U16": np.uint16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def _sub_vectors(arrays: PackedArrays) -> np.ndarray:
+    """``(S, L)`` float32: each sub-vector as PEFT's forward builds it from the stored top-K."""
+    import torch
+
+    from .. import ops
+    from . import topk
+
+    indices = torch.from_numpy(arrays.indices)
+    weights = torch.from_numpy(arrays.weights)
+    bank = torch.from_numpy(arrays.bank)
+    if arrays.weights_dtype == "bfloat16":
+        weights = weights.view(torch.bfloat16)
+    if arrays.bank_dtype == "bfloat16":
+        bank = bank.view(torch.bfloat16)
+    idx, w = topk.compute_form(indices, weights, arrays.config.num_vectors)
+    return ops.low_rank_from_topk(idx, w, bank, name="vblora_logits").numpy()
+
+
+def packed_lora_tensors(arrays: PackedArrays) -> Optional[dict[str, np.ndarray]]:
+    """``base_model.model.<module>.lora_A.weight (r, in)`` and ``.lora_B.weight (out, r)`` in float32 for every
+    module (sorted by name, as PEFT lists them), plus the extras; None when an extra has a dtype numpy lacks.
+    A factor that overflows float32 is an error naming the file and tensor."""
+    extras = {}
+    for name, dtype, shape, data in arrays.extras:
+        if dtype not in NUMPY_DTYPES:
+            return None
+        extras[name] = np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
+    r, L = arrays.config.r, arrays.config.vector_length
+    rows = _sub_vectors(arrays)
+    in_sub, out_sub = arrays.dims[:, 1], arrays.dims[:, 2]
+    # each module's rows: A grid (r * in_sub) then B grid (out_sub * r); split them into two buffers
+    a_len, b_len = r * in_sub, out_sub * r
+    is_b = np.repeat(np.tile(np.array([False, True]), len(a_len)), np.column_stack([a_len, b_len]).reshape(-1))
+    a_rows = np.ascontiguousarray(rows[~is_b])  # module after module: (r, in_sub, L) each, i.e. A (r, in_sub * L)
+    # B grids (out_sub, r, L) -> (out_sub, L, r), all at once since r is the adapter's: B (out_sub * L, r) each
+    b_rows = np.ascontiguousarray(rows[is_b].reshape(-1, r, L).transpose(0, 2, 1)).reshape(-1, r)
+    for label, buffer in (("lora_A", a_rows), ("lora_B", b_rows)):
+        if finite.overflow_problem(buffer):
+            _raise_overflow(arrays, label, a_rows if label == "lora_A" else b_rows)
+    a_end, b_end = np.cumsum(a_len * L), np.cumsum(out_sub * L)
+    out: dict[str, np.ndarray] = {}
+    order = sorted(range(len(arrays.modules)), key=[m[0] for m in arrays.modules].__getitem__)
+    for i in order:
+        name = arrays.modules[i][0]
+        a_stop, b_stop = int(a_end[i]), int(b_end[i])
+        a = a_rows.reshape(-1)[a_stop - int(a_len[i]) * L : a_stop].reshape(r, -1)
+        out[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a
+        out[f"{MODEL_PREFIX}{name}.lora_B.weight"] = b_rows[b_stop - int(out_sub[i]) * L : b_stop]
+    out.update(extras)
+    return out
+
+
+def _raise_overflow(arrays: PackedArrays, label: str, buffer: np.ndarray) -> None:
+    """Name the first module whose ``label`` factor is not finite (the error path: one pass over the modules)."""
+    r, L = arrays.config.r, arrays.config.vector_length
+    flat = buffer.reshape(-1)
+    at = 0
+    for name, _, in_sub, out_sub in arrays.modules:
+        n = r * (in_sub if label == "lora_A" else out_sub) * L
+        part = flat[at : at + n]
+        problem = finite.overflow_problem(part.reshape(r, -1) if label == "lora_A" else part.reshape(-1, r))
+        if problem:
+            raise VBLoRAError(f"{arrays.path}: {MODEL_PREFIX}{name}.{label}.weight {problem}")
+        at += n
+    raise VBLoRAError(f"{arrays.path}: the {label} factors overflow float32")
+
+
+def lora_config(cfg: AdapterConfig, modules: Iterable[str]) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields of the exported adapter of ``modules`` (as ``LoraConfig.to_dict`` names them)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": cfg.task_type,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "revision": cfg.revision,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "r": cfg.r,
+        "lora_alpha": cfg.r,  # scaling = lora_alpha / r = 1: VB-LoRA has no scaling
+        "lora_dropout": 0.0,
+        # exact module paths: the same modules whatever target_modules, layers_to_transform, exclude_modules chose
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": cfg.fan_in_fan_out,
+        "bias": _BIAS[cfg.bias],
+        "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def lora_tensors(adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    """``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r) in float32, plus the
+    adapter's other tensors (modules_to_save, biases) under their own keys."""
+    from .adapter_tensors import module_factors
+
+    out: dict[str, torch.Tensor] = {}
+    for module, (A, B) in module_factors(adapter, progress=True).items():
+        out[f"{MODEL_PREFIX}{module}.lora_A.weight"] = A
+        out[f"{MODEL_PREFIX}{module}.lora_B.weight"] = B
+    for key, value in adapter.extras.items():
+        out[key] = value.contiguous()
+    return out
+
+
+def _output_bytes(adapter: AdapterFile) -> int:
+    """Bytes of the exported tensors: A (r, in) and B (out, r) in float32 per module, plus the extras."""
+    r = adapter.config.r
+    factors = sum(4 * r * (m.in_features + m.out_features) for m in adapter.modules.values())
+    return factors + sum(t.nbytes for t in adapter.extras.values())
+
+
+def _packed_output_bytes(arrays: PackedArrays) -> int:
+    """:func:`_output_bytes` of a packed file, from its modules table."""
+    cfg = arrays.config
+    features = int((arrays.dims[:, 1] + arrays.dims[:, 2]).sum()) * cfg.vector_length
+    return 4 * cfg.r * features + sum(len(data) for *_, data in arrays.extras)
+
+
+def _check_room(out: str, needed: int) -> None:
+    """The export must fit the output's disk and this machine's free memory (it is built in memory, then written):
+    a small hostile file can describe factors of any size."""
+    free_disk = shutil.disk_usage(os.path.dirname(out)).free
+    if needed > free_disk:
+        raise VBLoRAError(f"{out}: the LoRA factors take {needed:,d} bytes, {free_disk:,d} are free on that disk")
+    try:
+        free_memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > free_memory:
+        raise VBLoRAError(f"{out}: the LoRA factors take {needed:,d} bytes, {free_memory:,d} of memory are free")
+
+
+def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.PathLike], force: bool = False) -> str:
+    """Export the VB-LoRA adapter at ``adapter_path`` as the exactly equivalent PEFT LoRA adapter.
+
+    Args:
+        adapter_path: a PEFT VB-LoRA adapter folder (full logits or top-K) or a packed adapter file.
+        output: the folder to write (``adapter_config.json`` + ``adapter_model.safetensors``, rank r,
+            ``lora_alpha = r``, float32 factors); it appears whole or not at all (:mod:`vblora_rs.storage.atomic`).
+        force: replace an existing ``output``.
+
+    Returns:
+        The absolute path of the written folder.
+
+    Raises:
+        VBLoRAError: naming the file, tensor or module at fault (factors that overflow float32 included);
+            nothing is written then.
+    """
+    from safetensors.numpy import save_file as save_numpy
+    from safetensors.torch import save_file
+
+    from .adapter_tensors import read_adapter
+
+    out = os.path.abspath(os.fspath(output))
+    _check_output(out, force)
+    found = locate(adapter_path)
+    if found.kind == PACKED:  # every module at once from the flat arrays (a file may list 300k modules)
+        arrays = read_packed_arrays(found.weights_path)
+        weights_path, config, names = found.weights_path, arrays.config, [m[0] for m in arrays.modules]
+        _check_inputs(out, weights_path, _packed_output_bytes(arrays), names)
+        tensors: Optional[dict[str, Any]] = packed_lora_tensors(arrays)
+        save = save_numpy
+    else:
+        tensors = None
+    if tensors is None:  # a PEFT folder, or extras numpy cannot hold: tensor by tensor
+        adapter = read_adapter(adapter_path)
+        weights_path, config, names = adapter.weights_path, adapter.config, list(adapter.modules)
+        _check_inputs(out, weights_path, _output_bytes(adapter), names)
+        tensors = lora_tensors(adapter)
+        for key, value in tensors.items():
+            if value.dtype.is_floating_point:
+                problem = finite.overflow_problem(value.detach().float().numpy())
+                if problem:
+                    raise VBLoRAError(f"{weights_path}: {key} {problem}")
+        save = save_file
+    config_fields = lora_config(config, names)
+
+    staging = atomic.temp_folder(out)
+    try:
+        try:
+            save(tensors, os.path.join(staging, LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors' SafetensorError (a full disk, ...) is no OSError
+            if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+                raise VBLoRAError(f"{out}: writing {LORA_WEIGHTS_NAME} failed: {exc}") from None
+            raise
+        with open(os.path.join(staging, LORA_CONFIG_NAME), "w", encoding="utf-8") as fh:
+            json.dump(config_fields, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        atomic.usual_mode(staging, folder=True)  # mkdtemp's 0700 would make the adapter private
+        atomic.install(staging, out, replace=force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+# safetensors readers refuse longer headers
+MAX_HEADER_BYTES = 100_000_000
+# the least a header entry takes besides its key: `:{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},`
+_ENTRY_MIN = len(':{"dtype":"F32","shape":[1,1],"data_offsets":[0,0]},')
+
+
+def _check_header(weights_path: str, names: list[str]) -> None:
+    """The LoRA file's header must fit safetensors' limit: refused from a lower bound of it, before any factor is
+    built (a file listing a million modules would need two million entries)."""
+
+    per_key = len(MODEL_PREFIX) + len(".lora_A.weight") + _ENTRY_MIN
+    lower = 2 * (int(json_string_bytes(names).sum()) + per_key * len(names))
+    if lower > MAX_HEADER_BYTES:
+        raise VBLoRAError(
+            f"{weights_path}: lists {len(names):,d} modules: their LoRA file ({2 * len(names):,d} tensors) needs a "
+            f"header of at least {lower:,d} bytes, and safetensors readers accept at most {MAX_HEADER_BYTES:,d}"
+        )
+
+
+def _check_inputs(out: str, weights_path: str, needed: int, names: list[str]) -> None:
+    """The input is not the output's own folder, the LoRA header fits safetensors, the export fits disk and memory."""
+    if os.path.abspath(os.path.dirname(weights_path)) == out:
+        raise VBLoRAError(f"{out}: is the input adapter's own folder; choose another output")
+    _check_header(weights_path, names)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _check_room(out, needed)
+
+
+def _check_output(out: str, force: bool) -> None:
+    if os.path.lexists(out):
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise VBLoRAError(f"{out}: exists and is not a folder; not replacing it")
+        if not force:
+            raise VBLoRAError(f"{out}: already exists; pass --force to replace it")
