@@ -151,15 +151,15 @@ def test_a_repeated_index_is_refused_by_every_reader(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"num_vectors": 2**31 - 10**9, "vector_length": 2**20}, "bank values, above"),
-        ({"r": 2**40}, "r must be an integer from 1 to"),
-        ({"vector_length": "8"}, "vector_length must be an integer"),
+        ({"r": 2**40}, "`r` 1099511627776 is above 2147483647"),
+        ({"vector_length": "8"}, "`vector_length` '8' should be a positive integer value"),
         ({"init_vector_bank_bound": "big"}, "init_vector_bank_bound must be a finite number"),
         ({"layers_to_transform": ["0"]}, "layers_to_transform must be an integer or a list of integers"),
         ({"target_modules": "(.+)+X"}, "nests repetitions"),
         ({"target_modules": "(q_proj"}, "is not a valid regular expression"),
         ({"layers_pattern": "(.+)+"}, "layers_pattern .* makes a regex that nests repetitions"),
         ({"fan_in_fan_out": "false"}, "fan_in_fan_out must be true or false"),
-        ({"topk": 300, "num_vectors": 256}, "topk=300 is above num_vectors=256"),
+        ({"topk": 300, "num_vectors": 256}, "`topk` 300 must not exceed `num_vectors` 256"),
     ],
 )
 def test_config_values_are_checked(change: dict, message: str) -> None:

@@ -209,7 +209,7 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.out == "" and f"{path}/adapter_model.safetensors: tensor {key} has dtype torch.float32" in out.err
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "VBLORA", "topk": 0}))
     assert main(["inspect", str(path)]) == 1
-    assert "topk must be an integer from 1 to" in capsys.readouterr().err
+    assert "`topk` 0 should be a positive integer value" in capsys.readouterr().err
 
 
 def test_adapter_saved_by_vblora_rs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

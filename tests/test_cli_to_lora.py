@@ -173,7 +173,7 @@ BAD_INPUTS = {
     "no weights": (lambda src: os.unlink(src / "adapter_model.safetensors"), "", "no adapter_model.safetensors"),
     "not json": (lambda src: (src / "adapter_config.json").write_text("{"), "", "adapter_config.json: not valid JSON"),
     "lora config": (lambda src: _edit_config(src, peft_type="LORA"), "", "peft_type is 'LORA'"),
-    "bad r": (lambda src: _edit_config(src, r=0), "", "r must be an integer from 1 to"),
+    "bad r": (lambda src: _edit_config(src, r=0), "", "`r` 0 should be a positive integer value"),
     "r mismatch": (lambda src: _edit_config(src, r=2), "", "_topk_indices has shape (3, "),
     "not safetensors": (
         lambda src: (src / "adapter_model.safetensors").write_bytes(b"garbage"),
