@@ -45,7 +45,11 @@ def thread_backend() -> str:
 
 
 def set_num_threads(n: Optional[int]) -> None:
-    """Threads the kernels use; ``None`` follows ``torch.get_num_threads()`` (the default)."""
+    """Set the threads the kernels use.
+
+    Args:
+        n: a positive thread count, or ``None`` to follow ``torch.get_num_threads()`` (the default).
+    """
     global _num_threads
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
@@ -53,6 +57,7 @@ def set_num_threads(n: Optional[int]) -> None:
 
 
 def get_num_threads() -> int:
+    """Returns the threads the kernels use now (see :func:`set_num_threads`)."""
     return _num_threads if _num_threads is not None else torch.get_num_threads()
 
 
@@ -141,7 +146,16 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
 
     The selection (the pass over all ``num_vectors`` logits) runs in Rust. The softmax of the ``k`` kept logits
     is torch's own: Rust's ``exp`` differs from torch's vectorised one in the last bit for about a fifth of the
-    rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included."""
+    rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included.
+
+    Args:
+        logits: a contiguous CPU float32/float16/bfloat16 tensor ``(..., num_vectors)``.
+        k: how many to keep per row (``1 <= k <= num_vectors``).
+        name: what ``logits`` is, for error messages.
+
+    Returns:
+        ``(indices, weights)``, both of shape ``(..., k)``.
+    """
     rows = _rows(logits, name)
     # The kept logits come back from the selection itself (exact, widened as .float() does): no gather.
     idx, kept = _wrap(name, _native.topk_many, [float_view(rows, name)], int(k), True, get_num_threads())
@@ -170,7 +184,17 @@ def topk_softmax_many(
 def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name: str = "logits") -> torch.Tensor:
     """``softmax(topk(logits)) @ bank[indices]`` per row: shape ``logits.shape[:-1] + (L,)``, float32, bit for
     bit PEFT's ``(weights.unsqueeze(-1) * bank[indices]).sum(-2)`` on float32 inputs. Nothing of size
-    ``rows * num_vectors`` is allocated."""
+    ``rows * num_vectors`` is allocated.
+
+    Args:
+        logits: ``(..., num_vectors)`` CPU float logits.
+        bank: the vector bank ``(num_vectors, L)``.
+        topk: K of the top-K selection.
+        name: what ``logits`` is, for error messages.
+
+    Returns:
+        The sub-vectors, ``(..., L)`` float32.
+    """
     _check_bank(bank, "vector bank")
     if logits.shape[-1] != bank.shape[0]:
         raise VBLoRAError(f"{name} has {logits.shape[-1]} logits per row but the bank holds {bank.shape[0]} vectors")
@@ -218,7 +242,17 @@ def low_rank_matrices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A (r, in)`` and ``B (out, r)`` of one adapter (float32) from its logits ``(r, in/L, num_vectors)`` and
     ``(out/L, r, num_vectors)`` and the bank ``(num_vectors, L)``; nothing of size num_vectors per sub-vector
-    is materialised beyond the logits."""
+    is materialised beyond the logits.
+
+    Args:
+        logits_A: ``(r, in/L, num_vectors)``.
+        logits_B: ``(out/L, r, num_vectors)``.
+        bank: ``(num_vectors, L)``.
+        topk: K of the top-K selection.
+
+    Returns:
+        ``(A, B)``: ``A (r, in)`` and ``B (out, r)``, float32; the layer adds ``x @ A.T @ B.T``.
+    """
     _check_lora_shapes(logits_A.shape, logits_B.shape, "logits")
     return _as_lora_matrices(
         low_rank_matrix(logits_A, bank, topk, name="vblora_logits_A"),
@@ -274,7 +308,18 @@ def merge_(
     weight: torch.Tensor, terms: Sequence[MergeTerm], fan_in_fan_out: bool = False, *, name: str = "weight"
 ) -> torch.Tensor:
     """In place ``weight += sum_i scale_i * (B_i @ A_i)`` (``.T`` if ``fan_in_fan_out``) in one pass,
-    accumulating in float32 and rounding once into the weight's dtype. Returns ``weight``."""
+    accumulating in float32 and rounding once into the weight's dtype.
+
+    Args:
+        weight: a 2-D contiguous CPU float32/float16/bfloat16 tensor, ``(out, in)`` (``(in, out)`` with
+            ``fan_in_fan_out``).
+        terms: the adapters' :class:`MergeTerm` ``(A, B, scale)``; a negative scale unmerges.
+        fan_in_fan_out: the weight is stored transposed (GPT-2's Conv1D).
+        name: what ``weight`` is, for error messages.
+
+    Returns:
+        ``weight``, updated in place.
+    """
     if not terms:
         return weight
     if weight.dim() != 2:
@@ -292,6 +337,15 @@ def merge_(
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``B @ A`` (transposed if ``fan_in_fan_out``) as a new float32 tensor, written once (no zero-fill pass)."""
+    """``B @ A`` (transposed if ``fan_in_fan_out``) as a new float32 tensor, written once (no zero-fill pass).
+
+    Args:
+        A: ``(r, in)``.
+        B: ``(out, r)``.
+        fan_in_fan_out: return ``(B @ A).T``.
+
+    Returns:
+        The delta weight, float32.
+    """
     u, v = _stacked_factors([MergeTerm(A, B)], fan_in_fan_out)
     return torch.from_numpy(_wrap("delta", _native.low_rank_product, u.numpy(), v.numpy(), get_num_threads()))

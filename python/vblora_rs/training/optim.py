@@ -77,7 +77,16 @@ def create_optimizer(
     lr_other: Optional[float] = None,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """``optimizer_cls(param_groups(model, ...), **optimizer_kwargs)``; ``optimizer_kwargs`` (e.g. ``lr``,
-    ``betas``) are the defaults of the groups that do not set their own."""
+    """An optimizer over :func:`param_groups` of ``model`` (the paper's separate bank and logits learning rates).
+
+    Args:
+        model: a model with VB-LoRA adapters (a PeftModel).
+        optimizer_cls: the ``torch.optim`` optimizer class.
+        lr_bank, lr_logits, weight_decay, lr_other: as :func:`param_groups` takes them.
+        **optimizer_kwargs: the optimizer's defaults (e.g. ``lr``, ``betas``) for groups that do not set their own.
+
+    Returns:
+        ``optimizer_cls(param_groups(model, ...), **optimizer_kwargs)``.
+    """
     groups = param_groups(model, lr_bank=lr_bank, lr_logits=lr_logits, weight_decay=weight_decay, lr_other=lr_other)
     return optimizer_cls(groups, **optimizer_kwargs)

@@ -37,8 +37,14 @@ def optimizer_steps() -> int:
 
 
 def set_lora_cache_size(n: int) -> None:
-    """How many adapters' A and B each layer keeps (least recently used dropped first); 0 turns caching off.
-    Each entry holds ``r * (in + out)`` values."""
+    """Set how many adapters' A and B each layer keeps for no-grad forwards (least recently used dropped first).
+
+    Args:
+        n: entries per layer (each holds ``r * (in + out)`` values); 0 turns caching off.
+
+    Raises:
+        ValueError: ``n`` is not a non-negative int.
+    """
     global _lora_cache_size
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"the cache size must be a non-negative int, got {n!r}")
@@ -46,6 +52,7 @@ def set_lora_cache_size(n: int) -> None:
 
 
 def get_lora_cache_size() -> int:
+    """Returns how many adapters' A and B each layer keeps (see :func:`set_lora_cache_size`)."""
     return _lora_cache_size
 
 

@@ -55,10 +55,21 @@ def save_packed(
     adapter_name: str = "default",
     half: Union[bool, torch.dtype] = False,
 ) -> Optional[packed.PackReport]:
-    """Write ``adapter_name`` of a PeftModel as ``adapter_config.json`` + ``adapter_packed.safetensors`` in
-    ``save_directory`` (top-K, indices bit-packed; lossless). ``half=True`` (float16) or ``half=torch.bfloat16``
-    stores bank and weights in half precision and returns the report of the error that costs per layer. A PEFT
-    weights file already in the folder is removed, so the folder holds one adapter."""
+    """Save one adapter of a PeftModel as a packed file: top-K indices bit-packed, lossless unless ``half``.
+
+    Args:
+        model: a PeftModel holding VB-LoRA adapter ``adapter_name`` (full logits or compact).
+        save_directory: the folder to write ``adapter_config.json`` + ``adapter_packed.safetensors`` into; a PEFT
+            weights file already there is removed, so the folder holds one adapter.
+        adapter_name: the adapter to save.
+        half: ``True`` (float16) or ``torch.bfloat16`` stores the bank and the weights in half precision.
+
+    Returns:
+        With ``half``, the report of the error half precision costs per layer; else None.
+
+    Raises:
+        VBLoRAError: the adapter cannot be packed (naming the tensor); ValueError: an unknown adapter name.
+    """
     half_dtype = _half_dtype(half)
     if adapter_name not in model.peft_config:
         raise ValueError(f"Adapter {adapter_name!r} not found in {sorted(model.peft_config)}")
@@ -107,9 +118,22 @@ def load_packed(
     adapter_name: str = "default",
     is_trainable: bool = False,
 ) -> peft.PeftModel:
-    """Load a packed adapter (a folder holding ``adapter_packed.safetensors``, or the file) onto ``model``: a base
-    model (returns a new PeftModel, of the config's task type) or a PeftModel (adds ``adapter_name`` to it, as
-    ``load_adapter``). Everything is checked before the model changes; the adapter loads in compact form."""
+    """Load a packed adapter onto a model, in compact form; everything is checked before the model changes.
+
+    Args:
+        model: a base model (a new PeftModel of the config's task type is built around it) or a PeftModel
+            (``adapter_name`` is added to it, as ``load_adapter`` does).
+        path: a folder holding ``adapter_packed.safetensors``, or the file itself. (PEFT's
+            ``PeftModel.from_pretrained`` reads PEFT's folders, not packed files.)
+        adapter_name: the name the adapter gets.
+        is_trainable: load it for training (the compact form cannot train: PEFT's error then).
+
+    Returns:
+        The PeftModel holding the adapter.
+
+    Raises:
+        VBLoRAError: naming the file and tensor or module at fault.
+    """
     apply_to_peft()
     file = packed_file_of(path)
     # the modules table against the model's modules, from the header alone: a small file can list a million

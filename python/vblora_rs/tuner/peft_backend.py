@@ -20,7 +20,11 @@ from .model import VBLoRAModel, compact_adapters_alive
 
 
 def apply_to_peft() -> None:
-    """Make PEFT build and load VB-LoRA adapters with vblora_rs's tuner and layers (idempotent)."""
+    """Make PEFT build and load VB-LoRA adapters with vblora_rs's tuner and layers (idempotent).
+
+    Sets the one entry ``peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VBLORA]`` to :class:`VBLoRAModel`;
+    models built before keep their classes.
+    """
     PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VBLORA] = VBLoRAModel
 
 
