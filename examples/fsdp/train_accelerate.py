@@ -1,4 +1,4 @@
-"""VB-LoRA under FSDP2 through accelerate (see the README, "FSDP and DDP"):
+"""VB-LoRA under FSDP2 through accelerate (see docs/fsdp.md):
 
     accelerate launch --config_file examples/fsdp/accelerate_fsdp2.yaml examples/fsdp/train_accelerate.py OUT
 

@@ -1,4 +1,4 @@
-"""VB-LoRA under FSDP2 through transformers' Trainer (see the README, "FSDP and DDP"):
+"""VB-LoRA under FSDP2 through transformers' Trainer (see docs/fsdp.md):
 
     torchrun --nproc_per_node 2 examples/fsdp/train_trainer.py OUT
 
