@@ -54,6 +54,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PYTHON) -m ruff check python tests benches
+	$(PYTHON) -m mypy.stubtest vblora_rs._native
 
 wheel:
 	maturin build --release

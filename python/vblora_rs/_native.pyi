@@ -8,18 +8,56 @@ Conventions shared by every function:
 * ``num_threads``: how many threads the kernel may use; 0 means all cores.
 * The GIL is released while a kernel runs. Bad input raises :class:`VBLoRAError` (a
   ``ValueError``) whose message names the argument and, for data errors, the row at fault.
+* A failure of the operating system while reading or writing a file (missing file, permission,
+  full disk, name too long) raises ``OSError(errno, strerror, filename)``, which Python makes the
+  matching subclass (``FileNotFoundError``, ``PermissionError``, ...), never ``VBLoRAError``.
+
+Checked against the built module by ``python -m mypy.stubtest vblora_rs._native`` (``make lint``).
 """
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "__version__",
+    "VBLoRAError",
+    "topk_softmax",
+    "topk_many",
+    "low_rank_from_logits",
+    "low_rank_from_topk",
+    "rank_update_",
+    "low_rank_product",
+    "simd_level",
+    "simd_levels",
+    "use_openmp",
+    "thread_backend",
+    "encode_packed",
+    "decode_packed",
+    "unpack_packed",
+    "packed_modules_outside",
+    "safetensors_header",
+    "adapter_shapes",
+    "adapter_factors",
+    "packed_adapter_shapes",
+    "packed_adapter_factors",
+    "check_topk_rows",
+    "merge_safetensors",
+]
+
 __version__: str
 
-FloatArray = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
+# Stub-only: the float dtypes every "float array" argument accepts (uint16 = bfloat16 bits).
+_FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
 
 class VBLoRAError(ValueError): ...
 
-def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+def topk_softmax(
+    logits: _FloatArray, k: int, num_threads: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Per row of a 2-D ``(rows, n)`` logits array: indices of the ``k`` largest logits, largest
     first, in exactly torch.topk's CPU order (ties included), and the float32 softmax of those
     ``k`` logits by torch's formula ``exp(x - max) / sum``, within 2 ulp (an all ``-inf`` row gives NaN).
@@ -27,14 +65,14 @@ def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDAr
     naming its row; ``k`` must satisfy ``1 <= k <= n``."""
 
 def topk_many(
-    logits: list[FloatArray], k: int, kept_logits: bool, num_threads: int
+    logits: list[_FloatArray], k: int, kept_logits: bool, num_threads: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """:func:`topk_softmax` of several 2-D logits arrays of one dtype in one call (one hand-off to the thread
     pool): ``(indices (S, k), weights (S, k))`` over all their rows, in order; with ``kept_logits`` the second
     array holds the kept logits themselves (float32, exact) instead of their softmax. A NaN's row is counted
     across the arrays. Arrays of different dtypes are an error."""
 
-def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
+def low_rank_from_logits(logits: _FloatArray, bank: _FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
     """Fused top-k + softmax + weighted sum of bank rows: ``out[i] = sum_j w[i, j] *
     bank[idx[i, j]]`` for ``logits (rows, num_vectors)`` and ``bank (num_vectors, L)``, summing
     ``j`` in order ``0..k`` in float32. Returns ``(rows, L)`` float32. Nothing of size
@@ -43,14 +81,14 @@ def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threa
 def low_rank_from_topk(
     indices: npt.NDArray[np.int64],
     weights: npt.NDArray[np.float32],
-    bank: FloatArray,
+    bank: _FloatArray,
     num_threads: int,
 ) -> npt.NDArray[np.float32]:
     """Like :func:`low_rank_from_logits` from precomputed ``indices (rows, k)`` and
     ``weights (rows, k)``. An index outside ``[0, num_vectors)`` is an error naming its row."""
 
 def rank_update_(
-    weight: FloatArray,
+    weight: _FloatArray,
     u: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
     num_threads: int,
@@ -97,8 +135,8 @@ def encode_packed(
     metadata: dict[str, str],
     modules: list[tuple[str, int, int, int]],
     indices: npt.NDArray[np.int64],
-    weights: FloatArray,
-    bank: FloatArray,
+    weights: _FloatArray,
+    bank: _FloatArray,
     extras: list[tuple[str, str, list[int], bytes]],
 ) -> int:
     """Write a packed adapter file (docs/packed-format.md) atomically; returns the bytes written.
@@ -133,9 +171,6 @@ def packed_modules_outside(path: str | os.PathLike[str], known: list[str]) -> tu
     table is bad raises :class:`VBLoRAError` naming it."""
 
 # --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---
-
-import os  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
 
 def safetensors_header(
     path: str | os.PathLike[str],

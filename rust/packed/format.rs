@@ -282,15 +282,11 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
     Ok((metadata, tensors))
 }
 
-fn write_error(e: &safetensors::SafeTensorError) -> PackedError {
-    PackedError::Io(e.to_string())
-}
-
 /// The packed file's bytes.
 pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
     let (metadata, tensors) = prepare(p)?;
     safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(metadata))
-        .map_err(|e| write_error(&e))
+        .map_err(|e| PackedError::Serialize(e.to_string()))
 }
 
 /// Writes the packed file atomically (a sibling temporary file renamed over `path`); returns its
@@ -298,12 +294,12 @@ pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
 pub fn encode_to_file(p: &Packed<'_>, path: &Path) -> Result<u64, PackedError> {
     let (metadata, tensors) = prepare(p)?;
     // The crate makes its temporary file in `path.parent()`, which is "" for a bare file name.
-    let path = std::path::absolute(path).map_err(|e| PackedError::Io(e.to_string()))?;
+    let path = std::path::absolute(path).map_err(|e| PackedError::io(path, "resolving", e))?;
     safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (n, r)), Some(metadata), &path)
-        .map_err(|e| write_error(&e))?;
+        .map_err(|e| PackedError::write(&path, e))?;
     std::fs::metadata(&path)
         .map(|m| m.len())
-        .map_err(|e| PackedError::Io(e.to_string()))
+        .map_err(|e| PackedError::io(&path, "reading the size of", e))
 }
 
 // --- decoding ---------------------------------------------------------------------------------
@@ -488,6 +484,6 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
 
 /// Reads and decodes the packed file at `path`.
 pub fn decode_file(path: &Path) -> Result<Packed<'static>, PackedError> {
-    let bytes = std::fs::read(path).map_err(|e| PackedError::Io(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| PackedError::io(path, "reading", e))?;
     decode(&bytes)
 }

@@ -7,11 +7,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use super::VBLoRAError;
-
-pub(crate) fn error(msg: impl Into<String>) -> PyErr {
-    VBLoRAError::new_err(msg.into())
-}
+use super::error::error;
 
 /// The 2-D, C-contiguous numpy array behind `obj`; `name` is the argument in messages.
 fn untyped<'a, 'py>(
