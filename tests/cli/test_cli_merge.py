@@ -22,6 +22,7 @@ from support.peft_reference import peft_from_pretrained, peft_get_peft_model
 from vblora_rs import _native
 from vblora_rs import merge as merge_plan
 from vblora_rs.cli import main
+from vblora_rs.demo.mini_models import build
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.merge.plan import INDEX_FILE
 
@@ -305,18 +306,9 @@ def test_missing_module(tmp_path: Path) -> None:
 
 def test_shape_mismatch(tmp_path: Path) -> None:
     base = save_base("llama", tmp_path / "base")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    wider = build("llama", hidden_size=48, max_position_embeddings=2048)
     kwargs = MODEL_CASES["llama"][1]
-    peft_get_peft_model(LlamaForCausalLM(cfg), peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "adapter")
+    peft_get_peft_model(wider, peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "adapter")
     expect_error(tmp_path, base, [tmp_path / "adapter"], r"tensor model\.layers\.0\..* has shape \(")
 
 

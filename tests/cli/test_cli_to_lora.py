@@ -270,7 +270,7 @@ def test_help_in_a_subprocess_without_torch() -> None:
 def test_packed_input_equals_its_peft_folder_byte_for_byte(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, overrides: dict[str, Any], half: str | None
 ) -> None:
-    """A packed file is exported from its flat arrays, every module at once (cli/lora_packed.py); the PEFT folder
+    """A packed file is exported from its flat arrays, every module at once (convert/lora.py); the PEFT folder
     it unpacks to goes module by module. Both files must be the same bytes."""
     src, _ = save_adapter(tmp_path, case, "vblora_rs", save_only_topk_weights=True, **overrides)
     assert main(["pack", str(src), "-o", str(tmp_path / "packed"), *(["--half", half] if half else [])]) == 0

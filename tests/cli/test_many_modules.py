@@ -154,13 +154,13 @@ def test_to_lora_refuses_a_header_safetensors_cannot_read(
 ) -> None:
     """Refused from a lower bound of the LoRA header before any factor is built (a million modules need 2M entries,
     ~200 MB); the limit is lowered here so that the 15k-module file crosses it."""
-    from vblora_rs.cli import lora_packed, to_lora
+    from vblora_rs.convert import lora
 
     def no_factors(*args: object) -> None:
         raise AssertionError("factors were built before the header was checked")
 
-    monkeypatch.setattr(lora_packed, "packed_lora_tensors", no_factors)
-    monkeypatch.setattr(to_lora, "MAX_HEADER_BYTES", 1_000_000)
+    monkeypatch.setattr(lora, "packed_lora_tensors", no_factors)
+    monkeypatch.setattr(lora, "MAX_HEADER_BYTES", 1_000_000)
     assert main(["to-lora", files[N], "-o", str(tmp_path / "lora")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"vblora to-lora: error: {files[N]}: lists {N:,d} modules") and "\n" not in err

@@ -9,8 +9,9 @@ import copy
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import peft
 import pytest
@@ -19,134 +20,13 @@ import vblora_rs
 from peft.tuners.vblora import Linear as PeftLinear
 from safetensors.torch import load_file
 from support import tolerances
-from support.models import TINY_LLAMA, make_gpt2, make_llama, make_mlp, make_opt
+from support.ecosystem import ECOSYSTEM, adapted_model, causal_inputs, classification_inputs, config, randomize
+from support.models import make_mlp
 from support.peft_reference import bank_named_once
 from torch import nn
 from vblora_rs import Linear, PeftModel, VBLoRAConfig, get_peft_model
+from vblora_rs.demo.mini_models import build
 from vblora_rs.tuner.peft_backend import peft_classes
-
-VOCAB = 64
-
-
-def make_bert(seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def make_roberta(seed: int = 0) -> nn.Module:
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return RobertaForSequenceClassification(cfg).eval()
-
-
-def make_t5(seed: int = 0) -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_heads=4,
-        vocab_size=VOCAB,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-def make_bart(seed: int = 0) -> nn.Module:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = BartConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-    )
-    return BartForConditionalGeneration(cfg).eval()
-
-
-def ids(batch: int = 3, seq: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def causal_inputs() -> dict[str, torch.Tensor]:
-    x = ids()
-    return {"input_ids": x, "labels": x}
-
-
-def classification_inputs() -> dict[str, torch.Tensor]:
-    return {"input_ids": ids(), "labels": torch.tensor([0, 2, 1])}
-
-
-def seq2seq_inputs() -> dict[str, torch.Tensor]:
-    return {"input_ids": ids(), "labels": ids(seq=4, seed=2)}
-
-
-# name -> (builder, inputs with labels, extra config); every case uses the model type's default targets
-ECOSYSTEM: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]], dict[str, Any]]] = {
-    "gpt2": (make_gpt2, causal_inputs, {"fan_in_fan_out": True}),
-    "opt": (make_opt, causal_inputs, {}),
-    "llama": (make_llama, causal_inputs, {}),
-    "bert": (make_bert, classification_inputs, {"modules_to_save": ["classifier"]}),
-    "roberta": (make_roberta, classification_inputs, {"modules_to_save": ["classifier"]}),
-    "t5": (make_t5, seq2seq_inputs, {}),
-    "bart": (make_bart, seq2seq_inputs, {}),
-}
-
-
-def config(case: str, **kw: Any) -> VBLoRAConfig:
-    return VBLoRAConfig(vector_length=8, num_vectors=32, r=2, **{**ECOSYSTEM[case][2], **kw})
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Adapter values large enough that every adapted layer changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vblora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
-
-
-def build(case: str, **kw: Any) -> nn.Module:
-    model = get_peft_model(ECOSYSTEM[case][0](), config(case, **kw))
-    randomize(model)
-    return model
 
 
 @contextmanager
@@ -187,7 +67,7 @@ DEFAULT_TARGETS = {
 def test_forward_backward_save_load_merge(case: str, tmp_path) -> None:
     builder, make_inputs, _ = ECOSYSTEM[case]
     inputs = make_inputs()
-    model = build(case)
+    model = adapted_model(case)
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, Linear)}
     assert adapted == DEFAULT_TARGETS[case]
     with torch.no_grad():
@@ -227,8 +107,8 @@ def test_forward_backward_save_load_merge(case: str, tmp_path) -> None:
 
 
 def test_state_dict_round_trip_and_layout() -> None:
-    model = build("llama")
-    other = build("llama")
+    model = adapted_model("llama")
+    other = adapted_model("llama")
     randomize(other, seed=7)
     inputs = causal_inputs()
     state = model.state_dict()
@@ -240,7 +120,7 @@ def test_state_dict_round_trip_and_layout() -> None:
 
 
 def test_deepcopy_and_pickle_keep_the_shared_bank_shared() -> None:
-    model = build("gpt2")
+    model = adapted_model("gpt2")
     inputs = causal_inputs()
     expected = logits(model, inputs)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
@@ -258,7 +138,7 @@ def test_deepcopy_and_pickle_keep_the_shared_bank_shared() -> None:
 def test_model_to_dtype(dtype: torch.dtype) -> None:
     """``model.to(dtype)`` moves every adapter tensor, and the model then computes (forward, and training's
     backward) exactly as PEFT's own classes do in that dtype."""
-    model = build("llama")
+    model = adapted_model("llama")
     inputs = causal_inputs()
     twin = peft_twin("llama", model)
     float32_out = logits(model, inputs)
@@ -279,7 +159,7 @@ def test_model_to_dtype(dtype: torch.dtype) -> None:
 
 
 def test_requires_grad_follows_the_active_adapter() -> None:
-    model = build("opt")
+    model = adapted_model("opt")
     model.add_adapter("other", config("opt"))
 
     def trainable(adapter: str) -> set[bool]:
@@ -300,7 +180,7 @@ def test_requires_grad_follows_the_active_adapter() -> None:
 def test_a_second_adapter_stays_frozen_also_on_modules_only_it_targets() -> None:
     """Llama's default targets are q_proj and v_proj; the second adapter adds o_proj, which it alone holds: the
     new layers there must not make it (or their base weights) trainable, as with PEFT's own classes."""
-    model = build("llama")
+    model = adapted_model("llama")
     model.add_adapter("other", config("llama", target_modules=["v_proj", "o_proj"]))
     only_other = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.endswith("o_proj")]
     assert only_other and all(not model.get_submodule(n).has_adapter("default") for n in only_other)
@@ -312,7 +192,7 @@ def test_a_second_adapter_stays_frozen_also_on_modules_only_it_targets() -> None
     assert names and all(n.endswith(".default") for n in names)
     assert model.active_adapters == ["default"]
     with peft_own_classes():
-        theirs = peft.get_peft_model(make_llama(), config("llama"))
+        theirs = peft.get_peft_model(build("llama"), config("llama"))
         theirs.add_adapter("other", config("llama", target_modules=["v_proj", "o_proj"]))
     assert names == trainable(theirs)  # PEFT's own classes freeze the same set
 
@@ -330,7 +210,7 @@ def test_a_second_adapter_stays_frozen_also_on_modules_only_it_targets() -> None
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_of_the_base_model(reentrant: bool) -> None:
     inputs = causal_inputs()
-    reference = build("llama")
+    reference = adapted_model("llama")
     reference.train()
     reference(**inputs).loss.backward()
     expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
@@ -345,7 +225,7 @@ def test_gradient_checkpointing_of_the_base_model(reentrant: bool) -> None:
         model(**inputs).loss.backward()
         return {bank_named_once(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    model = build("llama")
+    model = adapted_model("llama")
     twin = peft_twin("llama", model)
     got = checkpointed(model)
     assert got.keys() == expected.keys()
@@ -372,7 +252,7 @@ def train_step(model: nn.Module, inputs: dict[str, torch.Tensor], lr: float = 0.
 
 
 def test_modules_to_save_copies_train_and_round_trip(tmp_path: Path) -> None:
-    model = build("bert")
+    model = adapted_model("bert")
     inputs = classification_inputs()
     wrapper = model.get_base_model().classifier
     assert {n for n, p in wrapper.named_parameters() if p.requires_grad} == {
@@ -389,24 +269,16 @@ def test_modules_to_save_copies_train_and_round_trip(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert torch.equal(saved["base_model.model.classifier.weight"], copy_weight)  # PEFT's key for the copy
-    loaded = PeftModel.from_pretrained(make_bert(), tmp_path)
+    loaded = PeftModel.from_pretrained(build("bert-seq-cls"), tmp_path)
     assert torch.equal(loaded.get_base_model().classifier.modules_to_save["default"].weight, copy_weight)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
 
 
-def make_llama_classifier(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": VOCAB}, num_labels=3, pad_token_id=0)
-    return LlamaForSequenceClassification(cfg).eval()
-
-
 # name -> (builder, the head PEFT makes trainable for SEQ_CLS)
 SEQ_CLS = {
-    "bert": (make_bert, "classifier"),
-    "roberta": (make_roberta, "classifier"),
-    "llama": (make_llama_classifier, "score"),
+    "bert": (partial(build, "bert-seq-cls"), "classifier"),
+    "roberta": (partial(build, "roberta-seq-cls"), "classifier"),
+    "llama": (partial(build, "llama-seq-cls"), "score"),
 }
 
 
@@ -457,7 +329,7 @@ def test_mlp_plain_module_still_works() -> None:
 # PEFT looks the save hooks up by method at call time; ours handle a model of PEFT's own classes as PEFT does
 def test_a_peft_built_model_saves_after_apply_to_peft(tmp_path: Path) -> None:
     with peft_own_classes():
-        theirs = peft.get_peft_model(make_llama(), config("llama"))
+        theirs = peft.get_peft_model(build("llama"), config("llama"))
         theirs.save_pretrained(tmp_path / "before")
     vblora_rs.apply_to_peft()
     theirs.save_pretrained(tmp_path / "after")
@@ -469,9 +341,9 @@ def test_a_peft_built_model_saves_after_apply_to_peft(tmp_path: Path) -> None:
 def test_remove_from_peft_refuses_while_a_compact_adapter_is_alive(tmp_path: Path) -> None:
     # PEFT's own hooks would save a compact adapter as its bank alone: the switch back refuses instead
     vblora_rs.apply_to_peft()
-    model = get_peft_model(make_llama(), config("llama", save_only_topk_weights=True))
+    model = get_peft_model(build("llama"), config("llama", save_only_topk_weights=True))
     model.save_pretrained(tmp_path / "topk")
-    loaded = PeftModel.from_pretrained(make_llama(), tmp_path / "topk")  # compact: no dense logits
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "topk")  # compact: no dense logits
     with pytest.raises(vblora_rs.VBLoRAError, match="compact adapters"):
         vblora_rs.remove_from_peft()
     loaded.save_pretrained(tmp_path / "again")

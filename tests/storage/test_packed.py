@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from support.models import make_llama, make_mlp
+from support.models import make_mlp
 from support.peft_reference import peft_from_pretrained, peft_get_peft_model
 from vblora_rs import VBLoRAConfig, VBLoRAError, _native, get_peft_model
 from vblora_rs.cli import main as cli_main
@@ -30,6 +30,7 @@ from vblora_rs.convert.packed import (
     topk_tensors_from_full,
     write_packed,
 )
+from vblora_rs.demo.mini_models import build
 from vblora_rs.storage.names import BANK_KEY, PACKED_WEIGHTS_NAME
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -77,7 +78,7 @@ def peft_checkpoint(tmp_path: Path, model_name: str, dtype: torch.dtype, full: b
     if model_name == "mlp":
         base, kwargs = make_mlp(), {**MLP_CFG, "modules_to_save": ["head"]}
     else:  # llama: int16 indices (num_vectors 300), topk 3
-        base = make_llama()
+        base = build("llama")
         kwargs = {"target_modules": ["q_proj", "v_proj", "down_proj"], "vector_length": 8, "num_vectors": 300}
         kwargs |= {"r": 3, "topk": 3}
     config = peft.VBLoRAConfig(save_only_topk_weights=not full, init_logits_std=1.0, **kwargs)

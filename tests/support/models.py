@@ -1,11 +1,14 @@
-"""The tests' small models: an MLP, and the model cases most tests run on (model, adapter config, inputs)."""
+"""The tests' small models: an MLP, and the model cases most tests run on (model, adapter config, inputs); the
+transformers models are the setups of :mod:`vblora_rs.demo.mini_models`."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
+from vblora_rs.demo.mini_models import build
 
 
 class MLP(nn.Module):
@@ -28,50 +31,6 @@ def make_mlp(seed: int = 0) -> nn.Module:
     return MLP().eval()
 
 
-def make_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-# the tiny Llama every test builds (the causal LM here, the classifier in test_ecosystem)
-TINY_LLAMA = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 64,
-    "max_position_embeddings": 64,
-}
-
-
-def make_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**TINY_LLAMA)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def make_opt(seed: int = 0) -> nn.Module:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-    )
-    return OPTForCausalLM(cfg).eval()
-
-
 # name -> (builder, config kwargs, input maker)
 MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]] = {
     "mlp": (
@@ -80,7 +39,7 @@ MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]]
         lambda: {"x": torch.randn(5, 16, generator=torch.Generator().manual_seed(1))},
     ),
     "gpt2": (
-        make_gpt2,
+        partial(build, "gpt2"),
         {
             "target_modules": ["c_attn", "c_proj"],
             "vector_length": 16,
@@ -91,7 +50,7 @@ MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]]
         lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
     ),
     "llama": (
-        make_llama,
+        partial(build, "llama"),
         {
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "vector_length": 8,
@@ -102,7 +61,7 @@ MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]]
         lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
     ),
     "opt": (
-        make_opt,
+        partial(build, "opt"),
         {"target_modules": None, "vector_length": 8, "num_vectors": 64, "r": 4},
         lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
     ),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.models import MODEL_CASES, make_llama, make_mlp
+from support.models import MODEL_CASES, make_mlp
 from torch import nn
 from vblora_rs import (
     Linear,
@@ -24,6 +24,7 @@ from vblora_rs import (
     get_peft_model,
     set_lora_cache_size,
 )
+from vblora_rs.demo.mini_models import build
 from vblora_rs.training.optim import create_optimizer, param_groups
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -34,7 +35,7 @@ SEQ = 7
 def llama(adapter_seed: int = 0) -> nn.Module:
     """The tiny Llama of support.models (base weights always seed 0) with an adapter drawn from ``adapter_seed``."""
     _, kw, _ = MODEL_CASES["llama"]
-    base = make_llama(seed=0)
+    base = build("llama", seed=0)
     torch.manual_seed(adapter_seed)
     model = get_peft_model(base, VBLoRAConfig(**kw))
     assert any(isinstance(m, Linear) for m in model.modules())  # our layers, not PEFT's own
@@ -340,7 +341,7 @@ def test_trainer_saves_a_model_peft_reloads(tmp_path: Path) -> None:
     trainer = Trainer(model=model, args=training_args(tmp_path, learning_rate=1e-2), train_dataset=dataset())
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
-    reloaded = PeftModel.from_pretrained(make_llama(seed=0), tmp_path / "final")
+    reloaded = PeftModel.from_pretrained(build("llama", seed=0), tmp_path / "final")
     ids = torch.tensor([dataset()[0]["input_ids"]])
     model.eval()
     with torch.no_grad():

@@ -11,9 +11,10 @@ import pytest
 import torch
 import vblora_rs
 from support import tolerances
-from support.models import MODEL_CASES, make_gpt2, make_mlp, output_tensor
+from support.models import MODEL_CASES, make_mlp, output_tensor
 from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, get_peft_model
+from vblora_rs.demo.mini_models import build
 
 
 @pytest.fixture
@@ -248,7 +249,7 @@ def test_copies_and_pickles_start_empty_and_state_dict_has_no_cache() -> None:
 
 
 def test_inference_mode_entries_are_not_saved_for_backward() -> None:
-    model = get_peft_model(make_gpt2(), VBLoRAConfig(**MODEL_CASES["gpt2"][1]))
+    model = get_peft_model(build("gpt2"), VBLoRAConfig(**MODEL_CASES["gpt2"][1]))
     model.eval()
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -9,10 +9,11 @@ import pytest
 import torch
 from peft.utils import ModulesToSaveWrapper
 from support import tolerances
-from support.models import make_gpt2, make_mlp
-from test_ecosystem import ECOSYSTEM, build, config, randomize
+from support.ecosystem import ECOSYSTEM, adapted_model, config, randomize
+from support.models import make_mlp
 from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, VBLoRAError, get_peft_model
+from vblora_rs.demo.mini_models import build
 
 NAMES = ["default", "second", "__base__", "default", "second", "second"]
 # matmul rounding over different row counts, through the deepest of the models tested here
@@ -20,7 +21,7 @@ TOL = max((tolerances.model(case) for case in ECOSYSTEM), key=lambda t: t["rtol"
 
 
 def with_adapters(case: str, compact_second: bool = False) -> nn.Module:
-    model = build(case)
+    model = adapted_model(case)
     model.add_adapter("second", config(case))
     randomize(model, seed=11)  # every adapter (and modules_to_save copy) gets its own values
     if compact_second:
@@ -178,7 +179,7 @@ def test_disabled_adapters_win() -> None:
     with torch.no_grad(), model.disable_adapter():
         mixed = model(**inputs, adapter_names=["default", "second"]).logits
     with torch.no_grad():
-        base = make_gpt2()(**inputs).logits
+        base = build("gpt2")(**inputs).logits
     torch.testing.assert_close(mixed, base, atol=0, rtol=0)
 
 

@@ -8,9 +8,10 @@ import peft
 import pytest
 import torch
 from support import tolerances
-from support.models import MLP, make_gpt2, make_llama, make_mlp, make_opt
+from support.models import MLP, make_mlp
 from torch import nn
 from vblora_rs import Linear, PeftModel, VBLoRAConfig, VBLoRALayer, VBLoRAModel, get_peft_model
+from vblora_rs.demo.mini_models import build
 
 
 def adapted(model: nn.Module) -> list[str]:
@@ -63,7 +64,7 @@ def test_target_selection(targets: object, expected: list[str]) -> None:
 
 def test_dotted_suffix_match_and_exclude() -> None:
     model = get_peft_model(
-        make_llama(),
+        build("llama"),
         cfg(target_modules=["self_attn.q_proj", "v_proj"], exclude_modules=["model.layers.1.self_attn.v_proj"]),
     )
     assert adapted(model) == [
@@ -71,30 +72,30 @@ def test_dotted_suffix_match_and_exclude() -> None:
         "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.q_proj",
     ]
-    model = get_peft_model(make_llama(), cfg(target_modules=["q_proj"], exclude_modules=r".*layers\.0\..*"))
+    model = get_peft_model(build("llama"), cfg(target_modules=["q_proj"], exclude_modules=r".*layers\.0\..*"))
     assert adapted(model) == ["model.layers.1.self_attn.q_proj"]
 
 
 def test_all_linear_skips_output_head() -> None:
-    model = get_peft_model(make_llama(), cfg(target_modules="all-linear"))
+    model = get_peft_model(build("llama"), cfg(target_modules="all-linear"))
     names = adapted(model)
     assert "lm_head" not in names and len(names) == 2 * 7
 
 
 @pytest.mark.parametrize(
-    "builder, expected",
+    "name, expected",
     [
-        (make_llama, ["q_proj", "v_proj"]),
-        (make_opt, ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]),
+        ("llama", ["q_proj", "v_proj"]),
+        ("opt", ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]),
     ],
 )
-def test_default_targets_per_model_type(builder, expected: list[str]) -> None:
-    model = get_peft_model(builder(), cfg(target_modules=None))
+def test_default_targets_per_model_type(name: str, expected: list[str]) -> None:
+    model = get_peft_model(build(name), cfg(target_modules=None))
     assert sorted({n.rsplit(".", 1)[-1] for n in adapted(model)}) == expected
 
 
 def test_default_targets_gpt2_conv1d() -> None:
-    model = get_peft_model(make_gpt2(), cfg(target_modules=None, fan_in_fan_out=True, vector_length=16))
+    model = get_peft_model(build("gpt2"), cfg(target_modules=None, fan_in_fan_out=True, vector_length=16))
     assert adapted(model) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     layer = model.transformer.h[0].attn.c_attn
     assert layer.fan_in_fan_out and layer.is_target_conv_1d_layer
@@ -108,10 +109,10 @@ def test_unknown_model_type_needs_targets() -> None:
 
 def test_layers_to_transform() -> None:
     model = get_peft_model(
-        make_llama(), cfg(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+        build("llama"), cfg(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
     )
     assert adapted(model) == ["model.layers.1.self_attn.q_proj"]
-    model = get_peft_model(make_llama(), cfg(target_modules=["q_proj"], layers_to_transform=0))
+    model = get_peft_model(build("llama"), cfg(target_modules=["q_proj"], layers_to_transform=0))
     assert adapted(model) == ["model.layers.0.self_attn.q_proj"]
     with pytest.raises(ValueError, match="layers_to_transform"):
         cfg(target_modules=["q_proj"], layers_pattern="layers")
@@ -119,7 +120,7 @@ def test_layers_to_transform() -> None:
 
 def test_fan_in_fan_out_corrected_with_warning() -> None:
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
-        model = get_peft_model(make_gpt2(), cfg(target_modules=["c_attn"], vector_length=16))
+        model = get_peft_model(build("gpt2"), cfg(target_modules=["c_attn"], vector_length=16))
     assert model.transformer.h[0].attn.c_attn.fan_in_fan_out
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
         model = get_peft_model(make_mlp(), cfg(target_modules=["lin0"], fan_in_fan_out=True))
@@ -337,7 +338,7 @@ def test_no_warnings_on_plain_use() -> None:
     # warnings transformers raises inside PEFT's own calls (deprecations) are not ours to fix
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = get_peft_model(make_llama(), cfg(target_modules=["q_proj", "v_proj"]))
+        model = get_peft_model(build("llama"), cfg(target_modules=["q_proj", "v_proj"]))
         model(torch.randint(0, 64, (1, 4)))
     ours = [w for w in caught if "vblora_rs" in w.filename]
     assert not ours, [str(w.message) for w in ours]

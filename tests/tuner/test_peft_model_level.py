@@ -13,6 +13,7 @@ import torch
 from support.models import make_mlp
 from torch import nn
 from vblora_rs import PeftModel, VBLoRAConfig, VBLoRALayer, VBLoRAModel, get_peft_model
+from vblora_rs.demo.mini_models import build
 
 X = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
 
@@ -66,12 +67,7 @@ def test_two_active_adapters_wrapping_one_module_to_save_is_refused() -> None:
 
 
 def test_seq_cls_task_type_trains_and_saves_the_head(tmp_path: Path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(
-        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)
-    )
+    bert = build("bert-seq-cls", num_hidden_layers=1, max_position_embeddings=512, num_labels=2).train()
     model = get_peft_model(bert, cfg(task_type="SEQ_CLS", target_modules=["query", "value"]))
     assert isinstance(model, peft.PeftModelForSequenceClassification)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

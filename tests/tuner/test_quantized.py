@@ -23,29 +23,24 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import peft  # noqa: E402
 import vblora_rs  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from vblora_rs.cli import main as cli_main  # noqa: E402
+from vblora_rs.demo import mini_models  # noqa: E402
 from vblora_rs.errors import VBLoRAError  # noqa: E402
 from vblora_rs.tuner import bnb_weights  # noqa: E402
 from vblora_rs.tuner.layer import VBLoRALayer  # noqa: E402
 from vblora_rs.tuner.quantized import Linear4bit, Linear8bitLt, QuantizedLinear  # noqa: E402
 
-# Out-features of every projection a multiple of 32 (bitsandbytes' CPU layout packs rows in groups of 32).
-LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 64,
-    "max_position_embeddings": 64,
-}
+# The tests' tiny Llama made wider: out-features of every projection a multiple of 32 (bitsandbytes' CPU layout
+# packs rows in groups of 32).
+WIDER = {"hidden_size": 64, "intermediate_size": 128}
+LLAMA = mini_models.config("llama", **WIDER)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # init values that make deltas as large as a few quantization steps, so merging moves the codes
 ADAPTER = {"r": 4, "num_vectors": 48, "vector_length": 16, "topk": 2, "target_modules": TARGETS}
 BIG = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0}
-LONGEST = LLAMA["intermediate_size"]  # longest reduction of the model
-DEPTH = tolerances.network_depth(LLAMA["num_hidden_layers"])
+LONGEST = LLAMA.intermediate_size  # longest reduction of the model
+DEPTH = tolerances.network_depth(LLAMA.num_hidden_layers)
 
 
 def model_tol(backward: bool = False) -> dict[str, float]:
@@ -91,8 +86,7 @@ FOUR_BIT = ["nf4", "fp4", "nf4-dq", "fp4-dq", "nf4-bf16-storage"]
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama saved in float32 (the full-precision base)."""
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(folder)
+    mini_models.save("llama", folder, **WIDER)
     return folder
 
 
@@ -110,7 +104,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
 
 
 def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, LLAMA.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def copy_adapter(src: nn.Module, dst: nn.Module) -> None:
@@ -199,7 +193,7 @@ def test_injection_and_parity_with_peft(base_dir: Path, quant: str) -> None:
     adapter term reordered)."""
     ours = vb_model(load_quantized(base_dir, quant))
     layers = quantized_layers(ours)
-    assert len(layers) == len(TARGETS) * LLAMA["num_hidden_layers"]
+    assert len(layers) == len(TARGETS) * LLAMA.num_hidden_layers
     expected = Linear8bitLt if quant == "int8" else Linear4bit
     assert all(type(m) is expected for _, m in layers)
     theirs = peft_get_peft_model(load_quantized(base_dir, quant), peft.VBLoRAConfig(**ADAPTER, **BIG))
@@ -480,8 +474,7 @@ def test_merge_and_unload_keeps_the_quantized_layers(base_dir: Path, quant: str)
 
 
 def test_adapter_from_4bit_base_merged_into_bf16_base_by_the_cli(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LLAMA)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    mini_models.save("llama", tmp_path / "bf16", dtype=torch.bfloat16, **WIDER)
     quant = {**QUANT["nf4-dq"], "bnb_4bit_compute_dtype": torch.bfloat16}
     q = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=BitsAndBytesConfig(**quant))
     model = vb_model(peft.prepare_model_for_kbit_training(q)).train()
