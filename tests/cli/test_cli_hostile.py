@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import vblora_rs
 from safetensors.numpy import load_file, save_file
-from test_cli_merge import leftovers, run_cli, save_adapter, save_base
+from support.merge_inputs import leftovers, run_cli, save_adapter, save_base
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.storage import atomic
 from vblora_rs.storage.adapter_config import check_config

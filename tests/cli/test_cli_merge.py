@@ -17,6 +17,7 @@ import torch
 import vblora_rs
 from safetensors.torch import load_file, save_file
 from support import tolerances
+from support.merge_inputs import ADAPTER_KW, leftovers, run_cli, save_adapter, save_base
 from support.models import MODEL_CASES, output_tensor
 from support.peft_reference import peft_from_pretrained, peft_get_peft_model
 from vblora_rs import _native
@@ -27,26 +28,9 @@ from vblora_rs.errors import VBLoRAError
 from vblora_rs.merge.plan import INDEX_FILE
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
-ADAPTER_KW = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0}
 
 
-# --- building models and adapters ---------------------------------------------------------------------
-
-
-def save_base(case: str, folder: Path, dtype: torch.dtype = torch.float32, sharded: bool = False) -> Path:
-    model = MODEL_CASES[case][0]().to(dtype)
-    model.save_pretrained(folder, max_shard_size="20KB" if sharded else "50GB")
-    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
-    return folder
-
-
-def save_adapter(case: str, folder: Path, seed: int, topk: bool = False, **overrides: object) -> Path:
-    builder, cfg_kwargs, _ = MODEL_CASES[case]
-    torch.manual_seed(seed)
-    kwargs = {**ADAPTER_KW, **cfg_kwargs, "save_only_topk_weights": topk, **overrides}
-    model = peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs))
-    model.save_pretrained(folder)
-    return folder
+# --- PEFT's merge as the reference ------------------------------------------------------------------------
 
 
 def peft_merged(base: Path, adapters: list[Path], dtype: torch.dtype) -> torch.nn.Module:
@@ -107,14 +91,6 @@ def assert_matches(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
         assert within_one >= 0.999 * total, (within_one, total)
         if one_rounding:
             assert exact >= 0.999 * total, (exact, total)
-
-
-def run_cli(*args: object) -> int:
-    return main(["merge", *map(str, args)])
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
 
 
 # --- results equal PEFT's -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import vblora_rs
-from test_cli_merge import save_adapter, save_base
+from support.merge_inputs import save_adapter, save_base
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))
 ENV = {**os.environ, "PYTHONPATH": PYTHON_DIR}

@@ -13,8 +13,7 @@ import vblora_rs
 from safetensors.torch import load_file, save_file
 from support import tolerances
 from support.models import MODEL_CASES, output_tensor
-from support.peft_reference import peft_from_pretrained
-from test_parity_peft import build_pair
+from support.peft_reference import build_pair, peft_from_pretrained
 from vblora_rs.tuner.layer import TOPK_TRAINING_ERROR
 
 

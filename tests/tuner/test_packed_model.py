@@ -10,8 +10,7 @@ import vblora_rs
 from safetensors.torch import load_file
 from support import tolerances
 from support.models import MODEL_CASES, output_tensor
-from support.peft_reference import peft_from_pretrained
-from test_parity_peft import build_pair
+from support.peft_reference import build_pair, peft_from_pretrained
 from vblora_rs.storage.names import PACKED_WEIGHTS_NAME
 
 

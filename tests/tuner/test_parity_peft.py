@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -13,23 +12,10 @@ import vblora_rs
 from safetensors.torch import load_file
 from support import tolerances
 from support.models import MODEL_CASES, output_tensor
-from support.peft_reference import bank_named_once, peft_from_pretrained, peft_get_peft_model
+from support.peft_reference import bank_named_once, build_pair, peft_from_pretrained
 
 # ours and PEFT differ in the order of the delta path's reductions (Rust kernels vs torch ops)
 F32 = max((tolerances.model(case) for case in tolerances.MODELS), key=lambda t: t["rtol"])
-
-
-def build_pair(case: str, dtype: torch.dtype = torch.float32, **overrides: object):
-    """A PEFT model and ours over copies of one base model, holding identical adapter values."""
-    builder, cfg_kwargs, make_inputs = MODEL_CASES[case]
-    base = builder().to(dtype)
-    kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **cfg_kwargs, **overrides}
-    torch.manual_seed(1234)
-    theirs = peft_get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**kwargs))
-    ours = vblora_rs.get_peft_model(copy.deepcopy(base), vblora_rs.VBLoRAConfig(**kwargs))
-    # Our state-dict keys are PEFT's: a strict load proves the layout and copies PEFT's adapter values.
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours, make_inputs()
 
 
 def vblora_layers(model):
