@@ -349,7 +349,7 @@ def test_topk_fast_path_and_ties_match_torch_on_wide_rows() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_encode_many_equals_encode_one_by_one(dtype: torch.dtype) -> None:
     """One Rust call and one softmax for an adapter's every logits tensor give the very tensors a call each gives."""
-    from vblora_rs.tuner import topk_table as compact
+    from vblora_rs.convert import topk as compact
 
     g = torch.Generator().manual_seed(3)
     shapes = [(4, 16, 300), (43, 4, 300), (1, 1, 300), (4, 2, 300), (9, 4, 300)]
