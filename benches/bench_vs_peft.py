@@ -278,20 +278,10 @@ def bench_many_adapters(rows: list[Row], quick: bool, repeats: int) -> None:
 
 
 def tiny_llama(dtype: torch.dtype, quick: bool) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo import mini_models
 
-    layers = 22 if not quick else 4
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    )
-    torch.manual_seed(0)
     with torch.no_grad():
-        model = LlamaForCausalLM(config)
+        model = mini_models.build("tinyllama", num_hidden_layers=22 if not quick else 4)
     return model.to(dtype)
 
 
