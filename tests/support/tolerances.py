@@ -99,8 +99,9 @@ def probable(dtype: torch.dtype, n: int, depth: int = 1, scale: float = 1.0) -> 
 
 def same_bits_as_torch() -> bool:
     """Whether the kernels run the arithmetic torch's CPU kernels run, bit for bit: on the FMA levels (AVX2+FMA
-    and AVX-512; README, "How it is built"). On the portable path (``VBLORA_RS_SIMD=portable``, CPUs without FMA)
-    the same sums are rounded differently, so bit-parity tests compare within the reordering bound there."""
+    and AVX-512; docs/architecture.md, "Exactness"). On the portable path (``VBLORA_RS_SIMD=portable``, CPUs
+    without FMA) the same sums are rounded differently, so bit-parity tests compare within the reordering bound
+    there."""
     from vblora_rs import _native
 
     return _native.simd_level() != "portable"
