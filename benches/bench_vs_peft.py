@@ -401,7 +401,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.skip_model:
         print("running bench_merge_and_unload ...", file=sys.stderr)
         bench_merge_and_unload(rows, args.quick)
-    table = f"{header}\n\n{markdown(rows)}"
+    # decided by the first large top-K call (or VBLORA_RS_TOPK_PREFETCH), so read after the runs
+    variant, how = vblora_rs._native.topk_prefetch()
+    table = f"{header}, top-K prefetch {variant} ({how})\n\n{markdown(rows)}"
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as fh:

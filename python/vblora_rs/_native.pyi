@@ -33,6 +33,7 @@ __all__ = [
     "low_rank_product",
     "simd_level",
     "simd_levels",
+    "topk_prefetch",
     "use_openmp",
     "thread_backend",
     "encode_packed",
@@ -119,6 +120,13 @@ def simd_level() -> str:
 def simd_levels() -> list[str]:
     """Every level this CPU supports, lowest first (names as :func:`simd_level` gives them): what
     ``VBLORA_RS_SIMD`` can select."""
+
+def topk_prefetch() -> tuple[str, str]:
+    """Whether the top-k scan prefetches the row after next in this process, and how that was decided:
+    ``(variant, how)`` with ``variant`` ``"on"``, ``"off"`` or ``"undecided"`` (no call large enough to measure
+    yet: not prefetching) and ``how`` ``"VBLORA_RS_TOPK_PREFETCH"`` (the variable, read once, says ``on`` or
+    ``off``), ``"measured"`` (the first call over 32 MiB of logits timed both on its first rows and kept the
+    faster) or ``"auto"``. Both variants give the same bits; only the speed differs by CPU."""
 
 def use_openmp(path: str) -> None:
     """Run the kernels on the thread team of the OpenMP runtime at ``path`` (a shared library already loaded in

@@ -268,6 +268,11 @@ fn simd_levels() -> Vec<&'static str> {
     crate::simd::simd_levels()
 }
 
+#[pyfunction]
+fn topk_prefetch() -> (&'static str, &'static str) {
+    crate::topk::topk_prefetch()
+}
+
 /// Runs the kernels on the team of the OpenMP runtime at `path`, already loaded (torch's).
 #[pyfunction]
 fn use_openmp(path: &str) -> PyResult<()> {
@@ -291,6 +296,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_prefetch, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     packed::register(m)?;
