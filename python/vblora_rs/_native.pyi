@@ -40,6 +40,7 @@ __all__ = [
     "decode_packed",
     "unpack_packed",
     "packed_modules_outside",
+    "index_bits",
     "safetensors_header",
     "adapter_shapes",
     "adapter_factors",
@@ -172,6 +173,10 @@ def unpack_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> d
     the 100 MB safetensors readers accept is refused (naming the module count) before anything is written. Returns
     ``metadata``, ``num_vectors``, ``vector_length``, ``topk``, ``modules`` (the count) and ``module_ranks``
     (``(path, r)`` of the first module of each distinct r)."""
+
+def index_bits(num_vectors: int) -> int:
+    """Bits per stored index of a packed file for ``num_vectors`` bank vectors: ``max(1, ceil(log2(num_vectors)))``,
+    the encoder's own rule."""
 
 def packed_modules_outside(path: str | os.PathLike[str], known: list[str]) -> tuple[int, int, str | None]:
     """``(listed, outside, first)`` from the header of a packed file alone: how many modules its table lists, how

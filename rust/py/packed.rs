@@ -236,7 +236,15 @@ fn packed_modules_outside(
     Ok(found.map_err(|e| InFile(path, e))?)
 }
 
+/// Bits per stored index in a packed file for a bank of `num_vectors` vectors: the encoder's own rule
+/// (`packed::index_bits`), so Python never spells it again.
+#[pyfunction]
+fn index_bits(num_vectors: u64) -> u32 {
+    packed::index_bits(num_vectors)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(index_bits, m)?)?;
     m.add_function(wrap_pyfunction!(encode_packed, m)?)?;
     m.add_function(wrap_pyfunction!(decode_packed, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_packed, m)?)?;
