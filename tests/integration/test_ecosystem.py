@@ -20,8 +20,8 @@ import vblora_rs
 from peft.tuners.vblora import Linear as PeftLinear
 from safetensors.torch import load_file
 from support import tolerances
-from support.ecosystem import ECOSYSTEM, adapted_model, causal_inputs, classification_inputs, config, randomize
-from support.models import make_mlp
+from support.ecosystem import ECOSYSTEM, adapted_model, causal_inputs, classification_inputs, config
+from support.models import make_mlp, randomize
 from support.peft_reference import bank_named_once
 from torch import nn
 from vblora_rs import Linear, PeftModel, VBLoRAConfig, get_peft_model

@@ -11,6 +11,8 @@ from torch import nn
 from vblora_rs import VBLoRAConfig, get_peft_model
 from vblora_rs.demo.mini_models import build
 
+from support.models import randomize
+
 VOCAB = 64
 
 
@@ -45,15 +47,6 @@ ECOSYSTEM: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch
 
 def config(case: str, **kw: Any) -> VBLoRAConfig:
     return VBLoRAConfig(vector_length=8, num_vectors=32, r=2, **{**ECOSYSTEM[case][2], **kw})
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Adapter values large enough that every adapted layer changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vblora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
 
 
 def adapted_model(case: str, **kw: Any) -> nn.Module:

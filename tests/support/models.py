@@ -31,6 +31,15 @@ def make_mlp(seed: int = 0) -> nn.Module:
     return MLP().eval()
 
 
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    """Adapter values large enough that every adapted layer changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vblora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+
+
 # name -> (builder, config kwargs, input maker)
 MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]] = {
     "mlp": (

@@ -11,7 +11,7 @@ import pytest
 import torch
 import vblora_rs
 from support import tolerances
-from support.models import MODEL_CASES, make_mlp, output_tensor
+from support.models import MODEL_CASES, make_mlp, output_tensor, randomize
 from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, get_peft_model
 from vblora_rs.demo.mini_models import build
@@ -36,14 +36,6 @@ def mlp_model(**kw: object) -> nn.Module:
     model = get_peft_model(make_mlp(), VBLoRAConfig(**cfg))
     randomize(model)
     return model.eval()
-
-
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vblora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
 
 
 def x_input() -> torch.Tensor:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft.utils import ModulesToSaveWrapper
 from support import tolerances
-from support.ecosystem import ECOSYSTEM, adapted_model, config, randomize
-from support.models import make_mlp
+from support.ecosystem import ECOSYSTEM, adapted_model, config
+from support.models import make_mlp, randomize
 from torch import nn
 from vblora_rs import Linear, VBLoRAConfig, VBLoRAError, get_peft_model
 from vblora_rs.demo.mini_models import build
