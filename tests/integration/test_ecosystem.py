@@ -220,7 +220,10 @@ def test_gradient_checkpointing_of_the_base_model(reentrant: bool) -> None:
         base = model.get_base_model()
         # (transformers makes the embeddings' output require grad, which reentrant checkpointing needs with frozen
         # embeddings; its first forward runs under no_grad, where our layers may cache A and B)
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:  # transformers before 5.23 (Python 3.10 gets 5.20.2 at most) has only the older name
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
         model(**inputs).loss.backward()
         return {bank_named_once(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
