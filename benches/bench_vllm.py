@@ -24,22 +24,21 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Optional
 
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "serving")]
+from serving_support import openai_server  # noqa: E402  (the tests' launcher of vLLM's OpenAI server)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, NUM_VECTORS, VECTOR_LENGTH, TOPK = 4, 256, 64, 2
@@ -82,12 +81,6 @@ def make_adapters(base_folder: str, out: str, count: int) -> list[str]:
     return names
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port: int, body: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions",
@@ -103,40 +96,6 @@ def timed(port: int, model: str, tokens: int) -> float:
     start = time.perf_counter()
     post(port, body)
     return time.perf_counter() - start
-
-
-@contextmanager
-def server(base_folder: str, env: dict[str, str], log: str) -> Iterator[int]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-        "--model", base_folder, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "2",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **env))
-    try:
-        deadline = time.monotonic() + START_S
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"the vLLM server exited with {process.returncode}; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the vLLM server did not start in {START_S} s; see {log}")
-            time.sleep(1)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def machine() -> list[str]:
@@ -213,7 +172,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
         ours, theirs = [], []
-        with server(base, env, os.path.join(work, "server.log")) as port:
+        server_args = ["--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "2"]
+        with openai_server(base, server_args, env, os.path.join(work, "server.log"), START_S) as (port, _):
             timed(port, base, 1)  # the first request of a server pays one-time costs: not a cold adapter's
             base_ttft = statistics.median(timed(port, base, 1) for _ in range(args.repeats))
             for i, name in enumerate(cold):

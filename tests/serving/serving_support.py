@@ -24,6 +24,14 @@ import copy
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,3 +276,53 @@ def report(name: str, comparisons: list[Comparison], tol: float) -> str:
     total = sum(c.total_tokens for c in comparisons)
     worst = max(c.max_logprob_diff for c in comparisons)
     return f"{name}: greedy tokens equal {equal} of {total}, max logprob difference {worst:.3g} (tolerance {tol:.3g})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(log: str) -> str:
+    with open(log, errors="replace") as fh:
+        return fh.read()[-6000:]
+
+
+@contextmanager
+def openai_server(
+    model: str, args: list[str], env: dict[str, str], log: str, start_s: float = 600
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    """vLLM's OpenAI server on 127.0.0.1 (float32, eager, LoRA on, ``args`` added), its output in ``log``; yields
+    ``(port, process)`` once ``/health`` answers, stops it afterwards. RuntimeError with the log's tail if it exits
+    or does not start in ``start_s`` seconds."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+        "--model", model, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
+        "--enable-lora", *args,
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **env))
+    deadline = time.monotonic() + start_s
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {process.returncode}:\n{log_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the vLLM server did not start in {start_s} s:\n{log_tail(log)}")
+            time.sleep(1)
+        yield port, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +31,9 @@ from serving_support import (  # noqa: E402
     Oracle,
     Served,
     adapters_fixture,  # noqa: F401  (the fixtures these tests use)
+    log_tail,
     logprob_tol_fixture,  # noqa: F401
+    openai_server,
     oracle_fixture,  # noqa: F401
     prompt_ids_fixture,  # noqa: F401
     report,
@@ -206,12 +206,6 @@ class TestOffline:
 # --- the OpenAI server -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, port: int, process: subprocess.Popen, log: str, cache: str) -> None:
         self.port, self.process, self.log, self.cache = port, process, log, cache
@@ -249,8 +243,7 @@ class Server:
         return status, Served(tokens, top)
 
     def tail(self) -> str:
-        with open(self.log, errors="replace") as fh:
-            return fh.read()[-6000:]
+        return log_tail(self.log)
 
 
 @pytest.fixture(scope="class")
@@ -258,45 +251,20 @@ def server(
     smollm2: str, adapters: AdapterSet, static_lora: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("server")
-    log, cache, port = str(root / "server.log"), str(root / "cache"), _free_port()
-    env = dict(
-        os.environ,
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
-        VBLORA_RS_VLLM_ADAPTER_DIRS=adapters.folder,
-        VBLORA_RS_VLLM_CACHE_DIR=cache,
-        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
-    )
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-        "--model", smollm2, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
-        "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS),
-        "--lora-modules", f"static-full-all={static_lora}",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    running = Server(port, process, log, cache)
-    deadline = time.monotonic() + ENGINE_START_S
+    log, cache = str(root / "server.log"), str(root / "cache")
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+        "VBLORA_RS_VLLM_ADAPTER_DIRS": adapters.folder,
+        "VBLORA_RS_VLLM_CACHE_DIR": cache,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB),
+    }
+    args = ["--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS)]
+    args += ["--lora-modules", f"static-full-all={static_lora}"]
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {process.returncode}:\n{running.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the vLLM server did not start in {ENGINE_START_S} s:\n{running.tail()}")
-            time.sleep(1)
-        yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with openai_server(smollm2, args, env, log, ENGINE_START_S) as (port, process):
+            yield Server(port, process, log, cache)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 class TestServer:
