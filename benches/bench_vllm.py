@@ -2,13 +2,15 @@
 
     python benches/bench_vllm.py                      # in the vLLM virtualenv of `make test-vllm`
     python benches/bench_vllm.py --adapters 200 --cold 5 --markdown table.md
+    python benches/bench_vllm.py --adapter-dir DIR    # the vb-* adapters of an earlier run
 
 On SmolLM2-135M-Instruct in float32 (the demo's model), ``--adapters`` VB-LoRA adapters of ours (r=4 on all seven
 projections of the 30 blocks, a 256 x 64 bank, top-2, saved top-K as PEFT's ``save_only_topk_weights``), each with
 its own random bank and logits:
 
-* bytes on disk: the VB-LoRA folders against the same adapters as LoRA (``vblora to-lora``, converted through
-  the resolver's cache, whose byte bound keeps the disk in use small; each entry measured as it is written);
+* bytes on disk: the VB-LoRA folders against the same adapters as LoRA (``vblora to-lora`` through the resolver's
+  cache). A LoRA's size follows from the shapes (float32 factors under the same keys), so ``--convert`` adapters
+  are converted, timed and checked to be one size, and the LoRA total is the count times that size;
 * cold time to first token: one vLLM OpenAI server on 127.0.0.1 with both resolvers, ours (converting on first
   request) and vLLM's own ``FilesystemResolver`` over the same adapters converted beforehand; each round asks for
   one never-served adapter through each (order alternating), ``max_tokens=1``; medians;
@@ -127,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--cold", type=int, default=8, help="cold adapters timed through each resolver")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="warm timings per model")
+    parser.add_argument("--convert", type=int, default=20, help="adapters converted to measure the LoRA size and time")
+    parser.add_argument("--adapter-dir", help="use the vb-* adapters an earlier run made in this folder")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.cold > args.adapters:
@@ -141,20 +145,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         vb_dir, lora_dir = os.path.join(work, "vblora"), os.path.join(work, "lora")
         started = time.perf_counter()
-        names = make_adapters(base, vb_dir, args.adapters)
+        if args.adapter_dir:  # adapters made by an earlier run (making 1,000 takes minutes)
+            vb_dir = os.path.abspath(args.adapter_dir)
+            names = sorted(n for n in os.listdir(vb_dir) if n.startswith("vb-"))[: args.adapters]
+        else:
+            names = make_adapters(base, vb_dir, args.adapters)
         made = time.perf_counter() - started
         vb_bytes = sum(folder_size(os.path.join(vb_dir, n)) for n in names)
 
-        # LoRA bytes: every adapter converted through a bounded cache (about 50 entries on disk at a time)
-        probe = LoraCache(os.path.join(work, "probe"), max_bytes=1 << 40).get(os.path.join(vb_dir, names[0]))
-        entry = folder_size(probe.folder)
-        cache = LoraCache(os.path.join(work, "bytes-cache"), max_bytes=50 * entry)
-        lora_bytes, convert_times = 0, []
-        for name in names:
+        # LoRA bytes: a LoRA's size follows from the shapes alone (float32 factors, the same keys), so every adapter
+        # here converts to the same number of bytes; --convert of them are converted (timed) and checked equal
+        cache = LoraCache(os.path.join(work, "bytes-cache"), max_bytes=1 << 40)
+        sizes, convert_times = set(), []
+        for name in names[: args.convert]:
             t = time.perf_counter()
             converted = cache.get(os.path.join(vb_dir, name))
             convert_times.append(time.perf_counter() - t)
-            lora_bytes += folder_size(converted.folder)
+            sizes.add(folder_size(converted.folder))
+        assert len(sizes) == 1, f"conversions of one shape differ in size: {sorted(sizes)}"
+        lora_bytes = len(names) * sizes.pop()
         shutil.rmtree(os.path.join(work, "bytes-cache"))
 
         # the cold adapters pre-converted for vLLM's FilesystemResolver (it wants the served model's name inside)
@@ -196,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = [
         "| measure | VB-LoRA (ours) | LoRA / vLLM's own | ratio |",
         "|---|---|---|---|",
-        f"| {n:,d} adapters on disk | {vb_bytes:,d} B ({vb_bytes / n / 1024:.0f} KiB each) | "
+        f"| {n:,d} adapters on disk (file bytes) | {vb_bytes:,d} B ({vb_bytes / n / 1024:.0f} KiB each) | "
         f"{lora_bytes:,d} B ({lora_bytes / n / 1024:.0f} KiB each) | {lora_bytes / vb_bytes:.1f}x smaller |",
         f"| cold TTFT, median of {len(ours)} (ours: find, hash, convert, check, load; vLLM: load) | {ms(ours_med)} | "
         f"{ms(theirs_med)} | +{ms(added)} ({added / theirs_med:+.0%}); target <= +{ms(allowed)}: "
@@ -205,8 +214,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{per_token[warm] / per_token[base]:.2f}x |",
     ]
     notes = [
-        f"base model TTFT (warm, 1 token): {ms(base_ttft)}; conversion alone (through the cache, median of {n}): "
-        f"{ms(statistics.median(convert_times))}; making {n} adapters took {made:.0f} s",
+        f"base model TTFT (warm, 1 token): {ms(base_ttft)}; conversion alone (hash, convert, write, through the "
+        f"cache; median of {len(convert_times)}): {ms(statistics.median(convert_times))}; LoRA bytes: {n:,d} x the "
+        f"size of each conversion (all {len(convert_times)} converted were {lora_bytes // n:,d} B)"
+        + ("" if args.adapter_dir else f"; making {n} adapters took {made:.0f} s"),
         f"cold TTFT each, ours: {', '.join(ms(t) for t in ours)}",
         f"cold TTFT each, FilesystemResolver: {', '.join(ms(t) for t in theirs)}",
         *machine(),
