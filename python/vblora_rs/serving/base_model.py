@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Container
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -126,7 +126,7 @@ def check_lora(
     folder: str,
     base: BaseModel,
     max_lora_rank: int,
-    servable: Optional[Container[str]] = None,
+    servable: Optional[Collection[str]] = None,
 ) -> None:
     """Refuse the converted LoRA in ``folder`` (of the VB-LoRA adapter named ``adapter``) where vLLM serving
     ``base`` could not apply it exactly: a module the model lacks, another shape, a rank over
@@ -157,7 +157,7 @@ def check_lora(
             arch = ", ".join(base.architectures)
             raise VBLoRAError(
                 f"adapter '{adapter}': module {module}: vLLM serves LoRA on {base.name} ({arch}) only on modules "
-                f"named {sorted(servable)}"  # type: ignore[arg-type]
+                f"named {sorted(servable)}"
             )
         if shape.rank > max_lora_rank:
             raise VBLoRAError(

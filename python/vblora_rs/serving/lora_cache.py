@@ -170,7 +170,7 @@ class LoraCache:
 
     def entries(self) -> list[tuple[float, int, str]]:
         """``(last used, bytes, key)`` of every entry, least recently used first."""
-        out = []
+        out: list[tuple[float, int, str]] = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
