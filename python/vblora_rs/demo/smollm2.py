@@ -17,6 +17,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from ..errors import VBLoRAError
+from ..storage.names import cache_root
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,14 +56,6 @@ def check_requirements(real_model: bool) -> None:
         gguf_path()
         if importlib.util.find_spec("gguf") is None:
             raise _missing("the gguf package (transformers reads GGUF files with it)")
-
-
-def cache_root() -> str:
-    """``$VBLORA_RS_CACHE``, else ``$XDG_CACHE_HOME/vblora_rs``, else ``~/.cache/vblora_rs``."""
-    if os.environ.get("VBLORA_RS_CACHE"):
-        return os.environ["VBLORA_RS_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vblora_rs")
 
 
 def _stamp(path: str) -> dict[str, object]:

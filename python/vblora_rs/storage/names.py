@@ -5,6 +5,8 @@ read them from here.
 
 from __future__ import annotations
 
+import os
+
 from .. import _native
 
 CONFIG_NAME = "adapter_config.json"
@@ -19,6 +21,15 @@ BANK_KEY = "base_model.vblora_vector_bank"
 # suffixes of a top-K checkpoint's tensors (PEFT's names), after `<module>.vblora_logits_A` / `_B`
 TOPK_INDICES = "_topk_indices"
 TOPK_WEIGHTS = "_topk_weights"
+
+
+def cache_root() -> str:
+    """The package's cache folder (the demo's converted model, the vLLM plugin's LoRA conversions):
+    ``$VBLORA_RS_CACHE``, else ``$XDG_CACHE_HOME/vblora_rs``, else ``~/.cache/vblora_rs``."""
+    if os.environ.get("VBLORA_RS_CACHE"):
+        return os.environ["VBLORA_RS_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vblora_rs")
 
 
 def indices_dtype_name(num_vectors: int) -> str:
