@@ -53,7 +53,10 @@ def test_load_compact_forward_and_merge_match_peft(tmp_path: Path) -> None:
     assert_outputs_equal(ours, theirs)
     # resaved top-K: the very tensors PEFT wrote
     ours.save_pretrained(tmp_path / "resaved")
-    first, again = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "resaved/adapter_model.safetensors")
+    first, again = (
+        load_file(folder / "adapter_model.safetensors"),
+        load_file(tmp_path / "resaved/adapter_model.safetensors"),
+    )
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
     for (name, a), (_, b) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
