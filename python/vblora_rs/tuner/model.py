@@ -86,8 +86,10 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         takes any values (a 2^31 x 2^31 bank, a regex that never finishes), and an adapter name is a folder name
         when saving. Runs for every injection (PEFT's ``add_adapter``/``load_adapter`` skip the pre-injection
         hook)."""
-        if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or any(
-            sep in adapter_name for sep in ("/", "\\", os.sep)
+        if (
+            not isinstance(adapter_name, str)
+            or adapter_name in ("", ".", "..")
+            or any(sep in adapter_name for sep in ("/", "\\", os.sep))
         ):
             raise VBLoRAError(f"adapter name {adapter_name!r} must be a single folder name (it names the save folder)")
         source = f"config of adapter {adapter_name!r}"
@@ -469,11 +471,18 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _pass_adapter_names(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: Any, thread: int
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Optional[dict[str, Any]] = None,
+    *,
+    names: Any,
+    thread: int,
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     # Hooks live on shared modules: a call in another thread (with its own adapter_names, or none) runs this hook
-    # too, and must not get these names.
-    if threading.get_ident() != thread:
+    # too, and must not get these names. torch puts a hook in `_forward_pre_hooks` a moment before it marks it as
+    # taking keywords: another thread's forward in that moment calls it as `hook(module, args)` (no kwargs), and
+    # it is never this thread's (its forward starts after the registration).
+    if kwargs is None or threading.get_ident() != thread:
         return None
     kwargs["adapter_names"] = names
     return args, kwargs

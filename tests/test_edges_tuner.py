@@ -1,0 +1,109 @@
+"""Sharp edges of the tuner found by a hostile probe: mixed-adapter batches from several threads at once."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+import tolerances
+import torch
+import vblora_rs
+from conftest import MODEL_CASES
+from torch import nn
+
+NAMES = ["default", "second", "__base__", "default", "second"]
+
+
+def two_adapter_mlp() -> nn.Module:
+    builder, kwargs, _ = MODEL_CASES["mlp"]
+    model = vblora_rs.get_peft_model(builder(), vblora_rs.VBLoRAConfig(**kwargs, init_logits_std=1.0))
+    torch.manual_seed(5)
+    model.add_adapter("second", vblora_rs.VBLoRAConfig(**kwargs, init_logits_std=1.0))
+    return model.eval()
+
+
+def mlp_input() -> torch.Tensor:
+    return torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tiny_switch_interval() -> Iterator[None]:
+    """Threads switch after every few bytecodes, so a window of a few instructions is hit within a few thousand
+    forwards instead of tens of thousands."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_a_hook_seen_before_torch_marks_it_keyword_taking_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch stores a forward pre-hook in ``_forward_pre_hooks`` a moment before it records it as taking keywords;
+    another thread's forward in that moment calls it as ``hook(module, args)``. Replayed deterministically: the
+    first registration is held in that state while a second thread runs a plain forward of the same model."""
+    model = two_adapter_mlp()
+    x = mlp_input()
+    with torch.no_grad():
+        plain = model(x=x)
+        mixed = model(x=x, adapter_names=NAMES)
+    original = nn.Module.register_forward_pre_hook
+    seen: dict[str, object] = {}
+
+    def register_then_race(self: nn.Module, hook, *, prepend: bool = False, with_kwargs: bool = False):  # type: ignore[no-untyped-def]
+        handle = original(self, hook, prepend=prepend, with_kwargs=with_kwargs)
+        if with_kwargs and "other" not in seen:
+            del self._forward_pre_hooks_with_kwargs[handle.id]  # the state between torch's two stores
+
+            def other_thread() -> None:
+                try:
+                    with torch.no_grad():
+                        seen["other"] = model(x=x)
+                except Exception as exc:  # noqa: BLE001 - the failure under test, reported below
+                    seen["other"] = exc
+
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+            self._forward_pre_hooks_with_kwargs[handle.id] = True
+        return handle
+
+    monkeypatch.setattr(nn.Module, "register_forward_pre_hook", register_then_race)
+    with torch.no_grad():
+        again = model(x=x, adapter_names=NAMES)
+    assert not isinstance(seen["other"], Exception), seen["other"]
+    assert torch.equal(seen["other"], plain)  # the other thread got no adapter names
+    assert torch.equal(again, mixed)
+
+
+def test_four_threads_of_mixed_batches_all_succeed_with_their_own_rows(tiny_switch_interval: None) -> None:
+    model = two_adapter_mlp()
+    x = mlp_input()
+    with torch.no_grad():
+        want = model(x=x, adapter_names=NAMES)
+        want_plain = model(x=x)
+    errors: list[BaseException] = []
+    wrong = [0]
+    done = [0]
+
+    def work(mixed: bool) -> None:
+        for _ in range(400):
+            try:
+                with torch.no_grad():
+                    got = model(x=x, adapter_names=NAMES) if mixed else model(x=x)
+                tol = tolerances.model("mlp")
+                if not torch.allclose(got, want if mixed else want_plain, rtol=tol["rtol"], atol=tol["atol"]):
+                    wrong[0] += 1
+                done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i != 3,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} errors in {done[0] + len(errors)} forwards, first: {errors[0]!r}"
+    assert wrong[0] == 0 and done[0] == 1600
