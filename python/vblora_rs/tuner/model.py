@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
 from peft.tuners.vblora import model as peft_model
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from .._gc_pause import collector_paused
 from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
+from ..storage import targets
 from ..storage.adapter_config import SIZE_FIELDS, check_config, size_problem
 from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from . import sharding, shared_bank, weights_check
@@ -102,6 +103,15 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # PEFT keeps name lists as sets; as the JSON file would hold them (mixed types in a hostile file too)
         as_json = {k: list(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
         check_config(as_json, source)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: Any, key: str) -> Any:
+        """THE target rule (:mod:`vblora_rs.storage.targets`, PEFT's semantics) that ``vblora merge`` applies too,
+        so a file the model side refuses for its targets is refused by the command line as well."""
+        status = targets.module_status(vars(peft_config), key)
+        if status == targets.EXCLUDED:
+            return _ExcludedModule()  # PEFT counts excluded modules apart in its "no module matched" message
+        return status == targets.TARGETED
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str, draw: bool = True) -> None:
         """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter).

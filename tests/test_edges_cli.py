@@ -1,0 +1,137 @@
+"""Sharp edges of the command line found by a hostile probe: a merge that ignored what the config targets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+import vblora_rs
+from conftest import MODEL_CASES, peft_get_peft_model
+from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+from vblora_rs.cli import main
+from vblora_rs.errors import VBLoRAError
+from vblora_rs.storage import targets
+
+LLAMA = MODEL_CASES["llama"]
+
+
+def save_llama_adapter(folder: Path, **overrides: Any) -> Path:
+    builder, cfg_kwargs, _ = LLAMA
+    torch.manual_seed(1)
+    kwargs = {**cfg_kwargs, "save_only_topk_weights": True, "init_logits_std": 1.0, **overrides}
+    peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs)).save_pretrained(folder)
+    return folder
+
+
+def rewrite_config(folder: Path, **changes: Any) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def base_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    LLAMA[0]().save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # transformers' progress bar
+    return tmp_path / "base"
+
+
+# --- THE target rule equals PEFT's ---------------------------------------------------------------------------
+
+NAMES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.12.mlp.down_proj",
+    "model.layers.1.experts.0.q_proj",
+    "model.h.3.attn.c_attn",
+    "q_proj",
+    "lm_head",
+    "model.decoder.layers.2.fc1",
+    "classifier.dense",
+]
+CONFIGS: list[dict[str, Any]] = [
+    {"target_modules": ["q_proj"]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [0, 12]},
+    {"target_modules": ["q_proj"], "layers_to_transform": 1},
+    {"target_modules": ["q_proj", "c_attn"], "layers_to_transform": [1, 3], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "c_attn"], "layers_to_transform": [3], "layers_pattern": ["layers", "h"]},
+    {"target_modules": ["q_proj"], "layers_to_transform": []},
+    {"target_modules": r".*\.(q_proj|fc1)"},
+    {"target_modules": r"model\.layers\.\d+\.self_attn\.q_proj", "layers_to_transform": [0]},
+    {"target_modules": ["q_proj", "dense"], "exclude_modules": ["model.layers.0.self_attn.q_proj"]},
+    {"target_modules": ["q_proj", "dense"], "exclude_modules": r".*layers\.1\..*"},
+    {"target_modules": ["dense", "lm_head"], "modules_to_save": ["classifier"]},
+]
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: json.dumps(f)[:60])
+def test_the_target_rule_equals_peft_check_target_module_exists(fields: dict[str, Any]) -> None:
+    config = peft.VBLoRAConfig(**fields)
+    for name in NAMES:
+        theirs = check_target_module_exists(config, name)
+        want = (
+            targets.EXCLUDED
+            if isinstance(theirs, _ExcludedModule)
+            else (targets.TARGETED if theirs else targets.NOT_TARGETED)
+        )
+        assert targets.module_status(vars(config), name) == want, name
+        # the same from the JSON file's dict (lists, not PEFT's sets)
+        as_json = json.loads(json.dumps({k: v for k, v in fields.items()}))
+        assert targets.module_status(as_json, name) == want, name
+
+
+# --- the command line and the model side apply it alike -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"layers_to_transform": [0]}, "layers_to_transform=[0] leaves it out"),
+        ({"target_modules": ["q_proj"]}, "target_modules=['q_proj'] does not match it"),
+    ],
+)
+def test_merge_refuses_modules_the_config_does_not_target_like_from_pretrained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], reason: str
+) -> None:
+    adapter = save_llama_adapter(tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    rewrite_config(adapter, **change)
+    base = base_folder(tmp_path, capsys)
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "the config does not target it" in err and reason in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(VBLoRAError, match=re.escape(f"the config does not target it: {reason}")):
+        vblora_rs.PeftModel.from_pretrained(LLAMA[0](), adapter)
+
+
+def test_merge_refuses_a_file_missing_a_targeted_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = save_llama_adapter(tmp_path / "adapter", target_modules=["q_proj"])
+    rewrite_config(adapter, target_modules=["q_proj", "v_proj"])
+    assert main(["merge", str(base_folder(tmp_path, capsys)), str(adapter), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "the config targets module model.layers.0.self_attn.v_proj" in err and "holds no tensors" in err
+    with pytest.raises(VBLoRAError, match="missing tensor"):
+        vblora_rs.PeftModel.from_pretrained(LLAMA[0](), adapter)
+
+
+def test_merge_refuses_a_config_rank_other_than_the_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = save_llama_adapter(tmp_path / "adapter", target_modules=["q_proj"])
+    rewrite_config(adapter, r=LLAMA[1]["r"] + 1)
+    assert main(["merge", str(base_folder(tmp_path, capsys)), str(adapter), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"holds rank-{LLAMA[1]['r']} tensors, the config says r={LLAMA[1]['r'] + 1}" in err
+    with pytest.raises(VBLoRAError):
+        vblora_rs.PeftModel.from_pretrained(LLAMA[0](), adapter)
+
+
+def test_a_narrowed_config_merges_the_modules_it_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rule lets through what it should: layers_to_transform written at training time, file and config
+    agreeing, merges as before."""
+    adapter = save_llama_adapter(tmp_path / "adapter", target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    assert main(["merge", str(base_folder(tmp_path, capsys)), str(adapter), "-o", str(tmp_path / "out")]) == 0
+    model = vblora_rs.PeftModel.from_pretrained(LLAMA[0](), adapter)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, vblora_rs.VBLoRALayer))
+    assert adapted == [f"base_model.model.model.layers.1.self_attn.{p}" for p in ("q_proj", "v_proj")]
