@@ -107,3 +107,22 @@ def test_four_threads_of_mixed_batches_all_succeed_with_their_own_rows(tiny_swit
         t.join()
     assert not errors, f"{len(errors)} errors in {done[0] + len(errors)} forwards, first: {errors[0]!r}"
     assert wrong[0] == 0 and done[0] == 1600
+
+
+# --- safe_merge of a broken adapter speaks PEFT's words ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["opt", "gpt2", "llama"])
+@pytest.mark.parametrize("broken", ["vblora_logits_A", "vblora_logits_B", "vblora_vector_bank"])
+def test_safe_merge_of_a_nan_adapter_raises_peft_message_then_ours(case: str, broken: str) -> None:
+    """PEFT's own test_merge_layers_nan matches ``ValueError`` and this message; the tensor and row follow."""
+    builder, kwargs, _ = MODEL_CASES[case]
+    model = vblora_rs.get_peft_model(builder(), vblora_rs.VBLoRAConfig(**kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if broken in name:
+                param[0] = torch.nan
+    with pytest.raises(
+        ValueError, match=r"^NaNs detected in the merged weights\. The adapter default seems to be broken"
+    ):
+        model.merge_and_unload(safe_merge=True)

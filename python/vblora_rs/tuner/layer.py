@@ -10,7 +10,8 @@ into the weight in one pass. Both give PEFT's results bit for bit.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -311,8 +312,6 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
 
 
-
-
 class Linear(peft_layer.Linear, VBLoRALayer):
     """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``.
 
@@ -436,9 +435,13 @@ class Linear(peft_layer.Linear, VBLoRALayer):
 
     # --- merge ----------------------------------------------------------------------------------
 
-    def _merge_terms(self, adapters: list[str], scale: float) -> list[MergeTerm]:
+    def _merge_terms(self, adapters: list[str], scale: float, safe_merge: bool = False) -> list[MergeTerm]:
+        terms = []
         with torch.no_grad():
-            return [MergeTerm(*self._get_lora_matrices(a, cast_to_fp32=True), scale) for a in adapters]
+            for adapter in adapters:
+                with _broken_adapter_error(adapter, safe_merge):
+                    terms.append(MergeTerm(*self._get_lora_matrices(adapter, cast_to_fp32=True), scale))
+        return terms
 
     def _apply_delta(self, adapters: list[str], scale: float, safe_merge: bool = False) -> None:
         """``weight += scale * delta`` for every adapter in ``adapters``: one Rust pass over the weight when the
@@ -448,13 +451,14 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         if not native:
             new = weight.data.clone() if safe_merge else weight.data
             for adapter in adapters:
-                new += scale * self.get_delta_weight(adapter).detach()
+                with _broken_adapter_error(adapter, safe_merge):
+                    new += scale * self.get_delta_weight(adapter).detach()
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             if safe_merge:
                 weight.data = new
             return
-        terms = self._merge_terms(adapters, scale)
+        terms = self._merge_terms(adapters, scale, safe_merge)
         if not safe_merge:
             ops.merge_(weight.data, terms, self.fan_in_fan_out)
             return
@@ -604,3 +608,18 @@ class Linear(peft_layer.Linear, VBLoRALayer):
 
     def __repr__(self) -> str:
         return "vblora." + super().__repr__()
+
+
+@contextmanager
+def _broken_adapter_error(adapter: str, safe_merge: bool) -> Iterator[None]:
+    """Under ``safe_merge``, a non-finite adapter found while building its matrices (a NaN logits row, say) is
+    reported in PEFT's words and type first (``ValueError``: code and tests written for PEFT match on them), with
+    the tensor and row at fault after."""
+    try:
+        yield
+    except VBLoRAError as exc:
+        if not safe_merge:
+            raise
+        raise VBLoRAError(
+            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({exc})"
+        ) from exc
