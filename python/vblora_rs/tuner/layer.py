@@ -33,8 +33,13 @@ from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
 from .cache import CachedLoRA, evict, param_of, stamp
 
+# The cause first; PEFT's words (which PEFT's tests and users' code match on) after. Nothing is infinite.
 TOPK_TRAINING_ERROR = (
-    "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
+    "This VB-LoRA adapter holds only its top-K indices and weights (it was loaded from a `save_only_topk_weights` "
+    "file, or made by compact_()): its dense logits are gone, so it cannot be trained. For inference call "
+    "model.eval() or run under torch.no_grad(); to train on, load a checkpoint that keeps the full logits "
+    "(Trainer checkpoints do, see docs/checkpoints.md). PEFT says: Found infinity values in VB-LoRA logits. "
+    "Ensure training was not resumed from a `save_only_topk_weights` model."
 )
 # the VBLoRAConfig fields a layer reads, and their defaults when a layer is built without a config
 LAYER_FIELDS = {"topk": 2, "num_vectors": None, "vector_length": None, "vblora_dropout": 0.0, "init_logits_std": 0.01}
@@ -362,8 +367,9 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         return (topk_weights.unsqueeze(-1) * vblora_vector_bank[indices]).sum(-2)
 
     def _check_trainable(self, adapter: str) -> None:
-        # Logits rebuilt from top-K weights are -inf outside the kept entries; training those is wrong.
-        if self.training and adapter in self.vblora_from_topk:
+        # Logits rebuilt from top-K weights are -inf outside the kept entries; training those is wrong. A
+        # training-mode forward without autograd (dropout on, nothing trained) is fine, where PEFT refuses it.
+        if self.training and adapter in self.vblora_from_topk and torch.is_grad_enabled():
             raise RuntimeError(TOPK_TRAINING_ERROR)
 
     def _lora_matrices_from_topk(self, adapter: str, cast_to_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:

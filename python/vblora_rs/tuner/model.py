@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -382,7 +383,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         sharding.refuse_sharded_state_dict(state_dict, adapter_name)
         to_return: dict[str, torch.Tensor] = {}
         logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
-        if config.save_only_topk_weights:
+        if config.save_only_topk_weights and not (logits and _in_trainer_checkpoint()):
             encoded = topk_codec.encode_many(list(logits.values()), config.topk, config.num_vectors)
             for key, (idx, weights) in zip(logits, encoded):
                 to_return[f"{key}{TOPK_INDICES}"] = idx
@@ -422,6 +423,25 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             for _, layer in layers:
                 layer.materialize_meta_logits(adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _in_trainer_checkpoint() -> bool:
+    """Whether this save is one of transformers' ``Trainer`` checkpoints (``Trainer._save_checkpoint`` up the
+    stack; TRL's trainers are Trainers). Those keep the dense logits even with ``save_only_topk_weights``: a
+    top-K file cannot be trained on (PEFT's "Found infinity values" trap), and a run must resume from its
+    checkpoints and reload its best one. The user's own saves (``save_pretrained``, ``trainer.save_model()``)
+    are top-K as configured."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        return False
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_save_checkpoint" and isinstance(
+            frame.f_locals.get("self"), trainer_module.Trainer
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _in_out_features(target: nn.Module) -> Optional[tuple[int, int]]:
