@@ -135,3 +135,66 @@ def test_a_narrowed_config_merges_the_modules_it_targets(tmp_path: Path, capsys:
     model = vblora_rs.PeftModel.from_pretrained(LLAMA[0](), adapter)
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, vblora_rs.VBLoRALayer))
     assert adapted == [f"base_model.model.model.layers.1.self_attn.{p}" for p in ("q_proj", "v_proj")]
+
+
+# --- one-line errors everywhere -----------------------------------------------------------------------------
+
+
+def save_mlp_adapter(folder: Path) -> Path:
+    builder, kwargs, _ = MODEL_CASES["mlp"]
+    torch.manual_seed(0)
+    peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_every_reader_refuses_nan_or_plus_inf_logits_by_the_one_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float
+) -> None:
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
+
+    folder = save_mlp_adapter(tmp_path / "adapter")
+    path = folder / "adapter_model.safetensors"
+    tensors = load(str(path))
+    key = next(k for k in tensors if k.endswith("lin1.vblora_logits_B"))
+    tensors[key][0, 0, 0] = value
+    save_file(tensors, str(path))
+    for argv in (["inspect", str(folder)], ["to-lora", str(folder), "-o", str(tmp_path / "lora")]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"{path}: tensor {key}: sub-vector 0 holds NaN or +inf logits" in err and err.count("\n") == 1, err
+    with pytest.raises(VBLoRAError, match="sub-vector 0 holds NaN or \\+inf logits"):
+        vblora_rs.PeftModel.from_pretrained(MODEL_CASES["mlp"][0](), folder)
+
+
+@pytest.mark.parametrize("command", ["pack", "inspect", "to-lora", "merge"])
+@pytest.mark.parametrize("config", ["huge number", "deep nesting"])
+def test_hostile_configs_give_one_named_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, config: str
+) -> None:
+    folder = save_mlp_adapter(tmp_path / "adapter")
+    path = folder / "adapter_config.json"
+    text = path.read_text()
+    if config == "huge number":
+        text = re.sub(r'"num_vectors": \d+', '"num_vectors": ' + "9" * 5000, text)
+    else:
+        text = text.rstrip().rstrip("}") + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path.write_text(text)
+    argv = {
+        "pack": ["pack", str(folder), "-o", str(tmp_path / "out")],
+        "inspect": ["inspect", str(folder)],
+        "to-lora": ["to-lora", str(folder), "-o", str(tmp_path / "out")],
+        "merge": ["merge", str(mlp_base(tmp_path / "base")), str(folder), "-o", str(tmp_path / "out")],
+    }[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err, err
+
+
+def mlp_base(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(MODEL_CASES["mlp"][0]().state_dict(), str(folder / "model.safetensors"))
+    return folder
