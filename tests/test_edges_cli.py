@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,61 @@ def mlp_base(folder: Path) -> Path:
     folder.mkdir()
     save_file(MODEL_CASES["mlp"][0]().state_dict(), str(folder / "model.safetensors"))
     return folder
+
+
+# --- outputs: long names, --force over odd targets ---------------------------------------------------------
+
+
+def hidden_leftovers(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if n.startswith(".") and (".tmp-" in n or ".old-" in n))
+
+
+def writer_argv(command: str, tmp_path: Path, adapter: Path, out: Path) -> list[str]:
+    if command == "merge":
+        return ["merge", str(mlp_base(tmp_path / "base")), str(adapter), "-o", str(out)]
+    return ["to-lora", str(adapter), "-o", str(out)]
+
+
+@pytest.mark.parametrize("command", ["merge", "to-lora"])
+def test_an_output_name_of_255_bytes_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    adapter = save_mlp_adapter(tmp_path / "adapter")
+    out = tmp_path / ("o" * 255)
+    assert main(writer_argv(command, tmp_path, adapter, out)) == 0, capsys.readouterr().err
+    assert out.is_dir() and not hidden_leftovers(tmp_path)
+    # again over it with --force (the old one goes through an equally long hidden name)
+    (tmp_path / "again").mkdir()
+    assert main([*writer_argv(command, tmp_path / "again", adapter, out), "--force"]) == 0
+    assert out.is_dir() and not hidden_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["merge", "to-lora"])
+def test_an_output_name_too_long_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    adapter = save_mlp_adapter(tmp_path / "adapter")
+    out = tmp_path / ("o" * 256)
+    assert main(writer_argv(command, tmp_path, adapter, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: file name too long (256 bytes" in err and ".tmp-" not in err and err.count("\n") == 1, err
+    assert not hidden_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["merge", "to-lora"])
+@pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink loop"])
+def test_force_over_a_file_or_odd_symlink_leaves_nothing_hidden(tmp_path: Path, command: str, kind: str) -> None:
+    adapter = save_mlp_adapter(tmp_path / "adapter")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    if kind == "file":
+        out.write_text("old")
+    elif kind == "dangling symlink":
+        out.symlink_to(work / "nowhere")
+    else:
+        out.symlink_to(out)
+    status = main([*writer_argv(command, tmp_path, adapter, out), "--force"])
+    if command == "merge":  # merge replaces it; to-lora refuses a target that is not a folder, before writing
+        assert status == 0 and out.is_dir() and not out.is_symlink()
+    else:
+        assert status == 1 and os.path.lexists(out) and not out.is_dir()
+    assert sorted(os.listdir(work)) == ["out"]  # no hidden .out.tmp-PID-* left
