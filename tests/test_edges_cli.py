@@ -257,3 +257,28 @@ def test_force_over_a_file_or_odd_symlink_leaves_nothing_hidden(tmp_path: Path, 
     else:
         assert status == 1 and os.path.lexists(out) and not out.is_dir()
     assert sorted(os.listdir(work)) == ["out"]  # no hidden .out.tmp-PID-* left
+
+
+# --- reproducible output ------------------------------------------------------------------------------------
+
+
+def test_pack_writes_the_same_bytes_for_the_same_input(tmp_path: Path) -> None:
+    """The header's __metadata__ came from a Rust HashMap, in an order that changed between runs (processes:
+    the hash seed is per process, so each run is a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    adapter = save_mlp_adapter(tmp_path / "adapter")
+    python_dir = os.path.dirname(os.path.dirname(vblora_rs.__file__))
+    outputs = []
+    for i in range(4):
+        out = tmp_path / f"packed{i}"
+        subprocess.run(
+            [sys.executable, "-m", "vblora_rs", "pack", str(adapter), "-o", str(out)],
+            check=True,
+            env={**os.environ, "PYTHONPATH": python_dir},
+            capture_output=True,
+        )
+        outputs.append((out / "adapter_packed.safetensors").read_bytes())
+    assert all(o == outputs[0] for o in outputs[1:])
+    assert sorted(os.listdir(tmp_path / "packed0")) == ["adapter_config.json", "adapter_packed.safetensors"]
