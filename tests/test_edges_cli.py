@@ -282,3 +282,48 @@ def test_pack_writes_the_same_bytes_for_the_same_input(tmp_path: Path) -> None:
         outputs.append((out / "adapter_packed.safetensors").read_bytes())
     assert all(o == outputs[0] for o in outputs[1:])
     assert sorted(os.listdir(tmp_path / "packed0")) == ["adapter_config.json", "adapter_packed.safetensors"]
+
+
+# --- small ones -----------------------------------------------------------------------------------------------
+
+
+def test_demo_takes_dash_o_like_every_command() -> None:
+    from vblora_rs.cli import build_parser
+
+    for flag in ("-o", "--output", "--out"):
+        assert build_parser().parse_args(["demo", "--tiny", flag, "somewhere"]).out == "somewhere"
+
+
+def test_pack_names_a_non_adapter_folder_as_the_other_commands_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = []
+    for argv in (["pack", str(empty), "-o", str(tmp_path / "o")], ["inspect", str(empty)]):
+        assert main(argv) == 1
+        lines.append(capsys.readouterr().err.split("error: ", 1)[1])
+    assert lines[0] == lines[1] and "not an adapter folder" in lines[0]
+
+
+def test_inspect_lists_layers_in_numeric_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import TINY_LLAMA
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 12}))
+    config = peft.VBLoRAConfig(target_modules=["q_proj"], vector_length=8, num_vectors=16, r=2)
+    peft_get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    assert main(["pack", str(tmp_path / "adapter"), "-o", str(tmp_path / "packed")]) == 0
+    for folder in ("adapter", "packed"):
+        capsys.readouterr()
+        assert main(["inspect", str(tmp_path / folder)]) == 0
+        out = capsys.readouterr().out
+        layers = [int(m) for m in re.findall(r"model\.layers\.(\d+)\.self_attn\.q_proj", out)]
+        assert layers == list(range(12)), (folder, layers)
+
+
+def test_load_packed_on_a_peft_folder_says_what_to_call(tmp_path: Path) -> None:
+    folder = save_mlp_adapter(tmp_path / "adapter")
+    with pytest.raises(VBLoRAError, match=r"load it with PeftModel\.from_pretrained\(model, path\)"):
+        vblora_rs.load_packed(MODEL_CASES["mlp"][0](), folder)

@@ -5,6 +5,8 @@ read them from here.
 
 from __future__ import annotations
 
+import re
+
 CONFIG_NAME = "adapter_config.json"
 # The adapter's weights file: PEFT's, or our packed single file.
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,3 +36,9 @@ def indices_dtype_name(num_vectors: int) -> str:
 def index_bits(num_vectors: int) -> int:
     """Bits per index in a packed file: ``max(1, ceil(log2(num_vectors)))`` (the Rust encoder's rule)."""
     return max(1, (num_vectors - 1).bit_length())
+
+
+def module_order(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a module path in the order people read it: numbered parts by number (``layers.2`` before
+    ``layers.10``), the others by text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
