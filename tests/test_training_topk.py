@@ -136,3 +136,21 @@ def test_a_top_k_adapter_in_training_mode_names_the_cause_and_the_fix(tmp_path: 
     assert message == TOPK_TRAINING_ERROR
     with torch.no_grad():  # training mode without autograd trains nothing: allowed
         loaded(input_ids=ids)
+
+
+def test_trainer_logs_the_logits_learning_rate(tmp_path: Path) -> None:
+    """With create_optimizer's two rates, Trainer's "learning_rate" is the first group's: the logits'."""
+    from transformers import Trainer
+    from vblora_rs.training.optim import create_optimizer
+
+    model = llama_topk()
+    optimizer = create_optimizer(model, lr_bank=1e-3, lr_logits=4e-3)
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=1, save_strategy="no", lr_scheduler_type="constant"),
+        train_dataset=rows(),
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert logged == [4e-3]
