@@ -12,6 +12,7 @@ import torch
 import vblora_rs
 from conftest import MODEL_CASES
 from torch import nn
+from vblora_rs.errors import VBLoRAError
 
 NAMES = ["default", "second", "__base__", "default", "second"]
 
@@ -126,3 +127,40 @@ def test_safe_merge_of_a_nan_adapter_raises_peft_message_then_ours(case: str, br
         ValueError, match=r"^NaNs detected in the merged weights\. The adapter default seems to be broken"
     ):
         model.merge_and_unload(safe_merge=True)
+
+
+# --- every field PEFT matches as a regex is bounded -------------------------------------------------------------
+
+MANY_WILDCARDS = ".*" * 14 + "X"  # polynomial backtracking: ~len(name)**14 steps on a name it does not match
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("target_modules", MANY_WILDCARDS, "14 unbounded repetitions"),
+        ("exclude_modules", MANY_WILDCARDS, "14 unbounded repetitions"),
+        ("layers_pattern", MANY_WILDCARDS, "unbounded repetitions"),
+        ("modules_to_save", ["(.+)+X"], "exponentially many ways"),
+        ("modules_to_save", [MANY_WILDCARDS], "unbounded repetitions"),
+    ],
+)
+def test_regexes_that_cannot_finish_are_refused_before_matching(field: str, value: object, problem: str) -> None:
+    builder, kwargs, _ = MODEL_CASES["mlp"]
+    fields = {**kwargs, field: value}
+    if field == "layers_pattern":
+        fields["layers_to_transform"] = [0]
+    with pytest.raises(VBLoRAError, match=problem):
+        vblora_rs.get_peft_model(builder(), vblora_rs.VBLoRAConfig(**fields))
+
+
+def test_usual_target_regexes_are_accepted() -> None:
+    from vblora_rs.storage.regex_guard import regex_problem
+
+    for pattern in (
+        r".*\.(q_proj|v_proj)",
+        r".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",
+        r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+        r"(^|.*\.)lm_head($|\..*)",
+    ):
+        assert regex_problem(pattern) == "", pattern
