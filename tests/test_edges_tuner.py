@@ -164,3 +164,71 @@ def test_usual_target_regexes_are_accepted() -> None:
         r"(^|.*\.)lm_head($|\..*)",
     ):
         assert regex_problem(pattern) == "", pattern
+
+
+# --- the memory budget knows ulimit -v and the cgroup's limit ---------------------------------------------------
+
+ULIMIT_SCRIPT = """
+import resource, sys
+import torch
+from torch import nn
+import vblora_rs
+from vblora_rs.errors import VBLoRAError
+
+with open("/proc/self/status") as fh:
+    size = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))
+model = nn.Sequential(nn.Linear(4096, 4096))
+# dense logits of 2 x 4 x 256 x 2**18 float32 values: 2 GiB, more than the 1 GiB left under the limit
+config = vblora_rs.VBLoRAConfig(target_modules=["0"], r=4, vector_length=16, num_vectors=2**18)
+try:
+    vblora_rs.get_peft_model(model, config)
+except VBLoRAError as exc:
+    print("VBLoRAError", exc)
+except BaseException as exc:
+    print("OTHER", type(exc).__name__, str(exc)[:200])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
+def test_an_adapter_over_ulimit_v_is_refused_by_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    python_dir = os.path.dirname(os.path.dirname(vblora_rs.__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", ULIMIT_SCRIPT],
+        env={**os.environ, "PYTHONPATH": python_dir},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout.strip().splitlines()
+    assert out and out[-1].startswith("VBLoRAError"), (out, done.stderr[-2000:])
+    assert "ulimit -v" in out[-1]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_budget_reads_the_cgroup_limit(tmp_path, monkeypatch: pytest.MonkeyPatch, version: int) -> None:  # type: ignore[no-untyped-def]
+    from vblora_rs.tuner import memory_budget
+
+    root = tmp_path / "cgroup"
+    if version == 2:
+        (tmp_path / "proc").write_text("0::/box/inner\n")
+        leaf, parent = root / "box" / "inner", root / "box"
+        names = ("memory.max", "memory.current")
+        leaf.mkdir(parents=True)
+        (leaf / names[0]).write_text("max\n")  # no limit of its own: the parent's counts
+        (leaf / names[1]).write_text("1000\n")
+    else:
+        (tmp_path / "proc").write_text("4:memory:/box\n3:cpu:/\n")
+        parent = root / "memory" / "box"
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    parent.mkdir(parents=True, exist_ok=True)
+    (parent / names[0]).write_text(f"{300 * 2**20}\n")
+    (parent / names[1]).write_text(f"{100 * 2**20}\n")
+    monkeypatch.setattr(memory_budget, "_PROC_CGROUP", str(tmp_path / "proc"))
+    monkeypatch.setattr(memory_budget, "_CGROUP_ROOT", str(root))
+    assert memory_budget.available_bytes() == 200 * 2**20  # far below this machine's MemAvailable
+    with pytest.raises(VBLoRAError, match="cgroup"):
+        memory_budget.MemoryBudget("config of adapter 'x'").take("logits", (256, 2**20))
