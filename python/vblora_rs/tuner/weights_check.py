@@ -141,7 +141,7 @@ def _stray(where: str, key: str, config: Any, adapter_name: str) -> VBLoRAError:
     fields = vars(config)
     if targets.targets_named(fields) and targets.module_status(fields, module) != targets.TARGETED:
         return VBLoRAError(
-            f"{where}: module {module} is in the file but the config does not target it: "
-            f"{targets.untargeted_reason(fields, module)} (tensor {key})"
+            f"{where}: tensor {key} matches no VB-LoRA module of adapter {adapter_name!r}: module {module} is in the "
+            f"file but the config does not target it: {targets.untargeted_reason(fields, module)}"
         )
     return VBLoRAError(f"{where}: tensor {key} matches no VB-LoRA module of adapter {adapter_name!r}")
