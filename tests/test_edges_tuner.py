@@ -232,3 +232,53 @@ def test_the_budget_reads_the_cgroup_limit(tmp_path, monkeypatch: pytest.MonkeyP
     assert memory_budget.available_bytes() == 200 * 2**20  # far below this machine's MemAvailable
     with pytest.raises(VBLoRAError, match="cgroup"):
         memory_budget.MemoryBudget("config of adapter 'x'").take("logits", (256, 2**20))
+
+
+SHAPE_FIRST_SCRIPT = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+import vblora_rs
+from conftest import MODEL_CASES
+from vblora_rs.errors import VBLoRAError
+
+folder = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    vblora_rs.PeftModel.from_pretrained(MODEL_CASES["mlp"][0](), folder)
+    print("LOADED")
+except VBLoRAError as exc:
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print("REFUSED", grown * 1024, exc)
+"""
+
+
+def test_a_dense_file_that_does_not_fit_the_config_is_refused_before_the_logits_are_filled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The config says num_vectors=2**20 (about 290 MiB of dense logits for this MLP), the file holds 32: the
+    shapes are checked against the file before any logits get memory."""
+    import json
+    import os
+    import subprocess
+
+    import peft
+    from conftest import peft_get_peft_model
+
+    builder, kwargs, _ = MODEL_CASES["mlp"]
+    peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_vectors": 2**20}))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    python_dir = os.path.dirname(os.path.dirname(vblora_rs.__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", SHAPE_FIRST_SCRIPT, str(tmp_path / "a"), tests_dir],
+        env={**os.environ, "PYTHONPATH": python_dir},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert line.startswith("REFUSED"), line
+    grown = int(line.split()[1])
+    logits_bytes = sum(
+        4 * 2**20 * n for n in (4 * 2 + 4 * 4, 4 * 4 + 3 * 4, 4 * 3 + 2 * 4)
+    )  # r x in/L + out/L x r sub-vectors per layer
+    assert grown < logits_bytes / 4, (grown, logits_bytes)
