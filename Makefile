@@ -31,9 +31,9 @@ PEFT_OLDEST_DIR := target/peft-$(PEFT_OLDEST)
 py-test-peft-oldest:
 	test -d $(PEFT_OLDEST_DIR)/peft || $(PIP) install --quiet --progress-bar off --no-deps --target $(PEFT_OLDEST_DIR) peft==$(PEFT_OLDEST)
 	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_OLDEST)', peft.__version__"
-	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_parity_peft.py \
-		tests/test_model.py tests/test_checkpoint.py tests/test_compact.py tests/test_layer_dtypes.py \
-		tests/test_peft_model_level.py
+	PYTHONPATH=$(abspath $(PEFT_OLDEST_DIR))$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q -p no:cacheprovider tests/tuner/test_parity_peft.py \
+		tests/tuner/test_model.py tests/storage/test_checkpoint.py tests/tuner/test_compact.py \
+		tests/tuner/test_layer_dtypes.py tests/tuner/test_peft_model_level.py
 
 
 # The suite again on the portable SIMD loops and one thread: paths only some CPUs or thread counts take.
@@ -44,7 +44,7 @@ py-test-portable:
 # anything but success or an error naming the input fails the run.
 FUZZ_MUTANTS ?= 5000
 fuzz:
-	VBLORA_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PYTHON) -m pytest -q -p no:cacheprovider -s tests/test_fuzz.py
+	VBLORA_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PYTHON) -m pytest -q -p no:cacheprovider -s tests/storage/test_fuzz.py
 
 
 test: install-test rust-test py-test py-test-peft-oldest
@@ -54,6 +54,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PYTHON) -m ruff check python tests benches
+	$(PYTHON) -m mypy.stubtest vblora_rs._native
 
 wheel:
 	maturin build --release

@@ -55,22 +55,11 @@ def build(workdir: Path, layers: int) -> tuple[Path, Path]:
         return base, adapter
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo import mini_models
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
     print(f"building a {layers}-layer TinyLlama-shaped bf16 model in {workdir} ...", flush=True)
     torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(config).eval()
+    model = mini_models.build("tinyllama", num_hidden_layers=layers)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(base)
     vb = peft.VBLoRAConfig(

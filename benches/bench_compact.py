@@ -90,18 +90,10 @@ def _reset_peak() -> None:
 
 def build_base():  # type: ignore[no-untyped-def]
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo import mini_models
 
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    )
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = mini_models.build("llama-7b", hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS)
     return model.to_empty(device="cpu")  # uninitialised storage, never touched
 
 

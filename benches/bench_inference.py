@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore")
 import peft  # noqa: E402
 import vblora_rs  # noqa: E402
 from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from vblora_rs.demo import mini_models  # noqa: E402
 from vblora_rs.training.optim import param_groups  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -48,8 +48,7 @@ def vector_length(sizes: list[int]) -> int:
 
 
 def gpt2_small(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 small: n_embd 768, 12 layers, 12 heads, vocab 50257
+    return mini_models.build("gpt2-small", seed)  # n_embd 768, 12 layers, 12 heads, vocab 50257
 
 
 def build_models(seed: int) -> dict[str, nn.Module]:

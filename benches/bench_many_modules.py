@@ -3,11 +3,11 @@
     python benches/bench_many_modules.py --modules 30000 300000 [--only inspect unpack] [--timeout 300]
 
 Each measurement is one fresh process (``os.wait4`` gives its own peak RSS); files come from
-``tests/many_modules.py`` (the project's own writers). Commands: ``vblora inspect`` / ``unpack`` / ``to-lora`` of the
-packed file, ``vblora pack`` of the unpacked PEFT folder, ``vblora merge`` into a tiny base holding two of the
-modules (must fail fast: the adapter names modules the base lacks), ``load_packed`` and PEFT-format
-``from_pretrained`` onto a model with four ``layers.i.fc`` layers (must fail fast, naming the file and a module;
-``[call N s]`` is that call alone, after the imports). The machine may be shared: use ``--repeats`` (medians).
+``tests/support/many_modules.py`` (the project's own writers). Commands: ``vblora inspect`` / ``unpack`` /
+``to-lora`` of the packed file, ``vblora pack`` of the unpacked PEFT folder, ``vblora merge`` into a tiny base
+holding two of the modules (must fail fast: the adapter names modules the base lacks), ``load_packed`` and
+PEFT-format ``from_pretrained`` onto a model with four ``layers.i.fc`` layers (must fail fast, naming the file and
+a module; ``[call N s]`` is that call alone, after the imports). The machine may be shared: use ``--repeats`` (medians).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import many_modules  # noqa: E402
+from support import many_modules  # noqa: E402
 
 MODEL = """
 import time, torch, peft, vblora_rs

@@ -36,8 +36,8 @@ import vblora_rs  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from vblora_rs.convert.packed import PackReport, read_packed, write_packed  # noqa: E402
+from vblora_rs.demo import mini_models  # noqa: E402
 from vblora_rs.storage.adapter_config import AdapterConfig as FileConfig  # noqa: E402
 
 R, NUM_VECTORS, VECTOR_LENGTH, TOPK = 4, 2048, 256, 2
@@ -46,16 +46,8 @@ LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
 def meta_llama7b() -> nn.Module:
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    )
     with torch.device("meta"):
-        return LlamaForCausalLM(cfg)
+        return mini_models.build("llama-7b")
 
 
 def vblora_config() -> peft.VBLoRAConfig:

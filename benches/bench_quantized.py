@@ -181,10 +181,12 @@ def worker(config: str, folder: str, args: argparse.Namespace) -> dict[str, Any]
 
 def save_base(args: argparse.Namespace, folder: str) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo import mini_models
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    mini_models.save(
+        "llama",
+        folder,
+        dtype=torch.bfloat16,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
@@ -193,7 +195,6 @@ def save_base(args: argparse.Namespace, folder: str) -> None:
         vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, 128),
     )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
 
 
 def main() -> None:

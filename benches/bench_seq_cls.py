@@ -34,24 +34,22 @@ warnings.filterwarnings("ignore")
 import peft  # noqa: E402
 import vblora_rs  # noqa: E402
 from peft.tuners.vblora import VBLoRAModel as PeftVBLoRAModel  # noqa: E402
-from transformers import RobertaConfig, RobertaForSequenceClassification  # noqa: E402
+from vblora_rs.demo import mini_models  # noqa: E402
 
 VOCAB, SEQ, SAMPLES, BATCH = 64, 12, 64, 16
 FIRST_TOKEN = 4  # below: RoBERTa's special tokens (pad is 1)
 
 
 def base_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    config = RobertaConfig(
+    return mini_models.build(
+        "roberta-seq-cls",
+        seed,
         hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         intermediate_size=128,
         vocab_size=VOCAB,
         max_position_embeddings=SEQ + 4,
         num_labels=2,
-    )
-    return RobertaForSequenceClassification(config)
+    ).train()
 
 
 def vblora_config() -> peft.VBLoRAConfig:

@@ -278,20 +278,10 @@ def bench_many_adapters(rows: list[Row], quick: bool, repeats: int) -> None:
 
 
 def tiny_llama(dtype: torch.dtype, quick: bool) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo import mini_models
 
-    layers = 22 if not quick else 4
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    )
-    torch.manual_seed(0)
     with torch.no_grad():
-        model = LlamaForCausalLM(config)
+        model = mini_models.build("tinyllama", num_hidden_layers=22 if not quick else 4)
     return model.to(dtype)
 
 
@@ -411,7 +401,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.skip_model:
         print("running bench_merge_and_unload ...", file=sys.stderr)
         bench_merge_and_unload(rows, args.quick)
-    table = f"{header}\n\n{markdown(rows)}"
+    # decided by the first large top-K call (or VBLORA_RS_TOPK_PREFETCH), so read after the runs
+    variant, how = vblora_rs._native.topk_prefetch()
+    table = f"{header}, top-K prefetch {variant} ({how})\n\n{markdown(rows)}"
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as fh:

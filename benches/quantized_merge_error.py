@@ -29,8 +29,9 @@ logging.disable(logging.WARNING)
 
 import peft  # noqa: E402
 import vblora_rs  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+from vblora_rs.demo import mini_models  # noqa: E402
 from vblora_rs.tuner import bnb_weights  # noqa: E402
 from vblora_rs.tuner.peft_backend import peft_classes  # noqa: E402
 
@@ -88,17 +89,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    folder = mini_models.save(
+        "llama",
+        tempfile.mkdtemp(),
         hidden_size=args.hidden,
         intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=128,
+        max_position_embeddings=2048,
     )
-    folder = tempfile.mkdtemp()
-    LlamaForCausalLM(cfg).save_pretrained(folder)
     vb = {"r": 4, "num_vectors": 64, "vector_length": 32, "topk": 2, "target_modules": TARGETS}
     # two adapter sizes per method: deltas of a few steps, and deltas of tens of steps (a long fine-tune)
     sizes = {

@@ -8,9 +8,11 @@
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
 use crate::matrix::MatRef;
-use crate::simd::{dispatch, Level};
+use crate::simd::{dispatch, level_wrappers, Level};
 use crate::threads;
-use crate::topk::{self, portable_scan, Scan, Selector, ROWS_PER_TASK};
+use crate::topk::{
+    self, dispatch_prefetch, portable_scan, run_tasks, Prefetch, Scan, Selector, ROWS_PER_TASK,
+};
 #[cfg(target_arch = "x86_64")]
 use crate::topk::{avx2_scan, avx512_scan};
 
@@ -66,30 +68,19 @@ fn gather_rows<B: Element>(
     None
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gather_rows_avx2<B: Element>(
-    out: &mut [f32],
-    first: usize,
-    k: usize,
-    check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
-    weights: MatRef<'_, f32>,
-    bank: MatRef<'_, B>,
-) -> Option<KernelError> {
-    gather_rows(out, first, k, check_row, weights, bank)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn gather_rows_avx512<B: Element>(
-    out: &mut [f32],
-    first: usize,
-    k: usize,
-    check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
-    weights: MatRef<'_, f32>,
-    bank: MatRef<'_, B>,
-) -> Option<KernelError> {
-    gather_rows(out, first, k, check_row, weights, bank)
+level_wrappers! {
+    /// [`gather_rows`] compiled for the level.
+    fn gather_rows_avx2, gather_rows_avx512 [B: Element] (
+        out: &mut [f32],
+        first: usize,
+        k: usize,
+        check_row: &impl Fn(usize, &mut Vec<usize>) -> Result<(), KernelError>,
+        weights: MatRef<'_, f32>,
+        bank: MatRef<'_, B>,
+    ) -> Option<KernelError> {
+        avx2: gather_rows(out, first, k, check_row, weights, bank),
+        avx512: gather_rows(out, first, k, check_row, weights, bank),
+    }
 }
 
 /// `(rows, L)` from `indices (rows, k)` and `weights (rows, k)` against `bank (num_vectors, L)`.
@@ -179,7 +170,8 @@ fn select_gather_rows<T: Element, B: Element>(
     let mut buf = vec![0.0_f32; CHUNK];
     for (r, out_row) in out.chunks_mut(bank.cols()).enumerate() {
         let row = first + r;
-        if sel.select(logits.row(row), scan).is_err() {
+        let next = logits.row((row + 2).min(logits.rows() - 1));
+        if sel.select(logits.row(row), next, scan).is_err() {
             return Some(row);
         }
         sel.softmax_into(&mut w);
@@ -188,28 +180,19 @@ fn select_gather_rows<T: Element, B: Element>(
     None
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn select_gather_rows_avx2<T: Element, B: Element>(
-    out: &mut [f32],
-    first: usize,
-    logits: MatRef<'_, T>,
-    bank: MatRef<'_, B>,
-    k: usize,
-) -> Option<usize> {
-    select_gather_rows(out, first, logits, bank, k, avx2_scan())
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn select_gather_rows_avx512<T: Element, B: Element>(
-    out: &mut [f32],
-    first: usize,
-    logits: MatRef<'_, T>,
-    bank: MatRef<'_, B>,
-    k: usize,
-) -> Option<usize> {
-    select_gather_rows(out, first, logits, bank, k, avx512_scan())
+level_wrappers! {
+    /// [`select_gather_rows`] with the level's [`Scan`], prefetching the row after next if
+    /// `PREFETCH`.
+    fn select_gather_rows_avx2, select_gather_rows_avx512 [T: Element, B: Element, const PREFETCH: bool] (
+        out: &mut [f32],
+        first: usize,
+        logits: MatRef<'_, T>,
+        bank: MatRef<'_, B>,
+        k: usize,
+    ) -> Option<usize> {
+        avx2: select_gather_rows(out, first, logits, bank, k, avx2_scan::<PREFETCH>()),
+        avx512: select_gather_rows(out, first, logits, bank, k, avx512_scan::<PREFETCH>()),
+    }
 }
 
 /// Fused top-`k` + softmax + gather: `(rows, L)` from `logits (rows, num_vectors)` and
@@ -220,11 +203,14 @@ pub fn low_rank_from_logits<T: Element, B: Element>(
     k: usize,
     num_threads: usize,
 ) -> Result<Vec<f32>, KernelError> {
-    low_rank_from_logits_at(Level::detected(), logits, bank, k, num_threads)
+    low_rank_from_logits_at(Level::detected(), None, logits, bank, k, num_threads)
 }
 
+/// [`low_rank_from_logits`] at `level`, with the top-k prefetch variant `prefetch` (None: the
+/// process's).
 pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
     level: Level,
+    prefetch: Option<Prefetch>,
     logits: MatRef<'_, T>,
     bank: MatRef<'_, B>,
     k: usize,
@@ -244,20 +230,30 @@ pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
     let len = bank.cols();
     if len == 0 {
         // Nothing to gather, but the logits are still validated.
-        topk::topk_softmax_at(level, logits, k, num_threads)?;
+        topk::topk_softmax_at(level, prefetch, logits, k, num_threads)?;
         return Ok(Vec::new());
     }
     let mut out = vec![0.0_f32; rows * len];
     let tasks = out.chunks_mut(ROWS_PER_TASK * len).enumerate().collect();
-    let failed = threads::first_some(num_threads, tasks, |(task, out)| {
-        let first = task * ROWS_PER_TASK;
-        dispatch!(
-            level,
-            select_gather_rows(out, first, logits, bank, k, portable_scan()),
-            select_gather_rows_avx2::<T, B>(out, first, logits, bank, k),
-            select_gather_rows_avx512::<T, B>(out, first, logits, bank, k)
-        )
-    })?;
+    let bytes = rows * logits.cols() * std::mem::size_of::<T>();
+    let measurable = level != Level::Portable;
+    let failed = run_tasks(
+        num_threads,
+        tasks,
+        bytes,
+        measurable,
+        prefetch,
+        |(task, out), pf| {
+            let first = task * ROWS_PER_TASK;
+            dispatch_prefetch!(
+                level,
+                pf,
+                select_gather_rows(out, first, logits, bank, k, portable_scan()),
+                |PF| select_gather_rows_avx2::<T, B, PF>(out, first, logits, bank, k),
+                select_gather_rows_avx512::<T, B, PF>(out, first, logits, bank, k)
+            )
+        },
+    )?;
     match failed {
         Some(row) => Err(KernelError::Nan { arg: "logits", row }),
         None => Ok(out),
@@ -267,6 +263,7 @@ pub(crate) fn low_rank_from_logits_at<T: Element, B: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::uniform;
     use crate::topk::tests::reference as topk_reference;
     use half::{bf16, f16};
     use proptest::prelude::*;
@@ -275,16 +272,18 @@ mod tests {
         r.clone().map(|v| v.iter().map(|x| x.to_bits()).collect())
     }
 
-    /// Shadows the public function: runs every available SIMD level and checks they agree.
+    /// Shadows the public function: runs every available SIMD level, with and without the
+    /// top-k prefetch, and checks they agree.
     fn low_rank_from_logits<T: Element, B: Element>(
         logits: MatRef<'_, T>,
         bank: MatRef<'_, B>,
         k: usize,
         threads: usize,
     ) -> Result<Vec<f32>, KernelError> {
-        let mut all = Level::available()
-            .into_iter()
-            .map(|level| low_rank_from_logits_at(level, logits, bank, k, threads));
+        let mut all = Level::available().into_iter().flat_map(|level| {
+            [Prefetch::Off, Prefetch::On]
+                .map(|pf| low_rank_from_logits_at(level, Some(pf), logits, bank, k, threads))
+        });
         let first = all.next().unwrap();
         all.for_each(|other| assert_eq!(bits(&other), bits(&first)));
         first
@@ -321,18 +320,6 @@ mod tests {
         out
     }
 
-    fn values(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     fn check_fused<B: Element>(
         rows: usize,
         nv: usize,
@@ -341,8 +328,8 @@ mod tests {
         threads: usize,
         seed: u64,
     ) {
-        let logits = values(seed, rows * nv);
-        let bank: Vec<B> = values(seed + 1, nv * len)
+        let logits = uniform(seed, rows * nv, 1.0);
+        let bank: Vec<B> = uniform(seed + 1, nv * len, 1.0)
             .into_iter()
             .map(B::from_f32)
             .collect();
@@ -376,7 +363,7 @@ mod tests {
 
     #[test]
     fn bad_index_names_first_row() {
-        let bank = values(0, 256 * 4);
+        let bank = uniform(0, 256 * 4, 1.0);
         let b = MatRef::new("bank", &bank, 256, 4).unwrap();
         let mut idx = vec![0_i64; 200 * 2];
         idx[3 * 2 + 1] = 300;
@@ -404,9 +391,9 @@ mod tests {
 
     #[test]
     fn shape_errors() {
-        let bank = values(0, 10 * 4);
+        let bank = uniform(0, 10 * 4, 1.0);
         let b = MatRef::new("bank", &bank, 10, 4).unwrap();
-        let logits = values(1, 3 * 11);
+        let logits = uniform(1, 3 * 11, 1.0);
         let l = MatRef::new("logits", &logits, 3, 11).unwrap();
         assert_eq!(
             low_rank_from_logits(l, b, 2, 1).unwrap_err().to_string(),
@@ -431,8 +418,8 @@ mod tests {
 
     #[test]
     fn nan_logits_and_empty_shapes() {
-        let bank = values(0, 300 * 4);
-        let mut logits = values(1, 100 * 300);
+        let bank = uniform(0, 300 * 4, 1.0);
+        let mut logits = uniform(1, 100 * 300, 1.0);
         logits[70 * 300 + 299] = f32::NAN;
         let l = MatRef::new("logits", &logits, 100, 300).unwrap();
         let b = MatRef::new("bank", &bank, 300, 4).unwrap();
@@ -466,8 +453,8 @@ mod tests {
             threads in 1usize..4,
         ) {
             let k = (1 + (kfrac * nv.min(40) as f64) as usize).min(nv);
-            let logits = values(seed, rows * nv);
-            let bank = values(seed ^ 7, nv * len);
+            let logits = uniform(seed, rows * nv, 1.0);
+            let bank = uniform(seed ^ 7, nv * len, 1.0);
             let (idx, w) = topk_reference(&logits, nv, k).unwrap();
             let want = reference(&idx, &w, k, &bank, len);
             let l = MatRef::new("logits", &logits, rows, nv).unwrap();

@@ -29,7 +29,7 @@
 use crate::element::{Element, CHUNK};
 use crate::error::{Dim, KernelError};
 use crate::matrix::{MatMut, MatRef};
-use crate::simd::{dispatch, madd, Level};
+use crate::simd::{dispatch, level_wrappers, madd, Level};
 use crate::threads;
 
 /// Weight elements handed to one rayon task (whole rows, rounded up to a multiple of `MR`).
@@ -239,33 +239,30 @@ fn product_rows<const MR: usize, const NR: usize, const FMA: bool>(
     });
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn update_rows_avx2<W: Element>(w: &mut [W], u: MatRef<'_, f32>, v: MatRef<'_, f32>, row0: usize) {
-    update_rows::<W, MR_AVX2, NR_AVX2, true>(w, u, v, row0, false);
+level_wrappers! {
+    /// [`update_rows`] with the level's register tile.
+    fn update_rows_avx2, update_rows_avx512 [W: Element] (
+        w: &mut [W],
+        u: MatRef<'_, f32>,
+        v: MatRef<'_, f32>,
+        row0: usize,
+    ) {
+        avx2: update_rows::<W, MR_AVX2, NR_AVX2, true>(w, u, v, row0, false),
+        avx512: update_rows::<W, MR_AVX512, NR_AVX512, true>(w, u, v, row0, false),
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn product_rows_avx2(out: &mut [f32], u: MatRef<'_, f32>, v: MatRef<'_, f32>, row0: usize) {
-    product_rows::<MR_AVX2, NR_AVX2, true>(out, u, v, row0);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn update_rows_avx512<W: Element>(
-    w: &mut [W],
-    u: MatRef<'_, f32>,
-    v: MatRef<'_, f32>,
-    row0: usize,
-) {
-    update_rows::<W, MR_AVX512, NR_AVX512, true>(w, u, v, row0, false);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn product_rows_avx512(out: &mut [f32], u: MatRef<'_, f32>, v: MatRef<'_, f32>, row0: usize) {
-    product_rows::<MR_AVX512, NR_AVX512, true>(out, u, v, row0);
+level_wrappers! {
+    /// [`product_rows`] with the level's register tile.
+    fn product_rows_avx2, product_rows_avx512 [] (
+        out: &mut [f32],
+        u: MatRef<'_, f32>,
+        v: MatRef<'_, f32>,
+        row0: usize,
+    ) {
+        avx2: product_rows::<MR_AVX2, NR_AVX2, true>(out, u, v, row0),
+        avx512: product_rows::<MR_AVX512, NR_AVX512, true>(out, u, v, row0),
+    }
 }
 
 /// Rows per rayon task: about `ELEMENTS_PER_TASK` elements, a multiple of the tile height.
@@ -375,6 +372,7 @@ pub(crate) fn low_rank_product_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::uniform;
     use half::{bf16, f16};
     use proptest::prelude::*;
 
@@ -410,18 +408,6 @@ mod tests {
         out
     }
 
-    fn values(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     fn check<W: Element + PartialEq + std::fmt::Debug>(
         m: usize,
         rank: usize,
@@ -429,9 +415,12 @@ mod tests {
         threads: usize,
         seed: u64,
     ) {
-        let weight: Vec<W> = values(seed, m * n).into_iter().map(W::from_f32).collect();
-        let u = values(seed + 1, m * rank);
-        let v: Vec<f32> = values(seed + 2, rank * n)
+        let weight: Vec<W> = uniform(seed, m * n, 1.0)
+            .into_iter()
+            .map(W::from_f32)
+            .collect();
+        let u = uniform(seed + 1, m * rank, 1.0);
+        let v: Vec<f32> = uniform(seed + 2, rank * n, 1.0)
             .iter()
             .map(|x| x * 1e-2)
             .collect();

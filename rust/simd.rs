@@ -161,6 +161,35 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Defines the two `#[target_feature]` copies of a generic kernel body that [`dispatch!`] calls:
+/// `$avx2` compiled with `avx2,fma`, `$avx512` with `avx512f,avx512bw,avx512vl,avx2,fma`, both
+/// with the signature given (generics in brackets) and each running its own expression (the
+/// same generic call with the level's building blocks or tile sizes).
+macro_rules! level_wrappers {
+    (
+        $(#[$doc:meta])*
+        fn $avx2:ident, $avx512:ident [$($gen:tt)*] ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? {
+            avx2: $body2:expr,
+            avx512: $body512:expr $(,)?
+        }
+    ) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx2<$($gen)*>($($arg: $ty),*) $(-> $ret)? {
+            $body2
+        }
+
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        fn $avx512<$($gen)*>($($arg: $ty),*) $(-> $ret)? {
+            $body512
+        }
+    };
+}
+pub(crate) use level_wrappers;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,14 @@
-"""Tiny models built from configs (no downloads) shared by the tests."""
+"""Shared by every test folder: torch's thread count, the ``model_case`` fixture, and ``tests/`` on the import
+path so that tests import their helpers as ``support.<module>`` (tests/support/: models, tolerances, writers)."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
+import sys
 import warnings
-from collections.abc import Iterator
-from typing import Any, Callable
 
 import pytest
 import torch
-from torch import nn
 
 # Some transformers/peft versions warn on import about optional packages; not our concern here.
 with warnings.catch_warnings():
@@ -19,153 +16,16 @@ with warnings.catch_warnings():
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+from support.models import MODEL_CASES  # noqa: E402
+
 # two threads unless the run asks for its own count (`make py-test-portable` runs on one)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or min(2, os.cpu_count() or 1))
-
-
-class MLP(nn.Module):
-    """Linear layers of sizes the bank's vector_length (8) divides, plus a head for modules_to_save."""
-
-    def __init__(self, bias: bool = True) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(16, 32, bias=bias)
-        self.relu = nn.ReLU()
-        self.lin1 = nn.Linear(32, 24, bias=False)
-        self.lin2 = nn.Linear(24, 16, bias=bias)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lin2(self.relu(self.lin1(self.relu(self.lin0(x))))))
-
-
-def make_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return MLP().eval()
-
-
-def make_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-# the tiny Llama every test builds (the causal LM here, the classifier in test_ecosystem)
-TINY_LLAMA = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 64,
-    "max_position_embeddings": 64,
-}
-
-
-def make_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**TINY_LLAMA)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def make_opt(seed: int = 0) -> nn.Module:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-    )
-    return OPTForCausalLM(cfg).eval()
-
-
-# name -> (builder, config kwargs, input maker)
-MODEL_CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable[[], dict]]] = {
-    "mlp": (
-        make_mlp,
-        {"target_modules": ["lin0", "lin1", "lin2"], "vector_length": 8, "num_vectors": 32, "r": 4},
-        lambda: {"x": torch.randn(5, 16, generator=torch.Generator().manual_seed(1))},
-    ),
-    "gpt2": (
-        make_gpt2,
-        {
-            "target_modules": ["c_attn", "c_proj"],
-            "vector_length": 16,
-            "num_vectors": 40,
-            "r": 2,
-            "fan_in_fan_out": True,
-        },
-        lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
-    ),
-    "llama": (
-        make_llama,
-        {
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "vector_length": 8,
-            "num_vectors": 300,
-            "r": 3,
-            "topk": 3,
-        },
-        lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
-    ),
-    "opt": (
-        make_opt,
-        {"target_modules": None, "vector_length": 8, "num_vectors": 64, "r": 4},
-        lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))},
-    ),
-}
-
-
-def output_tensor(out: object) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out  # type: ignore[return-value]
 
 
 @pytest.fixture(params=sorted(MODEL_CASES))
 def model_case(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
-
-
-def bank_named_once(name: str) -> str:
-    """PEFT's layers register the tuner's bank too, so its named_parameters() names the bank after the first layer
-    (``base_model.model.lin0.vblora_vector_bank.<adapter>``); ours name it after its one owner, the tuner."""
-    head, sep, adapter = name.rpartition("vblora_vector_bank.")
-    return f"base_model.vblora_vector_bank.{adapter}" if sep and "." not in adapter else name
-
-
-# --- PEFT's own classes as the reference ---------------------------------------------------------------------
-# vblora_rs.get_peft_model (and the other public names) make PEFT serve VB-LoRA with our classes for the rest of
-# the process. A reference model must be built with PEFT's own classes: these build it with our backend taken out
-# for the call. Models keep the classes they were built with; PEFT's state-dict hooks, which PEFT looks up by method
-# at call time, handle a model of PEFT's classes as PEFT does (see vblora_rs.tuner.model).
-
-
-@contextlib.contextmanager
-def peft_only() -> Iterator[None]:
-    from vblora_rs.tuner.peft_backend import peft_classes
-
-    with peft_classes():
-        yield
-
-
-def peft_get_peft_model(*args: Any, **kwargs: Any) -> Any:
-    """``peft.get_peft_model`` with PEFT's own VB-LoRA classes."""
-    with peft_only():
-        return peft.get_peft_model(*args, **kwargs)
-
-
-def peft_from_pretrained(*args: Any, **kwargs: Any) -> Any:
-    """``peft.PeftModel.from_pretrained`` with PEFT's own VB-LoRA classes."""
-    with peft_only():
-        return peft.PeftModel.from_pretrained(*args, **kwargs)

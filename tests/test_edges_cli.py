@@ -12,8 +12,9 @@ import peft
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, peft_get_peft_model
 from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+from support.models import MODEL_CASES
+from support.peft_reference import peft_get_peft_model
 from vblora_rs.cli import main
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.storage import targets
@@ -307,11 +308,9 @@ def test_pack_names_a_non_adapter_folder_as_the_other_commands_do(
 
 
 def test_inspect_lists_layers_in_numeric_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import TINY_LLAMA
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from vblora_rs.demo.mini_models import build
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 12}))
+    base = build("llama", num_hidden_layers=12)
     config = peft.VBLoRAConfig(target_modules=["q_proj"], vector_length=8, num_vectors=16, r=2)
     peft_get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
     assert main(["pack", str(tmp_path / "adapter"), "-o", str(tmp_path / "packed")]) == 0

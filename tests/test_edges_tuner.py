@@ -7,10 +7,10 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-import tolerances
 import torch
 import vblora_rs
-from conftest import MODEL_CASES
+from support import tolerances
+from support.models import MODEL_CASES
 from torch import nn
 from vblora_rs.errors import VBLoRAError
 
@@ -238,7 +238,8 @@ SHAPE_FIRST_SCRIPT = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[2])
 import vblora_rs
-from conftest import MODEL_CASES
+from support import tolerances
+from support.models import MODEL_CASES
 from vblora_rs.errors import VBLoRAError
 
 folder = sys.argv[1]
@@ -260,7 +261,7 @@ def test_a_dense_file_that_does_not_fit_the_config_is_refused_before_the_logits_
     import subprocess
 
     import peft
-    from conftest import peft_get_peft_model
+    from support.peft_reference import peft_get_peft_model
 
     builder, kwargs, _ = MODEL_CASES["mlp"]
     peft_get_peft_model(builder(), peft.VBLoRAConfig(**kwargs)).save_pretrained(tmp_path / "a")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import peft
 import pytest
-import tolerances
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, output_tensor, peft_from_pretrained, peft_get_peft_model
 from safetensors.torch import load_file
+from support import tolerances
+from support.models import MODEL_CASES, output_tensor
+from support.peft_reference import peft_from_pretrained, peft_get_peft_model
 from vblora_rs.cli import main
 
 CASE = "llama"

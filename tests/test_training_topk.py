@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import vblora_rs
-from conftest import MODEL_CASES, make_llama, peft_from_pretrained
 from safetensors.torch import load_file
+from support.models import MODEL_CASES
+from support.peft_reference import peft_from_pretrained
 from torch import nn
+from vblora_rs.demo.mini_models import build
 from vblora_rs.tuner.layer import TOPK_TRAINING_ERROR
 
 SEQ = 7
@@ -20,7 +22,7 @@ SEQ = 7
 
 def llama_topk(seed: int = 0) -> nn.Module:
     _, kw, _ = MODEL_CASES["llama"]
-    base = make_llama(seed=0)
+    base = build("llama", seed=0)
     torch.manual_seed(seed)
     return vblora_rs.get_peft_model(base, vblora_rs.VBLoRAConfig(**kw, save_only_topk_weights=True)).train()
 
@@ -74,8 +76,8 @@ def test_checkpoints_resume_exactly_and_the_final_save_is_top_k(tmp_path: Path) 
     straight.save_model(str(tmp_path / "final"))
     assert is_topk_file(tmp_path / "final")  # the user's save is top-K, as configured
     # PEFT loads the final file; it computes what the trained model computes after PEFT's top-K round trip
-    peft_model = peft_from_pretrained(make_llama(seed=0), tmp_path / "final")
-    ours = vblora_rs.PeftModel.from_pretrained(make_llama(seed=0), tmp_path / "final")
+    peft_model = peft_from_pretrained(build("llama", seed=0), tmp_path / "final")
+    ours = vblora_rs.PeftModel.from_pretrained(build("llama", seed=0), tmp_path / "final")
     ids = torch.tensor(rows(1)[0]["input_ids"])[None]
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits)
@@ -124,7 +126,7 @@ def test_load_best_model_at_end_leaves_a_trainable_model(tmp_path: Path) -> None
 def test_a_top_k_adapter_in_training_mode_names_the_cause_and_the_fix(tmp_path: Path) -> None:
     model = llama_topk()
     model.save_pretrained(tmp_path / "a")
-    loaded = vblora_rs.PeftModel.from_pretrained(make_llama(seed=0), tmp_path / "a").train()
+    loaded = vblora_rs.PeftModel.from_pretrained(build("llama", seed=0), tmp_path / "a").train()
     ids = torch.tensor(rows(1)[0]["input_ids"])[None]
     with pytest.raises(RuntimeError) as info:
         loaded(input_ids=ids)

@@ -8,18 +8,58 @@ Conventions shared by every function:
 * ``num_threads``: how many threads the kernel may use; 0 means all cores.
 * The GIL is released while a kernel runs. Bad input raises :class:`VBLoRAError` (a
   ``ValueError``) whose message names the argument and, for data errors, the row at fault.
+* A failure of the operating system while reading or writing a file (missing file, permission,
+  full disk, name too long) raises ``OSError(errno, strerror, filename)``, which Python makes the
+  matching subclass (``FileNotFoundError``, ``PermissionError``, ...), never ``VBLoRAError``.
+
+Checked against the built module by ``python -m mypy.stubtest vblora_rs._native`` (``make lint``).
 """
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "__version__",
+    "VBLoRAError",
+    "topk_softmax",
+    "topk_many",
+    "low_rank_from_logits",
+    "low_rank_from_topk",
+    "rank_update_",
+    "low_rank_product",
+    "simd_level",
+    "simd_levels",
+    "topk_prefetch",
+    "use_openmp",
+    "thread_backend",
+    "encode_packed",
+    "decode_packed",
+    "unpack_packed",
+    "packed_modules_outside",
+    "index_bits",
+    "safetensors_header",
+    "adapter_shapes",
+    "adapter_factors",
+    "packed_adapter_shapes",
+    "packed_adapter_factors",
+    "check_topk_rows",
+    "merge_safetensors",
+]
+
 __version__: str
 
-FloatArray = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
+# Stub-only: the float dtypes every "float array" argument accepts (uint16 = bfloat16 bits).
+_FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
 
 class VBLoRAError(ValueError): ...
 
-def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+def topk_softmax(
+    logits: _FloatArray, k: int, num_threads: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Per row of a 2-D ``(rows, n)`` logits array: indices of the ``k`` largest logits, largest
     first, in exactly torch.topk's CPU order (ties included), and the float32 softmax of those
     ``k`` logits by torch's formula ``exp(x - max) / sum``, within 2 ulp (an all ``-inf`` row gives NaN).
@@ -27,14 +67,14 @@ def topk_softmax(logits: FloatArray, k: int, num_threads: int) -> tuple[npt.NDAr
     naming its row; ``k`` must satisfy ``1 <= k <= n``."""
 
 def topk_many(
-    logits: list[FloatArray], k: int, kept_logits: bool, num_threads: int
+    logits: list[_FloatArray], k: int, kept_logits: bool, num_threads: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """:func:`topk_softmax` of several 2-D logits arrays of one dtype in one call (one hand-off to the thread
     pool): ``(indices (S, k), weights (S, k))`` over all their rows, in order; with ``kept_logits`` the second
     array holds the kept logits themselves (float32, exact) instead of their softmax. A NaN's row is counted
     across the arrays. Arrays of different dtypes are an error."""
 
-def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
+def low_rank_from_logits(logits: _FloatArray, bank: _FloatArray, k: int, num_threads: int) -> npt.NDArray[np.float32]:
     """Fused top-k + softmax + weighted sum of bank rows: ``out[i] = sum_j w[i, j] *
     bank[idx[i, j]]`` for ``logits (rows, num_vectors)`` and ``bank (num_vectors, L)``, summing
     ``j`` in order ``0..k`` in float32. Returns ``(rows, L)`` float32. Nothing of size
@@ -43,14 +83,14 @@ def low_rank_from_logits(logits: FloatArray, bank: FloatArray, k: int, num_threa
 def low_rank_from_topk(
     indices: npt.NDArray[np.int64],
     weights: npt.NDArray[np.float32],
-    bank: FloatArray,
+    bank: _FloatArray,
     num_threads: int,
 ) -> npt.NDArray[np.float32]:
     """Like :func:`low_rank_from_logits` from precomputed ``indices (rows, k)`` and
     ``weights (rows, k)``. An index outside ``[0, num_vectors)`` is an error naming its row."""
 
 def rank_update_(
-    weight: FloatArray,
+    weight: _FloatArray,
     u: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
     num_threads: int,
@@ -82,6 +122,13 @@ def simd_levels() -> list[str]:
     """Every level this CPU supports, lowest first (names as :func:`simd_level` gives them): what
     ``VBLORA_RS_SIMD`` can select."""
 
+def topk_prefetch() -> tuple[str, str]:
+    """Whether the top-k scan prefetches the row after next in this process, and how that was decided:
+    ``(variant, how)`` with ``variant`` ``"on"``, ``"off"`` or ``"undecided"`` (no call large enough to measure
+    yet: not prefetching) and ``how`` ``"VBLORA_RS_TOPK_PREFETCH"`` (the variable, read once, says ``on`` or
+    ``off``), ``"measured"`` (the first call over 32 MiB of logits timed both on its first rows and kept the
+    faster) or ``"auto"``. Both variants give the same bits; only the speed differs by CPU."""
+
 def use_openmp(path: str) -> None:
     """Run the kernels on the thread team of the OpenMP runtime at ``path`` (a shared library already loaded in
     this process: torch's libgomp) from now on, in this process; a forked child falls back to rayon. Raises
@@ -97,8 +144,8 @@ def encode_packed(
     metadata: dict[str, str],
     modules: list[tuple[str, int, int, int]],
     indices: npt.NDArray[np.int64],
-    weights: FloatArray,
-    bank: FloatArray,
+    weights: _FloatArray,
+    bank: _FloatArray,
     extras: list[tuple[str, str, list[int], bytes]],
 ) -> int:
     """Write a packed adapter file (docs/packed-format.md) atomically; returns the bytes written.
@@ -127,15 +174,16 @@ def unpack_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> d
     ``metadata``, ``num_vectors``, ``vector_length``, ``topk``, ``modules`` (the count) and ``module_ranks``
     (``(path, r)`` of the first module of each distinct r)."""
 
+def index_bits(num_vectors: int) -> int:
+    """Bits per stored index of a packed file for ``num_vectors`` bank vectors: ``max(1, ceil(log2(num_vectors)))``,
+    the encoder's own rule."""
+
 def packed_modules_outside(path: str | os.PathLike[str], known: list[str]) -> tuple[int, int, str | None]:
     """``(listed, outside, first)`` from the header of a packed file alone: how many modules its table lists, how
     many are not in ``known``, and the first of those (None when all are known). A file whose header or modules
     table is bad raises :class:`VBLoRAError` naming it."""
 
 # --- streaming safetensors merge (rust/stream, rust/py/stream.rs) ---
-
-import os  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
 
 def safetensors_header(
     path: str | os.PathLike[str],

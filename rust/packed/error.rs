@@ -1,14 +1,23 @@
 //! The error of the packed format: every message names the metadata field, tensor or argument at
-//! fault (the Python binding prefixes the file path).
+//! fault (the Python binding prefixes the file path); an I/O failure keeps the operating system's
+//! error and the file it concerns (the binding raises it as `OSError`).
 
 use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PackedError {
-    /// Reading or writing the file failed.
-    Io(String),
+    /// The operating system failed us while `what` (e.g. "reading") on `path`.
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
     /// The safetensors layer rejected the bytes (truncation, lying offsets, bad header JSON).
     Safetensors(String),
+    /// The safetensors layer refused to serialise tensors the encoder had checked (a bug of ours).
+    Serialize(String),
     /// A `__metadata__` entry is missing, unparseable or out of range.
     Metadata { field: String, reason: String },
     /// A tensor is missing or its dtype, shape or values are wrong.
@@ -18,6 +27,23 @@ pub enum PackedError {
 }
 
 impl PackedError {
+    pub(crate) fn io(path: &Path, what: &'static str, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+
+    /// A safetensors write error: its I/O cause as [`PackedError::Io`], anything else as
+    /// [`PackedError::Serialize`].
+    pub(crate) fn write(path: &Path, e: safetensors::SafeTensorError) -> Self {
+        match e {
+            safetensors::SafeTensorError::IoError(source) => Self::io(path, "writing", source),
+            other => Self::Serialize(other.to_string()),
+        }
+    }
+
     pub(crate) fn metadata(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Metadata {
             field: field.into(),
@@ -43,8 +69,11 @@ impl PackedError {
 impl fmt::Display for PackedError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PackedError::Io(msg) => write!(f, "I/O error: {msg}"),
+            PackedError::Io { path, what, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
             PackedError::Safetensors(msg) => write!(f, "not a readable safetensors file: {msg}"),
+            PackedError::Serialize(msg) => write!(f, "could not serialise the tensors: {msg}"),
             PackedError::Metadata { field, reason } => {
                 write!(f, "metadata field `{field}` {reason}")
             }
@@ -54,7 +83,14 @@ impl fmt::Display for PackedError {
     }
 }
 
-impl std::error::Error for PackedError {}
+impl std::error::Error for PackedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PackedError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

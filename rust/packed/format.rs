@@ -150,13 +150,24 @@ impl View for &Raw<'_> {
 /// The `__metadata__` entries and the named tensors of a file about to be written.
 type Prepared<'p> = (HashMap<String, String>, Vec<(String, Raw<'p>)>);
 
-/// The header entries and tensors of `p`, after checking everything `decode` would check.
+/// The header entries and tensors of `p`, after checking everything `decode` would check: the
+/// dims, then the metadata ([`metadata_entries`]), the values ([`check_values`]), and the tensors
+/// with the extras ([`tensor_list`]).
 fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
     let (nv, len, k) = (p.num_vectors as u64, p.vector_length as u64, p.topk as u64);
     h::check_dims(nv, len, k).map_err(|(field, reason)| PackedError::argument(field, reason))?;
     let s = h::sub_vector_count(&p.modules)
         .map_err(|reason| PackedError::argument("modules", reason))?;
+    let metadata = metadata_entries(p)?;
+    check_values(p, s)?;
+    let tensors = tensor_list(p, s, &metadata[h::KEY_PREFIX])?;
+    Ok((metadata, tensors))
+}
 
+/// The caller's metadata with the computed entries added: the supplied ones must be present,
+/// and a computed one the caller gave must agree with the data.
+fn metadata_entries(p: &Packed<'_>) -> Result<HashMap<String, String>, PackedError> {
+    let (nv, len, k) = (p.num_vectors as u64, p.vector_length as u64, p.topk as u64);
     let mut metadata: HashMap<String, String> = p.metadata.clone().into_iter().collect();
     for field in h::SUPPLIED {
         if !metadata.contains_key(field) {
@@ -189,7 +200,11 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
             }
         }
     }
+    Ok(metadata)
+}
 
+/// The array lengths against the dims, every index and weight row, and a finite bank.
+fn check_values(p: &Packed<'_>, s: usize) -> Result<(), PackedError> {
     let expect_len = |name: &str, got: usize, rows: usize, cols: usize| {
         let want = rows.checked_mul(cols);
         if want == Some(got) {
@@ -220,6 +235,17 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// The bank, the bit-packed indices, the weights and the extras (whose names must not clash
+/// with those or with the keys the modules unpack to, and whose bytes must fit their shape).
+fn tensor_list<'p>(
+    p: &'p Packed<'_>,
+    s: usize,
+    key_prefix: &str,
+) -> Result<Vec<(String, Raw<'p>)>, PackedError> {
+    let (nv, bits) = (p.num_vectors as u64, p.index_bits());
     let packed = bits::pack(&p.indices, bits, nv)
         .map_err(|e| PackedError::argument("indices", index_message(&e, p.topk, &p.modules)))?;
 
@@ -249,7 +275,7 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
             },
         ),
     ];
-    let derived = DerivedKeys::new(&metadata[h::KEY_PREFIX], &p.modules);
+    let derived = DerivedKeys::new(key_prefix, &p.modules);
     let mut names: HashSet<&str> = [h::VECTOR_BANK, h::TOPK_INDICES, h::TOPK_WEIGHTS].into();
     for e in &p.extras {
         if !names.insert(&e.name) || derived.contains(&e.name) {
@@ -279,18 +305,14 @@ fn prepare<'p>(p: &'p Packed<'_>) -> Result<Prepared<'p>, PackedError> {
             },
         ));
     }
-    Ok((metadata, tensors))
-}
-
-fn write_error(e: &safetensors::SafeTensorError) -> PackedError {
-    PackedError::Io(e.to_string())
+    Ok(tensors)
 }
 
 /// The packed file's bytes: the same input gives the same bytes.
 pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
     let (metadata, tensors) = prepare(p)?;
     let mut bytes = safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(metadata))
-        .map_err(|e| write_error(&e))?;
+        .map_err(|e| PackedError::Serialize(e.to_string()))?;
     canonical_header(&mut bytes)?;
     Ok(bytes)
 }
@@ -299,7 +321,7 @@ pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
 /// `HashMap`, whose order changes from run to run; the same keys and values sorted take exactly
 /// as many bytes, so the header's length, padding and the data offsets stay as they are.
 fn canonical_header(bytes: &mut [u8]) -> Result<(), PackedError> {
-    let bad = |what: &str| PackedError::Io(format!("the encoder wrote {what}"));
+    let bad = |what: &str| PackedError::Serialize(format!("the encoder wrote {what}"));
     let size: [u8; 8] = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -323,12 +345,9 @@ fn canonical_header(bytes: &mut [u8]) -> Result<(), PackedError> {
 /// Writes the packed file atomically (a sibling temporary file renamed over `path`); returns its
 /// size in bytes.
 pub fn encode_to_file(p: &Packed<'_>, path: &Path) -> Result<u64, PackedError> {
-    let io = |e: std::io::Error| PackedError::Io(e.to_string());
     let bytes = encode(p)?;
-    let path = std::path::absolute(path).map_err(io)?;
-    let parent = path
-        .parent()
-        .ok_or_else(|| PackedError::Io("no parent folder".into()))?;
+    let path = std::path::absolute(path).map_err(|e| PackedError::io(path, "resolving", e))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
     // a short name of its own: the target's name may already be as long as the filesystem allows
     let tmp = parent.join(format!(".vblora-packed.tmp-{}", std::process::id()));
     let written = (|| {
@@ -339,7 +358,7 @@ pub fn encode_to_file(p: &Packed<'_>, path: &Path) -> Result<u64, PackedError> {
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
+        return Err(PackedError::io(&path, "writing", e));
     }
     Ok(bytes.len() as u64)
 }
@@ -393,6 +412,51 @@ fn field<'m>(metadata: &'m BTreeMap<String, String>, name: &str) -> Result<&'m s
 
 /// Decodes and validates a packed file.
 pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
+    let (n, header, metadata) = read_metadata(bytes)?;
+    let layout = check_metadata(&metadata)?;
+    let tensors = Tensors {
+        header,
+        data: bytes.get(8 + n..).unwrap_or_default(),
+    };
+    let (indices, weights, bank) = decode_arrays(&tensors, &layout)?;
+    let extras = read_extras(&tensors, &layout)?;
+    let Layout {
+        modules,
+        num_vectors,
+        vector_length,
+        topk,
+        ..
+    } = layout;
+    Ok(Packed {
+        metadata,
+        modules,
+        num_vectors,
+        vector_length,
+        topk,
+        indices: Cow::Owned(indices),
+        weights,
+        bank,
+        extras,
+    })
+}
+
+/// What the checked metadata says about the tensors.
+struct Layout<'m> {
+    nv: u64,
+    bits: u32,
+    prefix: &'m str,
+    modules: Vec<Module>,
+    /// Sub-vectors (rows of indices and weights).
+    s: usize,
+    /// Indices in all: `s * topk`.
+    count: usize,
+    num_vectors: usize,
+    vector_length: usize,
+    topk: usize,
+}
+
+/// The header length, the safetensors header and its `__metadata__` (which a packed file has).
+fn read_metadata(bytes: &[u8]) -> Result<(usize, Metadata, BTreeMap<String, String>), PackedError> {
     let (n, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| PackedError::Safetensors(e.to_string()))?;
     let metadata: BTreeMap<String, String> = header
@@ -406,6 +470,12 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
         })?
         .into_iter()
         .collect();
+    Ok((n, header, metadata))
+}
+
+/// Every metadata field checked (version, format, dims, index bits and dtype, key prefix, config,
+/// modules table), in that order.
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<Layout<'_>, PackedError> {
     let version = metadata.get(h::VERSION).ok_or_else(|| {
         PackedError::metadata(h::VERSION, "is missing: not a packed VB-LoRA adapter")
     })?;
@@ -418,23 +488,23 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
             ),
         ));
     }
-    let format = field(&metadata, h::FORMAT)?;
+    let format = field(metadata, h::FORMAT)?;
     if format != "pt" {
         return Err(PackedError::metadata(
             h::FORMAT,
             format!("is {format:?}, expected \"pt\""),
         ));
     }
-    let nv = h::parse_count(h::NUM_VECTORS, field(&metadata, h::NUM_VECTORS)?, 1)?;
-    let len = h::parse_count(h::VECTOR_LENGTH, field(&metadata, h::VECTOR_LENGTH)?, 1)?;
-    let k = h::parse_count(h::TOPK, field(&metadata, h::TOPK)?, 1)?;
+    let nv = h::parse_count(h::NUM_VECTORS, field(metadata, h::NUM_VECTORS)?, 1)?;
+    let len = h::parse_count(h::VECTOR_LENGTH, field(metadata, h::VECTOR_LENGTH)?, 1)?;
+    let k = h::parse_count(h::TOPK, field(metadata, h::TOPK)?, 1)?;
     h::check_dims(nv, len, k).map_err(|(f, reason)| PackedError::metadata(f, reason))?;
-    let bits = h::check_index_bits(nv, field(&metadata, h::INDEX_BITS)?)?;
-    h::check_indices_dtype(field(&metadata, h::INDICES_DTYPE)?, nv)
+    let bits = h::check_index_bits(nv, field(metadata, h::INDEX_BITS)?)?;
+    h::check_indices_dtype(field(metadata, h::INDICES_DTYPE)?, nv)
         .map_err(|reason| PackedError::metadata(h::INDICES_DTYPE, reason))?;
-    let prefix = field(&metadata, h::KEY_PREFIX)?;
-    field(&metadata, h::CONFIG)?;
-    let modules = h::parse_modules(field(&metadata, h::MODULES)?)?;
+    let prefix = field(metadata, h::KEY_PREFIX)?;
+    field(metadata, h::CONFIG)?;
+    let modules = h::parse_modules(field(metadata, h::MODULES)?)?;
     let s = h::sub_vector_count(&modules)
         .map_err(|reason| PackedError::metadata(h::MODULES, reason))?;
     let too_big =
@@ -445,11 +515,38 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
         usize::try_from(k).map_err(|_| too_big("top-K"))?,
     );
     let count = s.checked_mul(topk).ok_or_else(|| too_big("index count"))?;
+    Ok(Layout {
+        nv,
+        bits,
+        prefix,
+        modules,
+        s,
+        count,
+        num_vectors,
+        vector_length,
+        topk,
+    })
+}
 
-    let tensors = Tensors {
-        header,
-        data: bytes.get(8 + n..).unwrap_or_default(),
-    };
+/// The indices (unpacked), weights and bank, sizes checked against the file's tensors before any
+/// decoding, then every index and weight row, and a finite bank.
+fn decode_arrays(
+    tensors: &Tensors<'_>,
+    layout: &Layout<'_>,
+) -> Result<(Vec<i64>, FloatData<'static>, FloatData<'static>), PackedError> {
+    let Layout {
+        nv,
+        bits,
+        ref modules,
+        s,
+        count,
+        num_vectors,
+        vector_length,
+        topk,
+        ..
+    } = *layout;
+    let too_big =
+        |what: &str| PackedError::metadata(h::MODULES, format!("gives a {what} that overflows"));
     // Sizes first: each is compared with a tensor the file really holds before any decoding.
     let (info, packed) = tensors.get(h::TOPK_INDICES)?;
     let expected = bits::packed_len(count, bits).ok_or_else(|| too_big("packed index length"))?;
@@ -466,11 +563,11 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
     let bank = tensors.float(h::VECTOR_BANK, &[num_vectors, vector_length])?;
 
     let indices = bits::unpack(packed, count, bits, nv)
-        .map_err(|e| PackedError::tensor(h::TOPK_INDICES, index_message(&e, topk, &modules)))?;
+        .map_err(|e| PackedError::tensor(h::TOPK_INDICES, index_message(&e, topk, modules)))?;
     weights
         .check_rows(&indices, topk, num_vectors)
         .map_err(|(row, e)| {
-            let at = h::locate(&modules, row);
+            let at = h::locate(modules, row);
             let name = if e.in_indices() {
                 h::TOPK_INDICES
             } else {
@@ -487,8 +584,15 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
             ),
         ));
     }
+    Ok((indices, weights, bank))
+}
 
-    let derived = DerivedKeys::new(prefix, &modules);
+/// The file's other tensors, by name, none of which may clash with a key the modules unpack to.
+fn read_extras(
+    tensors: &Tensors<'_>,
+    layout: &Layout<'_>,
+) -> Result<Vec<Extra<'static>>, PackedError> {
+    let derived = DerivedKeys::new(layout.prefix, &layout.modules);
     let mut names = tensors.header.offset_keys();
     names.sort_unstable();
     let mut extras = Vec::new();
@@ -510,22 +614,11 @@ pub fn decode(bytes: &[u8]) -> Result<Packed<'static>, PackedError> {
             name,
         });
     }
-
-    Ok(Packed {
-        metadata,
-        modules,
-        num_vectors,
-        vector_length,
-        topk,
-        indices: Cow::Owned(indices),
-        weights,
-        bank,
-        extras,
-    })
+    Ok(extras)
 }
 
 /// Reads and decodes the packed file at `path`.
 pub fn decode_file(path: &Path) -> Result<Packed<'static>, PackedError> {
-    let bytes = std::fs::read(path).map_err(|e| PackedError::Io(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| PackedError::io(path, "reading", e))?;
     decode(&bytes)
 }

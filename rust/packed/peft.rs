@@ -88,7 +88,7 @@ fn rows(bytes: &[u8], start: usize, end: usize, width: usize) -> Result<&[u8], P
     let range = start.checked_mul(width).zip(end.checked_mul(width));
     range
         .and_then(|(a, b)| bytes.get(a..b))
-        .ok_or_else(|| PackedError::Io("sub-vector range outside the decoded data".into()))
+        .ok_or_else(|| PackedError::Serialize("sub-vector range outside the decoded data".into()))
 }
 
 /// The bytes of PEFT's top-K checkpoint of `p` (metadata `{"format": "pt"}`, as PEFT writes it);
@@ -189,7 +189,7 @@ pub fn peft_checkpoint(p: &Packed<'_>, max_header: u64) -> Result<Vec<u8>, Packe
                 MAX_HEADER_BYTES,
             ))
         }
-        other => other.map_err(|e| PackedError::Io(e.to_string()))?,
+        other => other.map_err(|e| PackedError::Serialize(e.to_string()))?,
     };
     let header = bytes
         .first_chunk::<8>()

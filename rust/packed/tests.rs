@@ -263,10 +263,31 @@ fn encode_to_file_writes_the_same_bytes_atomically() {
         vec![std::ffi::OsString::from("adapter_packed.safetensors")]
     );
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(decode_file(&path)
-        .unwrap_err()
-        .to_string()
-        .starts_with("I/O error"));
+    // I/O failures keep the OS error and name the file (the binding raises them as OSError).
+    let err = decode_file(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "reading {}: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(2)
+        )
+    );
+    let PackedError::Io {
+        path: at, source, ..
+    } = err
+    else {
+        panic!("not an I/O error: {err}")
+    };
+    assert_eq!(
+        (at, source.kind()),
+        (path.clone(), std::io::ErrorKind::NotFound)
+    );
+    let err = encode_to_file(&p, &path).unwrap_err();
+    assert!(
+        matches!(&err, PackedError::Io { path: at, source, .. } if *at == path && source.kind() == std::io::ErrorKind::NotFound),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,11 +7,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use super::VBLoRAError;
-
-pub(crate) fn error(msg: impl Into<String>) -> PyErr {
-    VBLoRAError::new_err(msg.into())
-}
+use super::error::error;
 
 /// The 2-D, C-contiguous numpy array behind `obj`; `name` is the argument in messages.
 fn untyped<'a, 'py>(
@@ -123,12 +119,53 @@ impl<'py, T: NpElement> ArrayMut<'py, T> {
 
 const FLOAT_DTYPES: &str = "float32, float16 or uint16 (bfloat16 bits)";
 
-/// A read-only float array: float32, float16, or uint16 holding bfloat16 bits.
-pub(crate) enum FloatArray<'py> {
-    F32(Array<'py, f32>),
-    F16(Array<'py, f16>),
-    BF16(Array<'py, u16>),
+/// A float array over `$array` ([`Array`] or [`ArrayMut`]): float32, float16, or uint16 holding
+/// bfloat16 bits, with `extract` and `shape`; the slice accessors are written per type below.
+macro_rules! float_array {
+    ($(#[$doc:meta])* $name:ident, $array:ident) => {
+        $(#[$doc])*
+        pub(crate) enum $name<'py> {
+            F32($array<'py, f32>),
+            F16($array<'py, f16>),
+            BF16($array<'py, u16>),
+        }
+
+        impl<'py> $name<'py> {
+            pub(crate) fn extract(name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+                let arr = untyped(name, obj)?;
+                if let Ok(a) = obj.cast::<PyArray2<f32>>() {
+                    $array::borrow(name, a).map(Self::F32)
+                } else if let Ok(a) = obj.cast::<PyArray2<f16>>() {
+                    $array::borrow(name, a).map(Self::F16)
+                } else if let Ok(a) = obj.cast::<PyArray2<u16>>() {
+                    $array::borrow(name, a).map(Self::BF16)
+                } else {
+                    Err(wrong_dtype(name, arr, FLOAT_DTYPES))
+                }
+            }
+
+            pub(crate) fn shape(&self) -> (usize, usize) {
+                match self {
+                    Self::F32(a) => (a.rows, a.cols),
+                    Self::F16(a) => (a.rows, a.cols),
+                    Self::BF16(a) => (a.rows, a.cols),
+                }
+            }
+        }
+    };
 }
+
+float_array!(
+    /// A read-only float array: float32, float16, or uint16 holding bfloat16 bits.
+    FloatArray,
+    Array
+);
+
+float_array!(
+    /// A writeable float array: float32, float16, or uint16 holding bfloat16 bits.
+    FloatArrayMut,
+    ArrayMut
+);
 
 /// The slice of a [`FloatArray`], bfloat16 bits reinterpreted as `bf16`.
 pub(crate) enum FloatSlice<'a> {
@@ -137,28 +174,7 @@ pub(crate) enum FloatSlice<'a> {
     BF16(&'a [bf16]),
 }
 
-impl<'py> FloatArray<'py> {
-    pub(crate) fn extract(name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let arr = untyped(name, obj)?;
-        if let Ok(a) = obj.cast::<PyArray2<f32>>() {
-            Array::borrow(name, a).map(Self::F32)
-        } else if let Ok(a) = obj.cast::<PyArray2<f16>>() {
-            Array::borrow(name, a).map(Self::F16)
-        } else if let Ok(a) = obj.cast::<PyArray2<u16>>() {
-            Array::borrow(name, a).map(Self::BF16)
-        } else {
-            Err(wrong_dtype(name, arr, FLOAT_DTYPES))
-        }
-    }
-
-    pub(crate) fn shape(&self) -> (usize, usize) {
-        match self {
-            Self::F32(a) => (a.rows, a.cols),
-            Self::F16(a) => (a.rows, a.cols),
-            Self::BF16(a) => (a.rows, a.cols),
-        }
-    }
-
+impl FloatArray<'_> {
     pub(crate) fn slice(&self) -> PyResult<FloatSlice<'_>> {
         Ok(match self {
             Self::F32(a) => FloatSlice::F32(a.slice()?),
@@ -169,13 +185,6 @@ impl<'py> FloatArray<'py> {
     }
 }
 
-/// A writeable float array: float32, float16, or uint16 holding bfloat16 bits.
-pub(crate) enum FloatArrayMut<'py> {
-    F32(ArrayMut<'py, f32>),
-    F16(ArrayMut<'py, f16>),
-    BF16(ArrayMut<'py, u16>),
-}
-
 /// The mutable slice of a [`FloatArrayMut`].
 pub(crate) enum FloatSliceMut<'a> {
     F32(&'a mut [f32]),
@@ -183,28 +192,7 @@ pub(crate) enum FloatSliceMut<'a> {
     BF16(&'a mut [bf16]),
 }
 
-impl<'py> FloatArrayMut<'py> {
-    pub(crate) fn extract(name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let arr = untyped(name, obj)?;
-        if let Ok(a) = obj.cast::<PyArray2<f32>>() {
-            ArrayMut::borrow(name, a).map(Self::F32)
-        } else if let Ok(a) = obj.cast::<PyArray2<f16>>() {
-            ArrayMut::borrow(name, a).map(Self::F16)
-        } else if let Ok(a) = obj.cast::<PyArray2<u16>>() {
-            ArrayMut::borrow(name, a).map(Self::BF16)
-        } else {
-            Err(wrong_dtype(name, arr, FLOAT_DTYPES))
-        }
-    }
-
-    pub(crate) fn shape(&self) -> (usize, usize) {
-        match self {
-            Self::F32(a) => (a.rows, a.cols),
-            Self::F16(a) => (a.rows, a.cols),
-            Self::BF16(a) => (a.rows, a.cols),
-        }
-    }
-
+impl FloatArrayMut<'_> {
     pub(crate) fn slice_mut(&mut self) -> PyResult<FloatSliceMut<'_>> {
         Ok(match self {
             Self::F32(a) => FloatSliceMut::F32(a.slice_mut()?),

@@ -1,33 +1,21 @@
 //! The Python binding `vblora_rs._native`, and nothing else: it borrows numpy arrays as
-//! validated C-contiguous slices, releases the GIL around the kernel, and turns every
-//! `KernelError` into `VBLoRAError` (a `ValueError`). No kernel logic lives here.
+//! validated C-contiguous slices, releases the GIL around the kernel, and turns the crate's
+//! errors into Python's (`error.rs`: `VBLoRAError`, a `ValueError`, for bad values; `OSError`
+//! for I/O failures). No kernel logic lives here.
 
 mod arrays;
+mod error;
 mod packed;
 mod stream;
 
 use numpy::{PyArray, PyArray2, PyArrayMethods};
-use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::error::KernelError;
 use crate::matrix::{MatMut, MatRef};
-use arrays::{error, Array, FloatArray, FloatArrayMut, FloatSlice, FloatSliceMut};
-
-create_exception!(
-    vblora_rs._native,
-    VBLoRAError,
-    PyValueError,
-    "Bad input to a vblora_rs kernel; the message names the argument and, for data errors, the row."
-);
-
-impl From<KernelError> for PyErr {
-    fn from(e: KernelError) -> Self {
-        VBLoRAError::new_err(e.to_string())
-    }
-}
+use arrays::{Array, FloatArray, FloatArrayMut, FloatSlice, FloatSliceMut};
+use error::{error, VBLoRAError};
 
 /// Runs `$body` with `$s` bound to the typed slice inside a [`FloatSlice`] or [`FloatSliceMut`].
 macro_rules! dispatch {
@@ -280,10 +268,15 @@ fn simd_levels() -> Vec<&'static str> {
     crate::simd::simd_levels()
 }
 
+#[pyfunction]
+fn topk_prefetch() -> (&'static str, &'static str) {
+    crate::topk::topk_prefetch()
+}
+
 /// Runs the kernels on the team of the OpenMP runtime at `path`, already loaded (torch's).
 #[pyfunction]
 fn use_openmp(path: &str) -> PyResult<()> {
-    crate::threads::use_openmp(path).map_err(|e| error(e.to_string()))
+    Ok(crate::threads::use_openmp(path)?)
 }
 
 #[pyfunction]
@@ -303,6 +296,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(low_rank_product, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_prefetch, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(thread_backend, m)?)?;
     packed::register(m)?;

@@ -1,26 +1,23 @@
 //! Python functions of the packed adapter format: `encode_packed`, `decode_packed`, `unpack_packed`
 //! and `packed_modules_outside`.
-//! They only convert arguments, release the GIL around `crate::packed`, and prefix errors with
-//! the file path.
+//! They only convert arguments and release the GIL around `crate::packed`; errors carry the file
+//! path ([`InFile`]).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use half::bf16;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use super::arrays::{error, Array, FloatArray, FloatSlice};
+use super::arrays::{Array, FloatArray, FloatSlice};
+use super::error::{error, InFile};
 use super::to_numpy;
 use crate::packed::{self, Extra, FloatData, Module, Packed, PackedError};
 
 /// A `(name, safetensors dtype, shape, raw bytes)` extra tensor as Python passes it.
 type PyExtra<'py> = (String, String, Vec<usize>, Bound<'py, PyBytes>);
-
-fn file_error(path: &Path, e: &PackedError) -> PyErr {
-    error(format!("{}: {e}", path.display()))
-}
 
 fn borrowed<'a>(slice: &FloatSlice<'a>) -> FloatData<'a> {
     match *slice {
@@ -115,8 +112,9 @@ fn encode_packed<'py>(
         bank: borrowed(&bank.slice()?),
         extras,
     };
-    py.detach(|| packed::encode_to_file(&packed, &path))
-        .map_err(|e| file_error(&path, &e))
+    Ok(py
+        .detach(|| packed::encode_to_file(&packed, &path))
+        .map_err(|e| InFile(path, e))?)
 }
 
 /// A decoded float tensor as a 2-D numpy array (bfloat16 as uint16 bits) and its dtype name.
@@ -143,7 +141,7 @@ fn decode_packed<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bou
     let path: PathBuf = extract("path", "a str or os.PathLike", path)?;
     let p = py
         .detach(|| packed::decode_file(&path))
-        .map_err(|e| file_error(&path, &e))?;
+        .map_err(|e| InFile(path, e))?;
     let bits = p.index_bits();
     let s = p.indices.len() / p.topk;
     let out = PyDict::new(py);
@@ -195,11 +193,10 @@ fn unpack_packed<'py>(
     let p = py.detach(|| {
         let p = packed::decode_file(&src)?;
         let bytes = packed::peft_checkpoint(&p, packed::MAX_HEADER_BYTES)?;
-        std::fs::write(&dst, bytes)
-            .map_err(|e| PackedError::Io(format!("{}: {e}", dst.display())))?;
+        std::fs::write(&dst, bytes).map_err(|e| PackedError::io(&dst, "writing", e))?;
         Ok::<_, PackedError>(p)
     });
-    let p = p.map_err(|e| file_error(&src, &e))?;
+    let p = p.map_err(|e| InFile(src, e))?;
     let mut ranks: Vec<(&str, usize)> = Vec::new();
     for m in &p.modules {
         if !ranks.iter().any(|(_, r)| *r == m.r) {
@@ -227,19 +224,27 @@ fn packed_modules_outside(
 ) -> PyResult<(usize, usize, Option<String>)> {
     let path: PathBuf = extract("path", "a str or os.PathLike", path)?;
     let known: Vec<String> = extract("known", "a list of str", known)?;
-    py.detach(|| {
-        let bytes = std::fs::read(&path).map_err(|e| PackedError::Io(e.to_string()))?;
+    let found = py.detach(|| {
+        let bytes = std::fs::read(&path).map_err(|e| PackedError::io(&path, "reading", e))?;
         let modules = packed::module_table(&bytes)?;
         let known: HashSet<&str> = known.iter().map(String::as_str).collect();
         let mut outside = modules.iter().filter(|m| !known.contains(m.path.as_str()));
         let first = outside.next().map(|m| m.path.clone());
         let count = outside.count() + usize::from(first.is_some());
         Ok((modules.len(), count, first))
-    })
-    .map_err(|e| file_error(&path, &e))
+    });
+    Ok(found.map_err(|e| InFile(path, e))?)
+}
+
+/// Bits per stored index in a packed file for a bank of `num_vectors` vectors: the encoder's own rule
+/// (`packed::index_bits`), so Python never spells it again.
+#[pyfunction]
+fn index_bits(num_vectors: u64) -> u32 {
+    packed::index_bits(num_vectors)
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(index_bits, m)?)?;
     m.add_function(wrap_pyfunction!(encode_packed, m)?)?;
     m.add_function(wrap_pyfunction!(decode_packed, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_packed, m)?)?;

@@ -1,5 +1,6 @@
 //! Python functions of the streaming merge (`crate::stream`), registered by `register`: they
-//! borrow arguments, release the GIL around the work and turn `StreamError` into `VBLoRAError`.
+//! borrow arguments, release the GIL around the work and return `StreamError` with `?`
+//! (`error.rs` maps it: `OSError` for I/O failures, `VBLoRAError` for the rest).
 //! `merge_safetensors` re-acquires the GIL briefly after every chunk to check for signals and
 //! call the progress callback, so Ctrl-C interrupts a long merge with `KeyboardInterrupt`.
 
@@ -10,23 +11,18 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use safetensors::tensor::Dtype;
 
-use super::arrays::{error, Array};
+use super::arrays::Array;
+use super::error::error;
 use super::{count, to_numpy};
 use crate::matrix::MatRef;
 use crate::stream::{self, AdapterConfig, Options, StreamError, Update, Want};
-
-fn stream_error(e: &StreamError) -> PyErr {
-    error(e.to_string())
-}
 
 /// `(tensors, metadata, data_bytes)`: tensors as `{name: (dtype, shape)}` in data order.
 type HeaderInfo<'py> = (Bound<'py, PyDict>, Option<HashMap<String, String>>, u64);
 
 #[pyfunction]
 fn safetensors_header(py: Python<'_>, path: PathBuf) -> PyResult<HeaderInfo<'_>> {
-    let header = py
-        .detach(move || stream::read_header(&path))
-        .map_err(|e| stream_error(&e))?;
+    let header = py.detach(move || stream::read_header(&path))?;
     let tensors = PyDict::new(py);
     for (name, info) in header.tensors() {
         let shape = PyTuple::new(py, &info.shape)?;
@@ -84,9 +80,8 @@ fn adapter_shapes<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = adapter_config(topk, num_vectors, vector_length)?;
     let threads = count("num_threads", num_threads, 0)?;
-    let modules = py
-        .detach(move || stream::adapter_modules(&path, &config, Want::Shapes, threads))
-        .map_err(|e| stream_error(&e))?;
+    let modules =
+        py.detach(move || stream::adapter_modules(&path, &config, Want::Shapes, threads))?;
     shapes_dict(py, &modules)
 }
 
@@ -104,17 +99,15 @@ fn adapter_factors<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = adapter_config(topk, num_vectors, vector_length)?;
     let threads = count("num_threads", num_threads, 0)?;
-    let built = py
-        .detach(move || {
-            let names = match modules {
-                Some(names) => names,
-                None => stream::adapter_modules(&path, &config, Want::Shapes, threads)?
-                    .into_keys()
-                    .collect(),
-            };
-            stream::adapter_modules(&path, &config, Want::Factors(&names), threads)
-        })
-        .map_err(|e| stream_error(&e))?;
+    let built = py.detach(move || {
+        let names = match modules {
+            Some(names) => names,
+            None => stream::adapter_modules(&path, &config, Want::Shapes, threads)?
+                .into_keys()
+                .collect(),
+        };
+        stream::adapter_modules(&path, &config, Want::Factors(&names), threads)
+    })?;
     factors_dict(py, built)
 }
 
@@ -126,9 +119,8 @@ fn packed_adapter_shapes<'py>(
     num_threads: i64,
 ) -> PyResult<(String, Bound<'py, PyDict>)> {
     let threads = count("num_threads", num_threads, 0)?;
-    let (config, modules) = py
-        .detach(move || stream::packed_modules(&path, Want::Shapes, threads))
-        .map_err(|e| stream_error(&e))?;
+    let (config, modules) =
+        py.detach(move || stream::packed_modules(&path, Want::Shapes, threads))?;
     Ok((config, shapes_dict(py, &modules)?))
 }
 
@@ -142,18 +134,16 @@ fn packed_adapter_factors<'py>(
     modules: Option<Vec<String>>,
 ) -> PyResult<(String, Bound<'py, PyDict>)> {
     let threads = count("num_threads", num_threads, 0)?;
-    let (config, built) = py
-        .detach(move || {
-            let names = match modules {
-                Some(names) => names,
-                None => stream::packed_modules(&path, Want::Shapes, threads)?
-                    .1
-                    .into_keys()
-                    .collect(),
-            };
-            stream::packed_modules(&path, Want::Factors(&names), threads)
-        })
-        .map_err(|e| stream_error(&e))?;
+    let (config, built) = py.detach(move || {
+        let names = match modules {
+            Some(names) => names,
+            None => stream::packed_modules(&path, Want::Shapes, threads)?
+                .1
+                .into_keys()
+                .collect(),
+        };
+        stream::packed_modules(&path, Want::Factors(&names), threads)
+    })?;
     Ok((config, factors_dict(py, built)?))
 }
 
@@ -263,7 +253,7 @@ fn merge_safetensors(
     match (result, stopped) {
         (Ok(()), _) => Ok(()),
         (Err(_), Some(e)) => Err(e),
-        (Err(e), None) => Err(stream_error(&e)),
+        (Err(e), None) => Err(e.into()),
     }
 }
 

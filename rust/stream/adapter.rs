@@ -23,6 +23,7 @@ use safetensors::SafeTensors;
 
 use super::error::StreamError;
 use crate::matrix::MatRef;
+use crate::packed::PackedError;
 use crate::stored_topk;
 
 pub const BANK_KEY: &str = "base_model.vblora_vector_bank";
@@ -142,8 +143,10 @@ pub fn packed_modules(
     want: Want<'_>,
     num_threads: usize,
 ) -> Result<(String, BTreeMap<String, Module>), StreamError> {
-    let packed = crate::packed::decode_file(path)
-        .map_err(|e| StreamError::invalid(path, format!("not a readable packed adapter: {e}")))?;
+    let packed = crate::packed::decode_file(path).map_err(|e| match e {
+        PackedError::Io { path, what, source } => StreamError::io(&path, what, source),
+        e => StreamError::invalid(path, format!("not a readable packed adapter: {e}")),
+    })?;
     let config = AdapterConfig {
         topk: packed.topk,
         num_vectors: packed.num_vectors,

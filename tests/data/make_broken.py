@@ -3,7 +3,7 @@
     python tests/data/make_broken.py [OUT_DIR]      # default: tests/data/broken next to this script
 
 Everything is built here in plain Python (struct + json), independently of vblora_rs, for a tiny adapter that fits
-``conftest.make_mlp()`` with ``target_modules=["lin0", "lin1"]`` (lin0 16->32, lin1 32->24), r=2, num_vectors=30,
+``support.models.make_mlp()`` with ``target_modules=["lin0", "lin1"]`` (lin0 16->32, lin1 32->24), r=2, num_vectors=30,
 vector_length=8, topk=2:
 
 * ``peft_valid/`` and ``packed_valid.safetensors``: the same adapter as a PEFT top-K folder and as a packed file (the

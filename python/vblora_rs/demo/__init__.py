@@ -8,7 +8,8 @@ torch-free ``vblora merge`` checked against the adapter model, and the LoRA expo
 
 Modules: :mod:`.instruct` (the SmolLM2 run), :mod:`.tiny` (the toy run), :mod:`.data` (the instruction set),
 :mod:`.smollm2` (finding and loading the model), :mod:`.showcase` (the checks after training),
-:mod:`.adapter_calls` (every model-level call, in one place).
+:mod:`.adapter_calls` (every model-level call, in one place), :mod:`.mini_models` (the small models built from
+configs, shared with the tests and benchmarks).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _progress as progress
 from ..errors import VBLoRAError
-from . import DEFAULT_STEPS, adapter_calls, showcase, smollm2
+from . import DEFAULT_STEPS, adapter_calls, mini_models, showcase, smollm2
 
 RANK = 4
 SEQ_LEN = 64
@@ -51,25 +51,6 @@ def byte_batches(text: str, batch: int, generator: torch.Generator) -> torch.Ten
     data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     starts = torch.randint(0, len(data) - SEQ_LEN - 1, (batch,), generator=generator)
     return torch.stack([data[s : s + SEQ_LEN + 1] for s in starts.tolist()])
-
-
-def build_model(seed: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=256,
-        n_positions=128,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,7 +91,7 @@ def run(steps: int = DEFAULT_STEPS["tiny"], out: Optional[str] = None, seed: int
     start = time.perf_counter()
     smollm2.check_requirements(real_model=False)
     adapt_text = builtin_text()
-    model = build_model(seed)
+    model = mini_models.build("gpt2-bytes", seed)  # a byte-level GPT-2, no dropout
     print("1. a small GPT-2 built from a config, base training on standard-library docstrings")
     train(model, base_text(), 2 * steps, 3e-3, seed, "base")
     before = held_out_loss(model, adapt_text, seed)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from .. import _native
+
 CONFIG_NAME = "adapter_config.json"
 # The adapter's weights file: PEFT's, or our packed single file.
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,8 +36,8 @@ def indices_dtype_name(num_vectors: int) -> str:
 
 
 def index_bits(num_vectors: int) -> int:
-    """Bits per index in a packed file: ``max(1, ceil(log2(num_vectors)))`` (the Rust encoder's rule)."""
-    return max(1, (num_vectors - 1).bit_length())
+    """Bits per index in a packed file: ``max(1, ceil(log2(num_vectors)))``, the Rust encoder's own rule."""
+    return int(_native.index_bits(num_vectors))
 
 
 def module_order(name: str) -> tuple[tuple[int, int | str], ...]:

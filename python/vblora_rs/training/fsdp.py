@@ -64,9 +64,22 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
 
 
 def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None, **fsdp_kwargs: Any) -> nn.Module:
-    """``fully_shard`` each decoder layer (or each of ``layers``), then ``model`` itself (the root, which owns the
-    banks), then :func:`check_sharding`. ``fsdp_kwargs`` go to every ``fully_shard`` call (``mesh``,
-    ``reshard_after_forward``, ``mp_policy``, ...). Returns ``model`` (now an ``FSDPModule``)."""
+    """Shard a PEFT model with VB-LoRA adapters with FSDP2, the banks kept shared.
+
+    ``fully_shard`` each decoder layer (or each of ``layers``), then ``model`` itself (the root, which owns the
+    banks), then :func:`check_sharding`.
+
+    Args:
+        model: the PeftModel (every rank builds the same).
+        layers: the modules to shard one by one (default: the decoder layers, :func:`decoder_layers`).
+        **fsdp_kwargs: passed to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``, ``mp_policy``...).
+
+    Returns:
+        ``model``, now an ``FSDPModule``.
+
+    Raises:
+        VBLoRAError: naming the module and rank (a bitsandbytes layer, no layers to shard, a bank sharded apart).
+    """
     from torch.distributed.fsdp import fully_shard
 
     blocks = list(layers) if layers is not None else decoder_layers(model)
@@ -136,10 +149,19 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
-    """PEFT's ``save_pretrained`` for a model sharded with FSDP2: the full tensors are gathered to rank 0's CPU and
-    written there only (PEFT's files, PEFT's keys; ``save_only_topk_weights`` adapters in top-K form). Collective:
-    call it on every rank. Other keywords go to PEFT's ``save_pretrained``; every rank raises if rank 0's write
-    failed. Without a process group it is PEFT's ``save_pretrained``."""
+    """PEFT's ``save_pretrained`` for a model sharded with FSDP2. Collective: call it on every rank.
+
+    The full tensors are gathered to rank 0's CPU and written there only (PEFT's files, PEFT's keys;
+    ``save_only_topk_weights`` adapters in top-K form). Without a process group it is PEFT's ``save_pretrained``.
+
+    Args:
+        model: the sharded PeftModel.
+        save_directory: the folder PEFT writes.
+        **kwargs: other keywords of PEFT's ``save_pretrained`` (not ``state_dict`` or ``is_main_process``).
+
+    Raises:
+        VBLoRAError: on every rank when rank 0's write failed, naming the cause.
+    """
     for reserved in ("state_dict", "is_main_process"):
         if reserved in kwargs:
             raise VBLoRAError(f"save_pretrained: {reserved!r} is set by vblora_rs.training.fsdp.save_pretrained")
