@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.tuners.vblora import model as peft_model
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -111,7 +111,9 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         so a file the model side refuses for its targets is refused by the command line as well."""
         status = targets.module_status(vars(peft_config), key)
         if status == targets.EXCLUDED:
-            return _ExcludedModule()  # PEFT counts excluded modules apart in its "no module matched" message
+            # PEFT's own sentinel, from its public rule (the two agree: tests/test_edges_cli.py): PEFT counts
+            # excluded modules apart in its "no module matched" message
+            return check_target_module_exists(peft_config, key)
         return status == targets.TARGETED
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str, draw: bool = True) -> None:
