@@ -144,12 +144,10 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     def _create_and_replace_module(
         self, vblora_config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
     ) -> None:
-        # An adapter created to load a checkpoint for inference gets no dense logits (meta) and an undrawn bank: a
-        # top-K checkpoint fills it in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds
-        # of MB for a 7B model); a dense one gets memory only after the load hook checked its shapes against the
-        # model (a file that does not fit is refused before gigabytes are filled), and the hook refuses a checkpoint
-        # without a bank.
-        init_logits = not vblora_config.inference_mode
+        # An adapter created to load a top-K checkpoint for inference gets no dense logits and an undrawn bank: the
+        # checkpoint fills it in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB
+        # for a 7B model), and the load hook refuses a checkpoint without a bank.
+        init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
         budget = self.__dict__.get("_memory_budget") or MemoryBudget(f"config of adapter {adapter_name!r}")
         if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
             budget.take("the vector bank", (vblora_config.num_vectors, vblora_config.vector_length))
