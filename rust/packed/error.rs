@@ -35,15 +35,6 @@ impl PackedError {
         }
     }
 
-    /// A safetensors write error: its I/O cause as [`PackedError::Io`], anything else as
-    /// [`PackedError::Serialize`].
-    pub(crate) fn write(path: &Path, e: safetensors::SafeTensorError) -> Self {
-        match e {
-            safetensors::SafeTensorError::IoError(source) => Self::io(path, "writing", source),
-            other => Self::Serialize(other.to_string()),
-        }
-    }
-
     pub(crate) fn metadata(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Metadata {
             field: field.into(),

@@ -308,24 +308,59 @@ fn tensor_list<'p>(
     Ok(tensors)
 }
 
-/// The packed file's bytes.
+/// The packed file's bytes: the same input gives the same bytes.
 pub fn encode(p: &Packed<'_>) -> Result<Vec<u8>, PackedError> {
     let (metadata, tensors) = prepare(p)?;
-    safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(metadata))
-        .map_err(|e| PackedError::Serialize(e.to_string()))
+    let mut bytes = safetensors::serialize(tensors.iter().map(|(n, r)| (n, r)), Some(metadata))
+        .map_err(|e| PackedError::Serialize(e.to_string()))?;
+    canonical_header(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Rewrites the JSON header with its keys sorted, in place. The crate writes `__metadata__` from a
+/// `HashMap`, whose order changes from run to run; the same keys and values sorted take exactly
+/// as many bytes, so the header's length, padding and the data offsets stay as they are.
+fn canonical_header(bytes: &mut [u8]) -> Result<(), PackedError> {
+    let bad = |what: &str| PackedError::Serialize(format!("the encoder wrote {what}"));
+    let size: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("no header"))?;
+    let n = usize::try_from(u64::from_le_bytes(size)).map_err(|_| bad("a huge header"))?;
+    let header = bytes
+        .get_mut(8..8 + n)
+        .ok_or_else(|| bad("a short header"))?;
+    // serde_json's `Value` keeps object keys in a BTreeMap (no `preserve_order` feature): sorted.
+    let value: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| bad(&format!("a header that is not JSON: {e}")))?;
+    let text = serde_json::to_vec(&value).map_err(|e| bad(&e.to_string()))?;
+    if text.len() > n {
+        return Err(bad("a header that grew when sorted"));
+    }
+    header[..text.len()].copy_from_slice(&text);
+    header[text.len()..].fill(b' ');
+    Ok(())
 }
 
 /// Writes the packed file atomically (a sibling temporary file renamed over `path`); returns its
 /// size in bytes.
 pub fn encode_to_file(p: &Packed<'_>, path: &Path) -> Result<u64, PackedError> {
-    let (metadata, tensors) = prepare(p)?;
-    // The crate makes its temporary file in `path.parent()`, which is "" for a bare file name.
+    let bytes = encode(p)?;
     let path = std::path::absolute(path).map_err(|e| PackedError::io(path, "resolving", e))?;
-    safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (n, r)), Some(metadata), &path)
-        .map_err(|e| PackedError::write(&path, e))?;
-    std::fs::metadata(&path)
-        .map(|m| m.len())
-        .map_err(|e| PackedError::io(&path, "reading the size of", e))
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    // a short name of its own: the target's name may already be as long as the filesystem allows
+    let tmp = parent.join(format!(".vblora-packed.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PackedError::io(&path, "writing", e));
+    }
+    Ok(bytes.len() as u64)
 }
 
 // --- decoding ---------------------------------------------------------------------------------

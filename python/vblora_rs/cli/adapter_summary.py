@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import VBLoRAError
 from ..storage.header_size import json_string_bytes
 from ..storage.locate import PACKED, locate
-from ..storage.names import BANK_KEY, index_bits, indices_dtype_name
+from ..storage.names import BANK_KEY, index_bits, indices_dtype_name, module_order
 
 if TYPE_CHECKING:
     from ..convert.adapter_tensors import AdapterFile
@@ -128,7 +128,7 @@ def packed_bank_usage(arrays: PackedArrays) -> BankUsage:
 
 def from_packed(arrays: PackedArrays) -> Summary:
     config, k = arrays.config, arrays.config.topk
-    order = sorted(range(len(arrays.modules)), key=[m[0] for m in arrays.modules].__getitem__)
+    order = sorted(range(len(arrays.modules)), key=lambda i: module_order(arrays.modules[i][0]))
     names = [arrays.modules[i][0] for i in order]
     dims = arrays.dims[np.array(order, dtype=np.int64)] if order else arrays.dims
     r, in_sub, out_sub = dims[:, 0], dims[:, 1], dims[:, 2]
@@ -201,7 +201,7 @@ def from_adapter_file(adapter: AdapterFile) -> Summary:
         idx, weights = adapter.topk(first)[:2]
         value_dtype = st_dtype(weights.dtype, first)
         index_dtype = st_dtype(idx.dtype, "top-K indices")  # the file's own
-    modules = list(adapter.modules.values())
+    modules = sorted(adapter.modules.values(), key=lambda m: module_order(m.name))
     extras = [(k, st_dtype(v.dtype, k), tuple(v.shape)) for k, v in adapter.extras.items()]
     return Summary(
         weights_path=adapter.weights_path,

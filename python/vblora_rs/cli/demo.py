@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"VB-LoRA training steps (default {DEFAULT_STEPS['smollm2']}; {DEFAULT_STEPS['tiny']} with --tiny)",
     )
-    parser.add_argument("--out", default=None, help="folder for the outputs (default: a temporary folder)")
+    parser.add_argument(
+        "-o", "--output", "--out", dest="out", default=None, help="folder for the outputs (default: a temporary folder)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--tiny", action="store_true", help="a small GPT-2 built from a config (no download)")
     parser.set_defaults(run=run)

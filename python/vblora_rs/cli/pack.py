@@ -72,15 +72,14 @@ def run_pack(args: argparse.Namespace) -> int:
     from ..convert.packed import topk_tensors_from_full, write_packed
     from ..convert.safetensors_file import read_safetensors
     from ..storage.adapter_config import AdapterConfig
-    from ..storage.names import CONFIG_NAME, PACKED_WEIGHTS_NAME, WEIGHTS_NAME
+    from ..storage.locate import PEFT, locate
+    from ..storage.names import PACKED_WEIGHTS_NAME
 
-    src = os.fspath(args.adapter)
-    if not os.path.isdir(src):
-        raise VBLoRAError(f"{src}: not a folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    config = AdapterConfig.from_pretrained(src)
-    weights_file = os.path.join(src, WEIGHTS_NAME)
-    if not os.path.isfile(weights_file):
-        raise VBLoRAError(f"{src}: no {WEIGHTS_NAME} found")
+    found = locate(args.adapter)  # THE locator: the same messages as the other commands
+    if found.kind != PEFT:
+        raise VBLoRAError(f"{found.weights_path}: already a packed adapter (`vblora unpack` makes a PEFT folder of it)")
+    config = AdapterConfig.from_pretrained(found.folder)
+    weights_file = found.weights_path
     tensors = read_safetensors(weights_file)
     full = any(k.endswith((".vblora_logits_A", ".vblora_logits_B")) for k in tensors)
     print(f"read   {weights_file}: {_size(weights_file)} ({'full logits' if full else 'top-K'})")

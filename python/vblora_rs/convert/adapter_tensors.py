@@ -18,6 +18,7 @@ import torch
 
 from .. import ops
 from ..errors import VBLoRAError
+from ..storage import finite
 from ..storage.adapter_config import AdapterConfig, read_config
 from ..storage.locate import locate
 from ..storage.names import BANK_KEY, CONFIG_NAME, TOPK_INDICES, TOPK_WEIGHTS
@@ -215,10 +216,9 @@ def _check_full(
                 f"{path}: tensor {key} has shape {tuple(logits.shape)}, expected 3 dims ending in "
                 f"num_vectors={config.num_vectors}"
             )
-        if torch.isnan(logits).any():
-            raise VBLoRAError(f"{path}: tensor {key} holds NaN logits")
-        if logits.numel() and not (logits.amax(-1) > float("-inf")).all():
-            raise VBLoRAError(f"{path}: tensor {key} has a sub-vector whose logits are all -inf")
+        problem = finite.logits_problem(topk.as_numpy(logits))  # THE rule: no NaN or +inf, no all -inf row
+        if problem:
+            raise VBLoRAError(f"{path}: tensor {key}: {problem}")
     return _entry(config, tensors, path, module, keys, "")
 
 

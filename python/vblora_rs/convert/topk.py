@@ -157,7 +157,8 @@ def value_problem(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int
         return problem
     idx, w = as_numpy(indices), as_numpy(weights)
     k = idx.shape[-1] if idx.ndim else 0
-    idx, w = idx.reshape(-1, k), w.reshape(-1, max(k - 1, 0))
+    idx = idx.reshape(-1, k) if k else idx.reshape(0, 1)
+    w = w.reshape(idx.shape[0], max(k - 1, 0))  # rows from the indices: with k=1 the weights hold no values
     # in blocks: the rule's int64/float32 copies of a whole table would add to the peak memory of a load
     for start in range(0, idx.shape[0], CHECK_ROWS):
         found = first_bad_row(idx[start : start + CHECK_ROWS], w[start : start + CHECK_ROWS], num_vectors)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import VBLoRAError
-from ..storage import finite
+from ..storage import finite, targets
 from ..storage.adapter_config import parse_config, read_config
 from ..storage.json_file import read_object
 from ..storage.locate import PACKED, locate
@@ -203,6 +203,58 @@ def read_adapter(path: str, weight: float, num_threads: int) -> Adapter:
     return Adapter(found.weights_path, config, weight, shapes, packed=False)
 
 
+def _check_rank(adapter: Adapter) -> None:
+    """The rank of every module's tensors is the config's ``r`` (the layers PEFT and the model side build from the
+    config would not take them)."""
+    r = adapter.config["r"]
+    for module, (rank, _, _) in adapter.shapes.items():
+        if rank != r:
+            raise VBLoRAError(
+                f"{adapter.path}: module {_stripped(module)} holds rank-{rank} tensors, the config says r={r}"
+            )
+
+
+def _check_targeted(adapter: Adapter) -> None:
+    """THE target rule (:mod:`vblora_rs.storage.targets`), as the model side applies it: every module in the file
+    is one the config targets. A config without named targets (``None``, ``"all-linear"``) targets the file's
+    modules."""
+    config = adapter.config
+    if not targets.targets_named(config):
+        return
+    for module in adapter.shapes:
+        name = _stripped(module)
+        if targets.module_status(config, name) != targets.TARGETED:
+            raise VBLoRAError(
+                f"{adapter.path}: module {name} is in the file but the config does not target it: "
+                f"{targets.untargeted_reason(config, name)} (PEFT would not merge it)"
+            )
+
+
+def _check_all_present(adapter: Adapter, names: _Names, mapped: dict[str, str]) -> None:
+    """When the file's module names are the base's own: every base module the config targets is in the file (the
+    model side refuses a file that lacks one). ``mapped``: base tensor -> the file's module merged into it."""
+    config = adapter.config
+    if not targets.targets_named(config):
+        return
+    if not all(f"{_stripped(module)}.weight" in names.names for module in adapter.shapes):
+        return  # the base names modules with another prefix: the rule cannot be applied to its names
+    for tensor in sorted(names.names):
+        module = tensor[: -len(".weight")]
+        if (
+            tensor.endswith(".weight")
+            and tensor not in mapped
+            and targets.module_status(config, module) == targets.TARGETED
+        ):
+            raise VBLoRAError(
+                f"{adapter.path}: the config targets module {module} (base tensor {tensor}) but the file holds no "
+                "tensors for it"
+            )
+
+
+def _stripped(module: str) -> str:
+    return module[len(MODEL_PREFIX) :] if module.startswith(MODEL_PREFIX) else module
+
+
 def _check_mergeable(config_path: str, config: dict) -> None:
     if config["bias"] != "none":
         raise VBLoRAError(f"{config_path}: bias={config['bias']!r}: merging trained biases is not supported")
@@ -240,7 +292,7 @@ class _Names:
 
 
 def _target(module: str, names: _Names, adapter: Adapter) -> str:
-    stripped = module[len(MODEL_PREFIX) :] if module.startswith(MODEL_PREFIX) else module
+    stripped = _stripped(module)
     target = f"{stripped}.weight"
     found = names.match(target)
     if not found:
@@ -286,9 +338,7 @@ def stack(tensor: str, parts: list[tuple[Part, Factors]]) -> Factors:
             scaled_b = b if weight == 1.0 else b * np.float32(weight)
         problem = finite.overflow_problem(scaled_b)
         if problem:
-            raise VBLoRAError(
-                f"{part.adapter.path}: module {part.module}: B scaled by --weights {weight} {problem}"
-            )
+            raise VBLoRAError(f"{part.adapter.path}: module {part.module}: B scaled by --weights {weight} {problem}")
         if part.transposed:  # W is (in, out): W += A^T @ B^T
             us.append(a.T)
             vs.append(scaled_b.T)
@@ -370,6 +420,8 @@ def plan_merge(
     per_tensor: dict[str, list[Part]] = {}
     notes: list[str] = []
     for adapter in adapters:
+        _check_rank(adapter)
+        _check_targeted(adapter)
         seen: dict[str, str] = {}
         said = adapter.config["fan_in_fan_out"]
         for module in adapter.shapes:
@@ -385,6 +437,7 @@ def plan_merge(
                 )
             _check_tensor(base.where[target], target, part, out_dtype)
             per_tensor.setdefault(target, []).append(part)
+        _check_all_present(adapter, names, seen)
     updates: dict[str, dict[str, list[Part]]] = {}
     for target, parts in per_tensor.items():
         updates.setdefault(base.where[target].name, {})[target] = parts

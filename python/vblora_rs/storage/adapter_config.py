@@ -120,6 +120,11 @@ def check_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     _names(source, "target_modules", config.get("target_modules"), regex=True)
     _names(source, "exclude_modules", config.get("exclude_modules"), regex=True)
     _names(source, "modules_to_save", config.get("modules_to_save"), regex=False)
+    for name in config.get("modules_to_save") or []:
+        # PEFT places each name inside a regex of its own, matched against every module name (storage.targets)
+        problem = regex_problem(rf"(^|.*\.){name}($|\..*)")
+        if problem:
+            raise VBLoRAError(f"{source}: modules_to_save entry {name!r} makes a regex that {problem}")
     layers = config.get("layers_to_transform")
     if layers is not None and not _is_int(layers):
         if not isinstance(layers, list) or not all(_is_int(v) for v in layers):

@@ -69,6 +69,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+NAME_MAX = 255  # bytes in one path component on Linux filesystems; asked of the filesystem where it can tell
+# what a sibling's name adds to NAME: the dot, the mark, a PID (up to 7 digits), "-" and mkdtemp's 8 characters
+SIBLING_EXTRA = 1 + max(len(TEMP_MARK), len(OLD_MARK)) + 7 + 1 + 8
+
+
+def _name_max(parent: str) -> int:
+    try:
+        return int(os.pathconf(parent, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _sibling_stem(parent: str, name: str) -> str:
+    """``NAME`` as the hidden siblings spell it: cut (on a character boundary) so that a sibling's name fits the
+    filesystem's limit even when ``NAME`` itself is as long as allowed."""
+    room = _name_max(parent) - SIBLING_EXTRA
+    data = os.fsencode(name)
+    return name if len(data) <= room else os.fsdecode(data[:room])  # any bytes are a valid name part
+
+
+def check_name(target: str) -> None:
+    """Refuse a target whose name the filesystem cannot hold, naming it (not a hidden temporary)."""
+    parent, name = os.path.split(os.path.abspath(target))
+    limit = _name_max(parent if os.path.isdir(parent) else os.path.dirname(parent) or "/")
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise VBLoRAError(f"{target}: file name too long ({size} bytes; the filesystem allows {limit})")
+
+
+def remove_path(path: str) -> None:
+    """Remove whatever ``path`` is: a folder tree, a file, or a symlink (dangling or looping) itself."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def clean_stale(target: str) -> list[str]:
     """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``target`` whose process is gone; returns
     what was removed."""
@@ -78,25 +118,27 @@ def clean_stale(target: str) -> list[str]:
         entries = os.listdir(parent)
     except OSError:
         return removed
+    stem = _sibling_stem(parent, name)
     for entry in entries:
         for mark in (TEMP_MARK, OLD_MARK):
-            prefix = f".{name}{mark}"
+            prefix = f".{stem}{mark}"
             if not entry.startswith(prefix):
                 continue
             pid_text = entry[len(prefix) :].split("-", 1)[0]
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 path = os.path.join(parent, entry)
-                shutil.rmtree(path, ignore_errors=True)
+                remove_path(path)
                 removed.append(path)
     return removed
 
 
 def temp_folder(target: str) -> str:
     """A new empty folder next to ``target``, for building it."""
+    check_name(target)
     parent, name = os.path.split(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     clean_stale(target)
-    return tempfile.mkdtemp(prefix=f".{name}{TEMP_MARK}{os.getpid()}-", dir=parent)
+    return tempfile.mkdtemp(prefix=f".{_sibling_stem(parent, name)}{TEMP_MARK}{os.getpid()}-", dir=parent)
 
 
 def usual_mode(path: str, folder: bool = False) -> None:
@@ -149,11 +191,11 @@ def _install(tmp: str, target: str, replace: bool) -> Installed:
     if not os.path.lexists(target):
         return _install(tmp, target, replace=False)
     if rename2(tmp, target, RENAME_EXCHANGE):
-        # tmp now holds the old target
-        shutil.rmtree(tmp, ignore_errors=True)
+        # tmp now holds the old target: a folder, or a file or symlink that --force replaced
+        remove_path(tmp)
         return Installed(True, True)
     parent, name = os.path.split(target)
-    old = tempfile.mkdtemp(prefix=f".{name}{OLD_MARK}{os.getpid()}-", dir=parent)
+    old = tempfile.mkdtemp(prefix=f".{_sibling_stem(parent, name)}{OLD_MARK}{os.getpid()}-", dir=parent)
     moved = os.path.join(old, "previous")
     os.rename(target, moved)
     try:

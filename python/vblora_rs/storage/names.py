@@ -6,6 +6,7 @@ read them from here.
 from __future__ import annotations
 
 import os
+import re
 
 from .. import _native
 
@@ -47,3 +48,9 @@ def indices_dtype_name(num_vectors: int) -> str:
 def index_bits(num_vectors: int) -> int:
     """Bits per index in a packed file: ``max(1, ceil(log2(num_vectors)))``, the Rust encoder's own rule."""
     return int(_native.index_bits(num_vectors))
+
+
+def module_order(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a module path in the order people read it: numbered parts by number (``layers.2`` before
+    ``layers.10``), the others by text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)

@@ -30,9 +30,10 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups for a ``torch.optim`` optimizer over the trainable parameters of ``model``:
 
+    - ``"vblora_logits"``: the logits, ``lr_logits``, no weight decay. First, so the rate transformers' ``Trainer``
+      logs as ``learning_rate`` (the first group's, after the schedule) is the logits' rate;
     - ``"vblora_vector_bank"``: the banks, ``lr_bank``, no weight decay. A bank is shared by every adapted layer
       and listed once (``named_parameters`` yields a shared tensor once; identity is checked again here);
-    - ``"vblora_logits"``: the logits, ``lr_logits``, no weight decay;
     - ``"other"``: anything else trainable, with ``weight_decay`` and ``lr_other`` (``None``: the optimizer's lr).
 
     Empty groups are left out; each group carries a ``"name"`` key (torch optimizers keep extra keys)."""
@@ -54,10 +55,11 @@ def param_groups(
         else:
             other.append(param)
     groups: list[dict[str, Any]] = []
-    if bank:
-        groups.append({"name": BANK_KEY, "params": bank, "lr": lr_bank, "weight_decay": 0.0})
+    # the logits first: transformers' Trainer logs the first group's rate as "learning_rate"
     if logits:
         groups.append({"name": LOGITS_KEY, "params": logits, "lr": lr_logits, "weight_decay": 0.0})
+    if bank:
+        groups.append({"name": BANK_KEY, "params": bank, "lr": lr_bank, "weight_decay": 0.0})
     if other:
         group: dict[str, Any] = {"name": "other", "params": other, "weight_decay": weight_decay}
         if lr_other is not None:

@@ -10,7 +10,8 @@ into the weight in one pass. Both give PEFT's results bit for bit.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -32,8 +33,13 @@ from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
 from .cache import CachedLoRA, evict, param_of, stamp
 
+# The cause first; PEFT's words (which PEFT's tests and users' code match on) after. Nothing is infinite.
 TOPK_TRAINING_ERROR = (
-    "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
+    "This VB-LoRA adapter holds only its top-K indices and weights (it was loaded from a `save_only_topk_weights` "
+    "file, or made by compact_()): its dense logits are gone, so it cannot be trained. For inference call "
+    "model.eval() or run under torch.no_grad(); to train on, load a checkpoint that keeps the full logits "
+    "(Trainer checkpoints do, see docs/checkpoints.md). PEFT says: Found infinity values in VB-LoRA logits. "
+    "Ensure training was not resumed from a `save_only_topk_weights` model."
 )
 # the VBLoRAConfig fields a layer reads, and their defaults when a layer is built without a config
 LAYER_FIELDS = {"topk": 2, "num_vectors": None, "vector_length": None, "vblora_dropout": 0.0, "init_logits_std": 0.01}
@@ -311,8 +317,6 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         self.vblora_logits_B[adapter_name] = nn.Parameter(logits_B, requires_grad=False)
 
 
-
-
 class Linear(peft_layer.Linear, VBLoRALayer):
     """VB-LoRA over a dense layer: ``nn.Linear`` or, with ``fan_in_fan_out=True``, transformers' ``Conv1D``.
 
@@ -363,8 +367,9 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         return (topk_weights.unsqueeze(-1) * vblora_vector_bank[indices]).sum(-2)
 
     def _check_trainable(self, adapter: str) -> None:
-        # Logits rebuilt from top-K weights are -inf outside the kept entries; training those is wrong.
-        if self.training and adapter in self.vblora_from_topk:
+        # Logits rebuilt from top-K weights are -inf outside the kept entries; training those is wrong. A
+        # training-mode forward without autograd (dropout on, nothing trained) is fine, where PEFT refuses it.
+        if self.training and adapter in self.vblora_from_topk and torch.is_grad_enabled():
             raise RuntimeError(TOPK_TRAINING_ERROR)
 
     def _lora_matrices_from_topk(self, adapter: str, cast_to_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,9 +441,13 @@ class Linear(peft_layer.Linear, VBLoRALayer):
 
     # --- merge ----------------------------------------------------------------------------------
 
-    def _merge_terms(self, adapters: list[str], scale: float) -> list[MergeTerm]:
+    def _merge_terms(self, adapters: list[str], scale: float, safe_merge: bool = False) -> list[MergeTerm]:
+        terms = []
         with torch.no_grad():
-            return [MergeTerm(*self._get_lora_matrices(a, cast_to_fp32=True), scale) for a in adapters]
+            for adapter in adapters:
+                with _broken_adapter_error(adapter, safe_merge):
+                    terms.append(MergeTerm(*self._get_lora_matrices(adapter, cast_to_fp32=True), scale))
+        return terms
 
     def _apply_delta(self, adapters: list[str], scale: float, safe_merge: bool = False) -> None:
         """``weight += scale * delta`` for every adapter in ``adapters``: one Rust pass over the weight when the
@@ -448,13 +457,14 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         if not native:
             new = weight.data.clone() if safe_merge else weight.data
             for adapter in adapters:
-                new += scale * self.get_delta_weight(adapter).detach()
+                with _broken_adapter_error(adapter, safe_merge):
+                    new += scale * self.get_delta_weight(adapter).detach()
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             if safe_merge:
                 weight.data = new
             return
-        terms = self._merge_terms(adapters, scale)
+        terms = self._merge_terms(adapters, scale, safe_merge)
         if not safe_merge:
             ops.merge_(weight.data, terms, self.fan_in_fan_out)
             return
@@ -604,3 +614,18 @@ class Linear(peft_layer.Linear, VBLoRALayer):
 
     def __repr__(self) -> str:
         return "vblora." + super().__repr__()
+
+
+@contextmanager
+def _broken_adapter_error(adapter: str, safe_merge: bool) -> Iterator[None]:
+    """Under ``safe_merge``, a non-finite adapter found while building its matrices (a NaN logits row, say) is
+    reported in PEFT's words and type first (``ValueError``: code and tests written for PEFT match on them), with
+    the tensor and row at fault after."""
+    try:
+        yield
+    except VBLoRAError as exc:
+        if not safe_merge:
+            raise
+        raise VBLoRAError(
+            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({exc})"
+        ) from exc

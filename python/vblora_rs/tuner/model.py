@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.tuners.vblora import model as peft_model
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -31,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from .._gc_pause import collector_paused
 from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
+from ..storage import targets
 from ..storage.adapter_config import SIZE_FIELDS, check_config, size_problem
 from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from . import sharding, shared_bank, weights_check
@@ -86,8 +88,10 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         takes any values (a 2^31 x 2^31 bank, a regex that never finishes), and an adapter name is a folder name
         when saving. Runs for every injection (PEFT's ``add_adapter``/``load_adapter`` skip the pre-injection
         hook)."""
-        if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or any(
-            sep in adapter_name for sep in ("/", "\\", os.sep)
+        if (
+            not isinstance(adapter_name, str)
+            or adapter_name in ("", ".", "..")
+            or any(sep in adapter_name for sep in ("/", "\\", os.sep))
         ):
             raise VBLoRAError(f"adapter name {adapter_name!r} must be a single folder name (it names the save folder)")
         source = f"config of adapter {adapter_name!r}"
@@ -100,6 +104,17 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         # PEFT keeps name lists as sets; as the JSON file would hold them (mixed types in a hostile file too)
         as_json = {k: list(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
         check_config(as_json, source)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: Any, key: str) -> Any:
+        """THE target rule (:mod:`vblora_rs.storage.targets`, PEFT's semantics) that ``vblora merge`` applies too,
+        so a file the model side refuses for its targets is refused by the command line as well."""
+        status = targets.module_status(vars(peft_config), key)
+        if status == targets.EXCLUDED:
+            # PEFT's own sentinel, from its public rule (the two agree: tests/test_edges_cli.py): PEFT counts
+            # excluded modules apart in its "no module matched" message
+            return check_target_module_exists(peft_config, key)
+        return status == targets.TARGETED
 
     def _init_vblora_vector_bank(self, config: Any, adapter_name: str, draw: bool = True) -> None:
         """Draw the bank of ``adapter_name`` (a new one each call, as PEFT's; injection calls it once per adapter).
@@ -370,7 +385,7 @@ class VBLoRAModel(peft_model.VBLoRAModel):
         sharding.refuse_sharded_state_dict(state_dict, adapter_name)
         to_return: dict[str, torch.Tensor] = {}
         logits = {k: v for k, v in state_dict.items() if "vblora_logits" in k}
-        if config.save_only_topk_weights:
+        if config.save_only_topk_weights and not (logits and _in_trainer_checkpoint()):
             encoded = topk_codec.encode_many(list(logits.values()), config.topk, config.num_vectors)
             for key, (idx, weights) in zip(logits, encoded):
                 to_return[f"{key}{TOPK_INDICES}"] = idx
@@ -410,6 +425,25 @@ class VBLoRAModel(peft_model.VBLoRAModel):
             for _, layer in layers:
                 layer.materialize_meta_logits(adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _in_trainer_checkpoint() -> bool:
+    """Whether this save is one of transformers' ``Trainer`` checkpoints (``Trainer._save_checkpoint`` up the
+    stack; TRL's trainers are Trainers). Those keep the dense logits even with ``save_only_topk_weights``: a
+    top-K file cannot be trained on (PEFT's "Found infinity values" trap), and a run must resume from its
+    checkpoints and reload its best one. The user's own saves (``save_pretrained``, ``trainer.save_model()``)
+    are top-K as configured."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        return False
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_save_checkpoint" and isinstance(
+            frame.f_locals.get("self"), trainer_module.Trainer
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _in_out_features(target: nn.Module) -> Optional[tuple[int, int]]:
@@ -469,11 +503,18 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _pass_adapter_names(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: Any, thread: int
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Optional[dict[str, Any]] = None,
+    *,
+    names: Any,
+    thread: int,
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     # Hooks live on shared modules: a call in another thread (with its own adapter_names, or none) runs this hook
-    # too, and must not get these names.
-    if threading.get_ident() != thread:
+    # too, and must not get these names. torch puts a hook in `_forward_pre_hooks` a moment before it marks it as
+    # taking keywords: another thread's forward in that moment calls it as `hook(module, args)` (no kwargs), and
+    # it is never this thread's (its forward starts after the registration).
+    if kwargs is None or threading.get_ident() != thread:
         return None
     kwargs["adapter_names"] = names
     return args, kwargs

@@ -108,7 +108,11 @@ def packed_file_of(path: Union[str, os.PathLike]) -> str:
     """The packed file of ``path`` (the file itself, or the one in the folder), by the one adapter locator."""
     located = locate(path)
     if located.kind != PACKED:
-        raise VBLoRAError(f"{os.fspath(path)}: holds PEFT's adapter files, not a packed adapter (use from_pretrained)")
+        raise VBLoRAError(
+            f"{os.fspath(path)}: holds PEFT's adapter files, not a packed adapter: load it with "
+            "PeftModel.from_pretrained(model, path) (and a packed folder with load_packed, never from_pretrained, "
+            "which takes it for a Hub repo id)"
+        )
     return located.weights_path
 
 

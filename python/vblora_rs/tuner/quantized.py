@@ -34,6 +34,14 @@ from .layer import Linear
 from .sharding import rank
 
 SUPPORTED = "bitsandbytes Linear4bit (NF4, FP4) and Linear8bitLt"
+# PEFT's LoRA warns in the same case; each merged layer is within one quantization step of the exact sum, but
+# rounding a whole layer again can change what the model generates. One text per kind, so Python shows it once.
+MERGE_WARNING = (
+    "Merge VB-LoRA module to {kind} linear may get different generations due to rounding errors (the whole "
+    "layer is quantized again). For a merged model that answers as the adapter does, merge into the "
+    "full-precision base: `vblora merge BASE ADAPTER -o OUT`, or merge_and_unload on the base loaded in float, "
+    "then quantize the result"
+)
 
 
 class QuantizedLinear(Linear):
@@ -74,6 +82,8 @@ class QuantizedLinear(Linear):
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if self.has_adapter(a)]
         if not adapters:
             return
+        kind = bnb_weights.kind_of(base)
+        warnings.warn(MERGE_WARNING.format(kind=kind.replace("bit", "-bit") if kind else "quantized"), stacklevel=2)
         earlier = [a for a in self.merged_adapters if self.has_adapter(a)]
         if self._pre_merge is not None and bnb_weights.is_installed(base, self._pre_merge[1]):
             original = self._pre_merge[0]

@@ -43,11 +43,15 @@ def table_from_layers(
     if parts:
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         indices = torch.from_numpy(np.concatenate([as_numpy(i).reshape(-1, topk).astype(np_dtype) for i, _ in parts]))
+        # rows counted from the indices: with topk=1 the weights hold no values and -1 cannot be inferred
+        counts = [i.numel() // topk for i, _ in parts]
         wdtype = parts[0][1].dtype
         if wdtype == torch.bfloat16:  # numpy has no bfloat16
-            weights = torch.cat([w.reshape(-1, topk - 1) for _, w in parts])
+            weights = torch.cat([w.reshape(n, topk - 1) for n, (_, w) in zip(counts, parts)])
         else:
-            weights = torch.from_numpy(np.concatenate([as_numpy(w).reshape(-1, topk - 1) for _, w in parts]))
+            weights = torch.from_numpy(
+                np.concatenate([as_numpy(w).reshape(n, topk - 1) for n, (_, w) in zip(counts, parts)])
+            )
     else:
         indices = torch.empty(0, topk, dtype=dtype)
         weights = torch.empty(0, topk - 1)

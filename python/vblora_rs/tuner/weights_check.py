@@ -15,7 +15,7 @@ import torch
 
 from ..convert import topk as topk_codec
 from ..errors import VBLoRAError
-from ..storage import finite
+from ..storage import finite, targets
 from ..storage.names import BANK_KEY, MODEL_PREFIX, TOPK_INDICES, TOPK_WEIGHTS
 from . import topk_table as compact
 
@@ -65,7 +65,7 @@ def take_topk_parts(
             parts.append((idx, w))
     stray = [k for k in state_dict if k.endswith((TOPK_INDICES, TOPK_WEIGHTS))]
     if stray:
-        raise VBLoRAError(f"{where}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
+        raise _stray(where, stray[0], config, adapter_name)
     for key, (idx, w) in zip(keys, parts):  # before the table narrows them to PEFT's dtype (which would wrap)
         if topk_codec.index_problem(idx, config.num_vectors):
             topk_codec.check_stored(where, key, idx, w, config.num_vectors, config.topk)
@@ -130,4 +130,18 @@ def check_dense_and_bank(
     known = {f"{MODEL_PREFIX}{name}.{key}" for name, _ in layers for key in LOGITS}
     stray = [k for k in state_dict if "vblora_logits" in k and k not in known]
     if stray:
-        raise VBLoRAError(f"{where}: tensor {stray[0]} matches no VB-LoRA module of adapter {adapter_name!r}")
+        raise _stray(where, stray[0], config, adapter_name)
+
+
+def _stray(where: str, key: str, config: Any, adapter_name: str) -> VBLoRAError:
+    """The error for a checkpoint tensor of no VB-LoRA layer: when THE target rule (storage.targets, which
+    ``vblora merge`` applies too) leaves its module out, say which config field does."""
+    module = key[len(MODEL_PREFIX) :] if key.startswith(MODEL_PREFIX) else key
+    module = module.split(".vblora_logits_")[0]
+    fields = vars(config)
+    if targets.targets_named(fields) and targets.module_status(fields, module) != targets.TARGETED:
+        return VBLoRAError(
+            f"{where}: tensor {key} matches no VB-LoRA module of adapter {adapter_name!r}: module {module} is in the "
+            f"file but the config does not target it: {targets.untargeted_reason(fields, module)}"
+        )
+    return VBLoRAError(f"{where}: tensor {key} matches no VB-LoRA module of adapter {adapter_name!r}")
