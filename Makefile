@@ -132,7 +132,7 @@ wheel-built:
 
 # The oldest versions pyproject allows of the direct dependencies, pinned, on the oldest Python (the newest are
 # what py-test-matrix resolves). Raise a pin here and the floor in pyproject together. Older ones fail the suite:
-# torch 2.6 and 2.8 (FSDP2 on CPU, dynamo), transformers 5.0 and 5.2 (Trainer arguments and eval loss); the
+# torch 2.6 and 2.8 (FSDP2 training and a sharded NF4 base), transformers 5.0 and 5.2 (Trainer arguments, eval loss); the
 # versions between those and these were not tried.
 OLDEST_PYTHON := 3.10
 OLDEST_PINS := torch==2.12.0 transformers==5.20.2 peft==0.21.0 numpy==1.24.0 safetensors==0.8.0 tqdm==4.60.0

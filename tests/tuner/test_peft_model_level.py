@@ -156,6 +156,26 @@ def test_remove_from_peft_refuses_while_a_compact_adapter_is_alive(tmp_path: Pat
     assert any(k.endswith("_topk_indices") for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
 
 
+def test_a_dropped_compact_model_awaiting_the_cycle_collector_does_not_block_remove_from_peft(tmp_path: Path) -> None:
+    import gc
+
+    import vblora_rs
+
+    vblora_rs.apply_to_peft()
+    get_peft_model(make_mlp(), cfg(target_modules=["lin0"], save_only_topk_weights=True)).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_mlp(), tmp_path)
+    assert loaded.base_model.model.lin0.is_compact("default")
+    loaded.cycle = [loaded]  # unreachable once dropped, but only the cycle collector frees it
+    del loaded
+    gc.disable()  # no automatic collection between here and the switch
+    try:
+        vblora_rs.remove_from_peft()
+        assert not vblora_rs.is_applied()
+    finally:
+        gc.enable()
+        vblora_rs.apply_to_peft()
+
+
 @pytest.mark.parametrize("field, value", [("init_logits_std", None), ("target_modules", [1, "lin0"])])
 def test_hostile_config_values_are_named_errors(field: str, value: object) -> None:
     # PEFT's config takes any value; the tuner refuses them before anything is allocated, naming the field

@@ -13,6 +13,7 @@ changes what is VB-LoRA's own:
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import threading
@@ -60,7 +61,10 @@ _LIVE_TUNERS: weakref.WeakSet[VBLoRAModel] = weakref.WeakSet()
 
 
 def compact_adapters_alive() -> list[str]:
-    """``"<adapter> (<tuner id>)"`` for every compact adapter held by a live tuner of ours."""
+    """``"<adapter> (<tuner id>)"`` for every compact adapter held by a live tuner of ours. A model dropped inside
+    a reference cycle (torch.compile's traces leave such cycles) stays in the weak set until the cycle collector
+    runs, so collect first: garbage is not alive."""
+    gc.collect()
     return [f"{name!r} (tuner {id(t):#x})" for t in list(_LIVE_TUNERS) for name in t.vblora_topk]
 
 
