@@ -4,8 +4,10 @@ path so that tests import their helpers as ``support.<module>`` (tests/support/:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,3 +31,14 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or min(2, os.cpu
 @pytest.fixture(params=sorted(MODEL_CASES))
 def model_case(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler for the test: a process started in the background has SIGINT ignored (and its
+    children inherit that), so a test that sends a Ctrl-C to itself or to a child would see nothing happen."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

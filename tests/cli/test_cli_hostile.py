@@ -359,6 +359,7 @@ def test_a_hugging_face_cache_snapshot_of_links_merges(tmp_path: Path) -> None:
     assert not any((tmp_path / "out" / n).is_symlink() for n in os.listdir(tmp_path / "out"))
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
     """SIGINT at moments spread over a merge (Python, Rust reading the adapter, numpy hand-off, writing): exit
     130 with one line, or 0 when it came too late; never a traceback or a Rust panic."""
@@ -391,6 +392,7 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     # building the parser imports every command (numpy with them); a SIGINT during a C extension's import comes
     # out of the import as that extension's ImportError, as numpy's "PyCapsule_Import could not import" did

@@ -425,6 +425,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     assert os.listdir(tmp_path / "out") == ["old.txt"] and not leftovers(tmp_path)
 
 
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("how", ["callback", "sigint"])
 def test_interrupt_leaves_nothing(tmp_path: Path, how: str) -> None:
     base = save_base("opt", tmp_path / "base", sharded=True)
