@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import vblora_rs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "python" / "vblora_rs"
-if not PACKAGE.is_dir():  # an installed package: check the one the tests import
-    import vblora_rs
-
-    PACKAGE = Path(vblora_rs.__file__).parent
+# the package the tests import: the tree's (PYTHONPATH=python) or the installed one (CI installs it)
+PACKAGE = Path(vblora_rs.__file__).resolve().parent
 
 # room -> level: a module may import its own room or a room of a lower level
 LEVELS = {
