@@ -232,3 +232,48 @@ def test_the_budget_reads_the_cgroup_limit(tmp_path, monkeypatch: pytest.MonkeyP
     assert memory_budget.available_bytes() == 200 * 2**20  # far below this machine's MemAvailable
     with pytest.raises(VBLoRAError, match="cgroup"):
         memory_budget.MemoryBudget("config of adapter 'x'").take("logits", (256, 2**20))
+
+
+# --- a checkpoint's shapes are checked against the file before dense logits get memory --------------------------
+
+
+def saved_dense_adapter(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64)).to(dtype)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    config = vblora_rs.VBLoRAConfig(target_modules=["0"], r=2, vector_length=16, num_vectors=32, init_logits_std=1.0)
+    model = vblora_rs.get_peft_model(base, config)
+    model.save_pretrained(path)
+    return model, state
+
+
+def test_a_config_larger_than_its_file_is_refused_from_the_file_before_logits_get_memory(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from vblora_rs.tuner import memory_budget
+
+    saved_dense_adapter(str(tmp_path))
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["num_vectors"] = 2**20  # bank 64 MiB, dense logits 2 x 32 MiB: the file holds 32 vectors
+    config_file.write_text(json.dumps(config))
+    # room for the (unwritten) bank but not for the dense logits: drawing them before reading the file was refused
+    # by the budget with no word of the file
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda: 100 * 2**20)
+    with pytest.raises(VBLoRAError, match=r"tensor base_model\.vblora_vector_bank has shape \(32, 16\)"):
+        vblora_rs.PeftModel.from_pretrained(nn.Sequential(nn.Linear(64, 64)), str(tmp_path))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_dense_logits_loaded_for_inference_take_the_dtype_autocast_gives(tmp_path, autocast: bool) -> None:  # type: ignore[no-untyped-def]
+    model, state = saved_dense_adapter(str(tmp_path), torch.bfloat16)
+    base = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+    base.load_state_dict(state)
+    loaded = vblora_rs.PeftModel.from_pretrained(base, str(tmp_path), autocast_adapter_dtype=autocast)
+    logits = loaded.base_model.model[0].vblora_logits_A["default"]
+    assert logits.device.type == "cpu"
+    assert logits.dtype == (torch.float32 if autocast else torch.bfloat16)
+    saved = model.base_model.model[0].vblora_logits_A["default"]
+    assert torch.equal(logits.float(), saved.detach().to(logits.dtype).float())

@@ -25,4 +25,3 @@ def first_bad_row(indices: np.ndarray, weights: np.ndarray, num_vectors: int) ->
     w = np.ascontiguousarray(weights.reshape(idx.shape[0], max(k - 1, 0)), dtype=np.float32)
     found = _native.check_topk_rows(idx, w, num_vectors)
     return None if found is None else (int(found[0]), str(found[1]), str(found[2]))
-

@@ -32,6 +32,7 @@ from . import sharding, shared_bank
 from . import topk_table as compact
 from .batches import BASE_ADAPTER, RowGroups
 from .cache import CachedLoRA, evict, param_of, stamp
+from .memory_budget import MemoryBudget
 
 # The cause first; PEFT's words (which PEFT's tests and users' code match on) after. Nothing is infinite.
 TOPK_TRAINING_ERROR = (
@@ -193,7 +194,8 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
         moved and cast to the base layer's device and floating dtype as PEFT does. Settings come from ``config``
         (PEFT's VBLoRAConfig) or the keywords (``topk``, ``num_vectors``, ``vector_length``, ``vblora_dropout``,
         ``init_logits_std``). With ``init_logits=False`` the logits are left on the meta device: the adapter is
-        about to be filled from a checkpoint (in compact top-K form, see :meth:`set_compact`)."""
+        about to be filled from a checkpoint (the load hook gives them memory once the file's shapes are checked, or
+        makes the adapter compact, see :meth:`set_compact`)."""
         s = layer_settings(config, kwargs)
         topk, num_vectors, vector_length = s["topk"], s["num_vectors"], s["vector_length"]
         problem = size_problem({"r": r, "topk": topk, "num_vectors": num_vectors, "vector_length": vector_length})
@@ -251,12 +253,14 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
                 continue
             item = holder[adapter_name]
             tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
-            if any(t.is_meta for t in tensors):
-                continue
             item_dtype = getattr(item, "dtype", None)
             cast = float_dtype is not None and (
                 item_dtype is None or item_dtype.is_floating_point or item_dtype.is_complex
             )
+            if any(t.is_meta for t in tensors):
+                if cast:  # still no memory, but the dtype the checkpoint will be copied into (and autocast sees)
+                    holder[adapter_name] = item.to(dtype=float_dtype)
+                continue
             holder[adapter_name] = item.to(target_device, dtype=float_dtype) if cast else item.to(target_device)
 
     def reset_vblora_logits(self, adapter_name: str, init_logits_std: float) -> None:
@@ -284,14 +288,17 @@ class VBLoRALayer(peft_layer.VBLoRALayer):
             if adapter_name in holder:
                 del holder[adapter_name]
 
-    def materialize_meta_logits(self, adapter_name: str) -> None:
+    def materialize_meta_logits(self, adapter_name: str, budget: Optional[MemoryBudget] = None) -> None:
         """Give logits left on the meta device (see ``update_layer(init_logits=False)``) real, uninitialised memory
-        on the base layer's device, for a checkpoint to copy into."""
+        on the base layer's device, for a checkpoint to copy into; ``budget`` refuses what does not fit."""
         weight = getattr(self.get_base_layer(), "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
-        for holder in (self._modules["vblora_logits_A"], self._modules["vblora_logits_B"]):
+        for key in ("vblora_logits_A", "vblora_logits_B"):
+            holder = self._modules[key]
             logits = holder._parameters.get(adapter_name)
             if logits is not None and logits.is_meta:
+                if budget is not None:
+                    budget.take(f"logits {key[-1]}", tuple(logits.shape), logits.element_size())
                 holder[adapter_name] = nn.Parameter(
                     torch.empty(logits.shape, dtype=logits.dtype, device=device), requires_grad=logits.requires_grad
                 )
@@ -404,7 +411,7 @@ class Linear(peft_layer.Linear, VBLoRALayer):
         if logits_A.is_meta:
             raise VBLoRAError(
                 f"adapter {adapter!r} has no weights yet: it was created to be filled from a checkpoint "
-                "(inference_mode=True with save_only_topk_weights=True); load its weights first"
+                "(inference_mode=True); load its weights first"
             )
         bank = self.vblora_vector_bank[adapter].to(logits_A.device)
         topk = self.topk[adapter]

@@ -148,10 +148,11 @@ class VBLoRAModel(peft_model.VBLoRAModel):
     def _create_and_replace_module(
         self, vblora_config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
     ) -> None:
-        # An adapter created to load a top-K checkpoint for inference gets no dense logits and an undrawn bank: the
-        # checkpoint fills it in compact form (PEFT allocates num_vectors floats per sub-vector here, hundreds of MB
-        # for a 7B model), and the load hook refuses a checkpoint without a bank.
-        init_logits = not (vblora_config.inference_mode and vblora_config.save_only_topk_weights)
+        # An adapter created for inference (what from_pretrained / load_adapter build to load a checkpoint into)
+        # gets its logits on the meta device and an undrawn bank: the load hook checks the file's shapes first and
+        # only then gives dense logits memory, or keeps a top-K file compact (PEFT allocates and draws num_vectors
+        # floats per sub-vector here, before it reads the file), and it refuses a checkpoint without a bank.
+        init_logits = not vblora_config.inference_mode
         budget = self.__dict__.get("_memory_budget") or MemoryBudget(f"config of adapter {adapter_name!r}")
         if adapter_name not in self.vblora_vector_bank:  # drawn once per adapter, not once per target module
             budget.take("the vector bank", (vblora_config.num_vectors, vblora_config.vector_length))
@@ -425,9 +426,10 @@ class VBLoRAModel(peft_model.VBLoRAModel):
                 # built from model.state_dict(), a few MiB at the 7B shape, on the peak of a compact load)
                 state_dict[f"{prefix}vblora_vector_bank.{adapter_name}"] = state_dict.pop(BANK_KEY)
                 return state_dict
-        else:  # dense logits left on the meta device for a top-K checkpoint that turned out dense: give them memory
+        else:  # dense logits left on the meta device (an inference load), their shapes checked: give them memory
+            budget = MemoryBudget(weights_check.checkpoint_of(adapter_name))
             for _, layer in layers:
-                layer.materialize_meta_logits(adapter_name)
+                layer.materialize_meta_logits(adapter_name, budget)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 

@@ -22,7 +22,8 @@ from . import topk_table as compact
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
-def _where(adapter_name: str) -> str:
+def checkpoint_of(adapter_name: str) -> str:
+    """What checkpoint errors blame."""
     return f"checkpoint of adapter {adapter_name!r}"
 
 
@@ -39,7 +40,7 @@ def take_topk_parts(
     to name the one at fault."""
     if not is_topk_checkpoint(state_dict):
         return None
-    where = _where(adapter_name)
+    where = checkpoint_of(adapter_name)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     keys: list[str] = []
     for name, layer in layers:
@@ -107,7 +108,7 @@ def check_dense_and_bank(
 ) -> None:
     """The bank (present, ``(num_vectors, vector_length)``, finite) and, for a ``dense`` checkpoint, every layer's
     logits (present, the layer's shape, no NaN or +inf: ``-inf`` is what PEFT writes outside the top-K)."""
-    where = _where(adapter_name)
+    where = checkpoint_of(adapter_name)
     bank = state_dict.get(BANK_KEY)
     if bank is None:
         raise VBLoRAError(f"{where}: missing tensor {BANK_KEY}")
