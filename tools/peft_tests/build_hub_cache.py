@@ -355,7 +355,7 @@ def is_current(out: Path) -> bool:
 
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file/symlink under root -> sha256 of its bytes (or its link target)."""
-    res = {}
+    res: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
         if p.is_symlink():
