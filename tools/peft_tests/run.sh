@@ -11,6 +11,7 @@
 #   JOBS=N                 pytest-xdist with N workers, if xdist is installed (default: serial)
 #   TEST_TIMEOUT=S         per-test timeout when pytest-timeout is installed (default 600)
 #   HARNESS_HUB_RETRIES=keep  keep huggingface_hub's retry backoff (default: 0 retries, see README.txt)
+#   HARNESS_HUB_CACHE=DIR  hub cache of the tiny test models (default: ./hub_cache, built by build_hub_cache.py)
 # Output: runs/<mode>-<tests>-<UTC stamp>/ with env.txt, selected.txt, results.json, summary.txt,
 #         junit.xml, pytest.log (-rA); runs/latest-<mode> points at the newest one of that mode.
 set -euo pipefail
@@ -41,11 +42,19 @@ OUT="$HERE/runs/$MODE-$TESTS-$STAMP"
 mkdir -p "$OUT"
 ln -sfn "$(basename "$OUT")" "$HERE/runs/latest-$MODE"
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-export TOKENIZERS_PARALLELISM=false
-export HARNESS_OUT="$OUT" HARNESS_TESTS="$TESTS"
 # Keep torch from oversubscribing the shared 2-core machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+# The tiny Hub models the tests load, built locally (no network here); rebuilt when its STAMP is stale.
+HUB_CACHE="${HARNESS_HUB_CACHE:-$HERE/hub_cache}"
+if ! $PY "$HERE/build_hub_cache.py" --out "$HUB_CACHE" >"$OUT/hub_cache.log" 2>&1; then
+    echo "error: building the hub cache failed (see $OUT/hub_cache.log):" >&2
+    tail -n 20 "$OUT/hub_cache.log" >&2
+    exit 1
+fi
+export HF_HUB_CACHE="$HUB_CACHE"
+export TOKENIZERS_PARALLELISM=false
+export HARNESS_OUT="$OUT" HARNESS_TESTS="$TESTS"
 
 # rootdir = the test source, so test ids read tests/test_x.py::... whichever source is used.
 ARGS=(-c "$HERE/pytest.ini" --rootdir "$SRC" -p no:cacheprovider -p vblora_harness_plugin
@@ -83,6 +92,7 @@ PEFT_VERSION="$($PY -c 'import peft; print(peft.__version__)')"
     echo "mode=$MODE tests=$TESTS tree=${TREE:-none} out=$OUT"
     $PY -c "import sys, torch, transformers, peft; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, peft.__file__)"
     echo "PEFT tests from: $(cat "$SRC/SNAPSHOT")"
+    echo "hub cache: $HF_HUB_CACHE (stamp $(cut -c1-12 "$HF_HUB_CACHE/STAMP"))"
     if [[ -n "$TREE" ]]; then
         if git -C "$TREE" rev-parse --git-dir >/dev/null 2>&1; then
             echo "tree git: $(git -C "$TREE" rev-parse --short HEAD)," \
