@@ -19,8 +19,9 @@
 //!   wrappers and dispatched once per process; `VBLORA_RS_SIMD` caps the level.
 //! * threads (`threads`): a rayon pool per size, or torch's own OpenMP team when torch uses one
 //!   (its spinning workers would otherwise take a core from ours).
-//! * softmax: the Python layer takes the indices from here and lets torch compute the softmax of
-//!   the kept logits, for PEFT's bits; `low_rank_from_logits` keeps its own (within 2 ulp).
+//! * softmax (`topk::softmax`): the selection weighs the kept logits by the steps of torch's CPU
+//!   kernel, so the weights are PEFT's bits; the Python layer checks that once per process
+//!   against `torch.softmax` and otherwise lets torch weigh the kept logits itself.
 
 pub mod element;
 pub mod error;

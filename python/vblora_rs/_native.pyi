@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 __all__ = [
     "__version__",
+    "TORCH_SOFTMAX_MAX_K",
     "VBLoRAError",
     "topk_softmax",
     "topk_many",
@@ -51,6 +52,9 @@ __all__ = [
 ]
 
 __version__: str
+# The largest k whose weights :func:`topk_softmax` / :func:`topk_many` compute as torch's softmax kernel does
+# (``vblora_rs.ops`` still compares them with torch.softmax once per process before it trusts them).
+TORCH_SOFTMAX_MAX_K: int
 
 # Stub-only: the float dtypes every "float array" argument accepts (uint16 = bfloat16 bits).
 _FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
@@ -62,7 +66,9 @@ def topk_softmax(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Per row of a 2-D ``(rows, n)`` logits array: indices of the ``k`` largest logits, largest
     first, in exactly torch.topk's CPU order (ties included), and the float32 softmax of those
-    ``k`` logits by torch's formula ``exp(x - max) / sum``, within 2 ulp (an all ``-inf`` row gives NaN).
+    ``k`` logits by the steps of torch's CPU kernel (SLEEF's ``expf_u10`` of ``x - max``, the sum left to
+    right, times ``1 / sum``): torch's bits for ``k <= TORCH_SOFTMAX_MAX_K`` where torch's kernel is the
+    AVX2 / AVX-512 one (an all ``-inf`` row gives NaN).
     Returns ``(indices (rows, k) int64, weights (rows, k) float32)``. A NaN logit is an error
     naming its row; ``k`` must satisfy ``1 <= k <= n``."""
 

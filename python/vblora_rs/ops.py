@@ -144,9 +144,9 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
     """Indices (int64, largest first, ties in torch's order) of the ``k`` largest logits of every row of the
     last dimension and the float32 softmax of those logits: bit for bit ``torch.topk`` then ``softmax``.
 
-    The selection (the pass over all ``num_vectors`` logits) runs in Rust. The softmax of the ``k`` kept logits
-    is torch's own: Rust's ``exp`` differs from torch's vectorised one in the last bit for about a fifth of the
-    rows, and bit-equal weights are what make merged weights equal PEFT's, bf16 rounding included.
+    The selection (the pass over all ``num_vectors`` logits) runs in Rust, and so does the softmax of the ``k``
+    kept logits, by the steps of torch's CPU kernel, once this process has seen it give ``torch.softmax``'s bits
+    (else torch weighs them): bit-equal weights are what make merged weights equal PEFT's, bf16 included.
 
     Args:
         logits: a contiguous CPU float32/float16/bfloat16 tensor ``(..., num_vectors)``.
@@ -156,11 +156,7 @@ def topk_softmax(logits: torch.Tensor, k: int, *, name: str = "logits") -> tuple
     Returns:
         ``(indices, weights)``, both of shape ``(..., k)``.
     """
-    rows = _rows(logits, name)
-    # The kept logits come back from the selection itself (exact, widened as .float() does): no gather.
-    idx, kept = _wrap(name, _native.topk_many, [float_view(rows, name)], int(k), True, get_num_threads())
-    indices = torch.from_numpy(idx)
-    weights = torch.softmax(torch.from_numpy(kept), dim=-1)
+    indices, weights = _select([_rows(logits, name)], int(k), name)
     shape = (*logits.shape[:-1], int(k))
     return indices.reshape(shape), weights.reshape(shape)
 
@@ -175,10 +171,46 @@ def topk_softmax_many(
     rows = [_rows(t, name) for t in logits]
     if not rows:
         return torch.empty(0, int(k), dtype=torch.long), torch.empty(0, int(k))
+    return _select(rows, int(k), name)
+
+
+def _select(rows: list[torch.Tensor], k: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Rust selection over the rows of ``rows``: ``(indices, weights)``, the weights bit for bit torch's."""
     views = [float_view(r, name) for r in rows]
-    idx, kept = _wrap(name, _native.topk_many, views, int(k), True, get_num_threads())
-    # the kept logits come back exactly (widened to float32, as torch's .float() does)
+    if _selection_weights_are_torchs(k):  # weighed by the selection's threads, while the row is in cache
+        idx, weights = _wrap(name, _native.topk_many, views, k, False, get_num_threads())
+        return torch.from_numpy(idx), torch.from_numpy(weights)
+    # the kept logits come back exactly (widened to float32, as torch's .float() does) for torch to weigh
+    idx, kept = _wrap(name, _native.topk_many, views, k, True, get_num_threads())
     return torch.from_numpy(idx), torch.softmax(torch.from_numpy(kept), dim=-1)
+
+
+_WEIGHTS_ARE_TORCHS: dict[int, bool] = {}
+
+
+def _selection_weights_are_torchs(k: int) -> bool:
+    """Whether the softmax the selection computes itself (``rust/topk/softmax.rs``: torch's kernel step by step,
+    for ``k <= TORCH_SOFTMAX_MAX_K``) gives ``torch.softmax``'s bits in this process; compared once per ``k`` on
+    calibration rows, so that a torch built another way (no SIMD, another ``exp``) keeps weighing them itself."""
+    known = _WEIGHTS_ARE_TORCHS.get(k)
+    if known is None:
+        known = _WEIGHTS_ARE_TORCHS[k] = k <= _native.TORCH_SOFTMAX_MAX_K and _same_weights_as_torch(k)
+    return known
+
+
+def _same_weights_as_torch(k: int) -> bool:
+    """The selection's weights against ``torch.softmax`` of its kept logits, bit for bit, on 4,096 rows of ``k``
+    logits: spreads from 1e-3 to 64 (each ``exp`` rounding path), gaps where ``exp`` underflows, ties, ``-inf``."""
+    gen = torch.Generator().manual_seed(k)
+    scales = torch.logspace(-3, 1.8, 4096)
+    logits = torch.randn(4096, k, generator=gen) * scales[:, None]
+    if k > 1:
+        logits[:64, 1:] = logits[:64, :1] - torch.linspace(80.0, 120.0, 64)[:, None]  # exp underflows past -104
+        logits[64:96, 1:] = logits[64:96, :1]  # ties
+        logits[96:128, 1:] = float("-inf")
+    idx, weights = _native.topk_many([logits.numpy()], k, False, 1)
+    expected = torch.softmax(torch.gather(logits, 1, torch.from_numpy(idx)), dim=-1)
+    return torch.equal(expected.view(torch.int32), torch.from_numpy(weights).view(torch.int32))
 
 
 def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name: str = "logits") -> torch.Tensor:

@@ -287,6 +287,7 @@ fn thread_backend() -> &'static str {
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("TORCH_SOFTMAX_MAX_K", crate::topk::softmax::MAX_K)?;
     m.add("VBLoRAError", m.py().get_type::<VBLoRAError>())?;
     m.add_function(wrap_pyfunction!(topk_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(topk_many, m)?)?;

@@ -7,9 +7,9 @@
 //! `std::sort(q, q + k - 1)`, and returns `q[..k]`. Which of several equal logits wins, and in
 //! what order, is whatever those algorithms happen to do, so `stl` ports them step for step.
 //!
-//! The softmax is torch's formula, `m = max kept`, `e_j = exp(x_j - m)`, `w_j = e_j / sum(e)`, so
-//! a row whose kept logits are all `-inf` gives NaN weights, as torch does. A NaN logit is an
-//! error naming its row.
+//! The softmax (`softmax`) follows torch's kernel step by step, `m = max kept`,
+//! `e_j = exp(x_j - m)`, `w_j = e_j * (1 / sum(e))`, so a row whose kept logits are all `-inf`
+//! gives NaN weights, as torch does. A NaN logit is an error naming its row.
 //!
 //! Parts: `scan` (the vector building blocks per SIMD level), `stl` (the port of torch's
 //! selection order), `selector` (one row: a fast path exact for rows whose top `k` values are
@@ -20,6 +20,7 @@
 mod prefetch;
 mod scan;
 mod selector;
+pub(crate) mod softmax;
 pub(crate) mod stl;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -223,17 +223,9 @@ impl Selector {
     }
 
     /// Softmax of the kept logits of the last selected row into `out` (length `k`).
+    #[inline(always)]
     pub(crate) fn softmax_into(&self, out: &mut [f32]) {
-        let vals = &self.queue[..self.k];
-        let max = vals[0].0;
-        let mut sum = 0.0_f32;
-        for (o, &(x, _)) in out.iter_mut().zip(vals) {
-            *o = (x - max).exp();
-            sum += *o;
-        }
-        for o in out.iter_mut() {
-            *o /= sum;
-        }
+        super::softmax::softmax_into(self.queue[..self.k].iter().map(|&(x, _)| x), out);
     }
 
     /// The kept logits of the last selected row (widened to `f32`, exact), largest first.

@@ -26,14 +26,10 @@ pub(crate) fn reference(logits: &[f32], n: usize, k: usize) -> Result<(Vec<i64>,
             stl::sort(&mut q[..k - 1]);
         }
         let kept = &q[..k];
-        let m = kept[0].0;
-        let e: Vec<f32> = kept.iter().map(|&(x, _)| (x - m).exp()).collect();
-        let mut s = 0.0_f32;
-        for &x in &e {
-            s += x;
-        }
+        let mut w = vec![0.0_f32; k];
+        super::softmax::softmax_into(kept.iter().map(|&(x, _)| x), &mut w);
         indices.extend(kept.iter().map(|&(_, i)| i as i64));
-        weights.extend(e.iter().map(|&x| x / s));
+        weights.extend(w);
     }
     Ok((indices, weights))
 }

@@ -368,3 +368,46 @@ def test_encode_many_equals_encode_one_by_one(dtype: torch.dtype) -> None:
     with pytest.raises(VBLoRAError, match="same dtype"):
         mixed = [logits[0].float().reshape(-1, 300).numpy(), logits[1].half().reshape(-1, 300).numpy()]
         _native.topk_many(mixed, 3, False, 1)
+
+
+# --- the selection's own softmax: torch's bits, or torch weighs ------------------------------------------------
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, _native.TORCH_SOFTMAX_MAX_K, _native.TORCH_SOFTMAX_MAX_K + 1])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_topk_softmax_weights_are_torchs_bits(k: int, scale: float) -> None:
+    logits = torch.randn(3000, 300, generator=torch.Generator().manual_seed(k)) * scale
+    idx, w = ops.topk_softmax(logits, k)
+    ref_idx, ref_w = torch_topk_softmax(logits, k)
+    assert torch.equal(idx, ref_idx)
+    assert same_bits(w, ref_w)
+
+
+def test_the_selection_weighs_rows_itself_where_torch_has_a_simd_kernel() -> None:
+    # torch's AVX2 / AVX-512 softmax is the one rust/topk/softmax.rs follows; elsewhere torch may weigh them
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"torch's CPU kernels here are {torch.backends.cpu.get_cpu_capability()}")
+    assert all(ops._selection_weights_are_torchs(k) for k in range(1, _native.TORCH_SOFTMAX_MAX_K + 1))
+    assert not ops._selection_weights_are_torchs(_native.TORCH_SOFTMAX_MAX_K + 1)
+
+
+def test_a_torch_whose_softmax_differs_keeps_weighing_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a softmax rounded another way (as a torch without SIMD kernels, or with another exp, would be)
+    def other_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return (
+            torch.exp(x.double() - x.double().amax(dim, keepdim=True))
+            .div_(torch.exp(x.double() - x.double().amax(dim, keepdim=True)).sum(dim, keepdim=True))
+            .float()
+        )
+
+    monkeypatch.setattr(ops, "_WEIGHTS_ARE_TORCHS", {})
+    monkeypatch.setattr(torch, "softmax", other_softmax)
+    assert not ops._selection_weights_are_torchs(2)
+    logits = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    _, w = ops.topk_softmax(logits, 2)
+    top, _ = logits.topk(2, dim=-1)
+    assert same_bits(w, other_softmax(top, -1))  # torch's (here: the patched) softmax weighed them
