@@ -230,6 +230,17 @@ def low_rank_matrix(logits: torch.Tensor, bank: torch.Tensor, topk: int, *, name
     _check_bank(bank, "vector bank")
     if logits.shape[-1] != bank.shape[0]:
         raise VBLoRAError(f"{name} has {logits.shape[-1]} logits per row but the bank holds {bank.shape[0]} vectors")
+    if _selection_weights_are_torchs(int(topk)):  # select, weigh and gather in one pass over the rows
+        rows = _rows(logits, name)
+        out = _wrap(
+            name,
+            _native.low_rank_from_logits,
+            float_view(rows, name),
+            float_view(bank, "vector bank"),
+            int(topk),
+            get_num_threads(),
+        )
+        return torch.from_numpy(out).reshape(*logits.shape[:-1], bank.shape[1])
     indices, weights = topk_softmax(logits, topk, name=name)
     return low_rank_from_topk(indices, weights, bank, name=name)
 
