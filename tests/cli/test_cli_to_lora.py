@@ -285,3 +285,63 @@ def test_packed_input_equals_its_peft_folder_byte_for_byte(
     capsys.readouterr()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "from_packed" / name).read_bytes() == (tmp_path / "from_peft" / name).read_bytes(), name
+
+
+def _saved(tmp_path: Path, case: str, topk: int, storage: str, dtype: torch.dtype, **overrides: Any) -> Path:
+    """A VB-LoRA adapter of ``case`` saved by our code in ``dtype`` (bank, logits and extras), full or top-K."""
+    builder, cfg_kwargs, _ = MODEL_CASES[case]
+    kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **cfg_kwargs, "topk": topk, **overrides}
+    torch.manual_seed(0)
+    model = vblora_rs.get_peft_model(
+        builder(), vblora_rs.VBLoRAConfig(save_only_topk_weights=storage == "topk", **kwargs)
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "vblora" not in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    model.to(dtype)
+    path = tmp_path / f"{case}-{storage}-k{topk}"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "storage", "topk", "dtype", "overrides"),
+    [
+        ("llama", "full", 1, torch.float32, {}),
+        ("llama", "full", 3, torch.float32, {}),
+        ("llama", "topk", 1, torch.float32, {}),
+        ("llama", "topk", 3, torch.float32, {}),  # int16 indices, 300 vectors, modules of several shapes
+        ("gpt2", "full", 2, torch.bfloat16, {}),  # bfloat16 bank and logits
+        ("gpt2", "topk", 2, torch.bfloat16, {}),  # bfloat16 bank and stored weights
+        ("opt", "full", 2, torch.float16, {"bias": "all", "modules_to_save": ["final_layer_norm"]}),
+        ("opt", "topk", 2, torch.float32, {"bias": "vblora_only", "modules_to_save": ["final_layer_norm"]}),
+        ("opt", "topk", 2, torch.bfloat16, {"bias": "all"}),  # bfloat16 extras: numpy lacks them, module by module
+    ],
+)
+def test_peft_folder_at_once_equals_module_by_module(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    storage: str,
+    topk: int,
+    dtype: torch.dtype,
+    overrides: dict[str, Any],
+) -> None:
+    """A PEFT folder is exported every module at once (one selection, one gather: convert/lora.py); the module by
+    module export (lora_tensors) must give the same file, byte for byte."""
+    from vblora_rs.convert import lora
+
+    src = _saved(tmp_path, case, topk, storage, dtype, **overrides)
+    adapter = read_adapter(src)
+    assert adapter.storage == storage and adapter.bank.dtype == dtype
+    extras_dtypes = {t.dtype for t in adapter.extras.values()}
+    assert bool(extras_dtypes) == bool(overrides)
+    at_once = lora.peft_lora_tensors(adapter)
+    assert (at_once is None) == (torch.bfloat16 in extras_dtypes)  # only bfloat16 extras go module by module
+    lora.export_lora(src, tmp_path / "at_once")
+    monkeypatch.setattr(lora, "peft_lora_tensors", lambda adapter: None)
+    lora.export_lora(src, tmp_path / "by_module")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "at_once" / name).read_bytes() == (tmp_path / "by_module" / name).read_bytes(), name

@@ -157,9 +157,39 @@ def _index(config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str) -
                     "or their _topk_indices and _topk_weights"
                 )
         raise VBLoRAError(f"{path}: mixes full logits and top-K tensors; PEFT saves one or the other")
+    if storage == TOPK and _topk_values_ok(config, tensors, path, found):
+        modules = {m: _entry(config, tensors, path, m, found[m], TOPK_INDICES) for m in sorted(found)}
+        return storage, modules
     check = _check_full if storage == FULL else _check_topk
     modules = {module: check(config, tensors, path, module, found[module]) for module in sorted(found)}
     return storage, modules
+
+
+def _topk_values_ok(
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str, found: dict[str, dict[tuple[str, str], str]]
+) -> bool:
+    """Whether every module's stored top-K pairs pass :func:`_check_topk`'s checks, their values checked in one call
+    over all of them (a call per module cost more than the checking: 210 modules, 20 ms). False when something is
+    wrong or the modules' dtypes differ: the module by module check then runs and names the tensor at fault."""
+    k = config.topk
+    indices, weights, dtypes = [], [], set()
+    for module in sorted(found):
+        keys = found[module]
+        for part in "AB":
+            ikey, wkey = keys[(part, TOPK_INDICES)], keys[(part, TOPK_WEIGHTS)]
+            idx, w = tensors[ikey], tensors[wkey]
+            if idx.dim() != 3:
+                return False
+            try:
+                topk.check_layout(path, ikey.removesuffix(TOPK_INDICES), idx, w, k)
+            except VBLoRAError:
+                return False
+            dtypes.add((idx.dtype, w.dtype))
+            indices.append(idx.reshape(-1, k))
+            weights.append(w.reshape(indices[-1].shape[0], k - 1))  # rows from the indices: k=1 has no weights
+    if len(dtypes) != 1:
+        return False
+    return not topk.value_problem(torch.cat(indices), torch.cat(weights), config.num_vectors)
 
 
 def _check_bank(config: AdapterConfig, tensors: dict[str, torch.Tensor], path: str) -> None:
