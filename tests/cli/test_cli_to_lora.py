@@ -20,6 +20,7 @@ from support.models import MODEL_CASES, output_tensor
 from support.peft_reference import peft_from_pretrained
 from vblora_rs.cli import main
 from vblora_rs.convert.adapter_tensors import module_factors, read_adapter
+from vblora_rs.storage.packed_arrays import read_packed_arrays
 
 # outputs of the same deltas through another order of products, over the deepest of MODEL_CASES' models
 ATOL = max(tolerances.model(case)["atol"] for case in MODEL_CASES)
@@ -317,7 +318,7 @@ def _saved(tmp_path: Path, case: str, topk: int, storage: str, dtype: torch.dtyp
         ("gpt2", "topk", 2, torch.bfloat16, {}),  # bfloat16 bank and stored weights
         ("opt", "full", 2, torch.float16, {"bias": "all", "modules_to_save": ["final_layer_norm"]}),
         ("opt", "topk", 2, torch.float32, {"bias": "vblora_only", "modules_to_save": ["final_layer_norm"]}),
-        ("opt", "topk", 2, torch.bfloat16, {"bias": "all"}),  # bfloat16 extras: numpy lacks them, module by module
+        ("opt", "topk", 2, torch.bfloat16, {"bias": "all"}),  # bfloat16 extras, carried as stored
     ],
 )
 def test_peft_folder_at_once_equals_module_by_module(
@@ -330,18 +331,25 @@ def test_peft_folder_at_once_equals_module_by_module(
     overrides: dict[str, Any],
 ) -> None:
     """A PEFT folder is exported every module at once (one selection, one gather: convert/lora.py); the module by
-    module export (lora_tensors) must give the same file, byte for byte."""
+    module export (lora_tensors) must give the same file, byte for byte. So must the packed file of a top-K folder
+    (its extras carried as stored, bfloat16 included)."""
     from vblora_rs.convert import lora
 
     src = _saved(tmp_path, case, topk, storage, dtype, **overrides)
     adapter = read_adapter(src)
     assert adapter.storage == storage and adapter.bank.dtype == dtype
-    extras_dtypes = {t.dtype for t in adapter.extras.values()}
-    assert bool(extras_dtypes) == bool(overrides)
-    at_once = lora.peft_lora_tensors(adapter)
-    assert (at_once is None) == (torch.bfloat16 in extras_dtypes)  # only bfloat16 extras go module by module
+    assert {t.dtype for t in adapter.extras.values()} == ({dtype} if overrides else set())
+    assert lora.peft_lora_tensors(adapter) is not None  # the flat path takes every one of these
     lora.export_lora(src, tmp_path / "at_once")
+    outputs = ["at_once"]
+    if storage == "topk":
+        assert main(["pack", str(src), "-o", str(tmp_path / "packed")]) == 0
+        packed = read_packed_arrays(str(tmp_path / "packed" / "adapter_packed.safetensors"))
+        assert lora.packed_lora_tensors(packed) is not None
+        lora.export_lora(tmp_path / "packed", tmp_path / "from_packed")
+        outputs.append("from_packed")
     monkeypatch.setattr(lora, "peft_lora_tensors", lambda adapter: None)
     lora.export_lora(src, tmp_path / "by_module")
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (tmp_path / "at_once" / name).read_bytes() == (tmp_path / "by_module" / name).read_bytes(), name
+    for out in outputs:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "by_module" / name).read_bytes(), (out, name)
