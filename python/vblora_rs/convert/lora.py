@@ -125,13 +125,16 @@ def peft_lora_tensors(adapter: AdapterFile) -> Optional[Tensors]:
             if len({t.dtype for t in logits}) > 1 or not ops.native_ok(*logits):
                 return None
             idx, weights = ops.topk_softmax_many(logits, config.topk, name="vblora_logits")
-        else:
+        else:  # the rows read_adapter checked at once, else gathered here
             k = config.topk
-            parts = [adapter.topk(m.name) for m in modules]
-            pairs = [pair for p in parts for pair in ((p[0], p[1]), (p[2], p[3]))]  # A then B, module by module
-            indices = torch.cat([i.reshape(-1, k).to(torch.long) for i, _ in pairs])
-            # rows from the indices: with k=1 the weights hold no values
-            stored = torch.cat([w.reshape(i.numel() // k, k - 1) for i, w in pairs])
+            if adapter.stored_rows is not None:
+                indices, stored = adapter.stored_rows
+            else:
+                parts = [adapter.topk(m.name) for m in modules]
+                pairs = [pair for p in parts for pair in ((p[0], p[1]), (p[2], p[3]))]  # A then B, module by module
+                indices = torch.cat([i.reshape(-1, k).to(torch.long) for i, _ in pairs])
+                # rows from the indices: with k=1 the weights hold no values
+                stored = torch.cat([w.reshape(i.numel() // k, k - 1) for i, w in pairs])
             idx, weights = topk.compute_form(indices, stored, config.num_vectors)
         rows = ops.low_rank_from_topk(idx, weights, adapter.bank, name="vblora_logits").numpy()
     except VBLoRAError:
