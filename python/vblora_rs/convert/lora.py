@@ -39,7 +39,17 @@ if TYPE_CHECKING:
 
     from .adapter_tensors import AdapterFile
 
-__all__ = ["LORA_CONFIG_NAME", "LORA_WEIGHTS_NAME", "export_lora", "lora_config", "lora_tensors", "packed_lora_tensors"]
+__all__ = [
+    "LORA_CONFIG_NAME",
+    "LORA_WEIGHTS_NAME",
+    "RawTensor",
+    "export_lora",
+    "lora_config",
+    "lora_tensors",
+    "packed_lora_tensors",
+    "peft_lora_tensors",
+    "save_tensors",
+]
 
 LORA_CONFIG_NAME = CONFIG_NAME
 LORA_WEIGHTS_NAME = WEIGHTS_NAME  # PEFT names a LoRA adapter's weights file as any other
