@@ -353,3 +353,30 @@ def test_peft_folder_at_once_equals_module_by_module(
     for out in outputs:
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert (tmp_path / out / name).read_bytes() == (tmp_path / "by_module" / name).read_bytes(), (out, name)
+
+
+def test_an_overflowing_factor_is_named_by_module_and_position() -> None:
+    """The flat split names the first factor (modules in name order, A before B) that is not finite, at its place in
+    that factor, as the module by module export did: ``<file>: base_model.model.<module>.lora_B.weight overflows``."""
+    import numpy as np
+    from vblora_rs.convert.lora import _split_factors
+    from vblora_rs.errors import VBLoRAError
+
+    r, L = 2, 4
+    names = ["m.b", "m.a", "m.c"]  # flat order; the error follows name order
+    in_sub, out_sub = np.array([3, 1, 2]), np.array([2, 2, 1])
+    rows = np.random.default_rng(0).standard_normal((int((r * in_sub + out_sub * r).sum()), L)).astype(np.float32)
+    assert set(_split_factors(rows, names, in_sub, out_sub, r, "f")) == {
+        f"base_model.model.{n}.lora_{p}.weight" for n in names for p in "AB"
+    }
+    # module m.b (first in the flat order): its B grid (out_sub, r, L) starts after its A grid (r * in_sub rows)
+    b_start = r * 3
+    bad = rows.copy()
+    bad[b_start + 1 * r + 0, 3] = np.inf  # sub-vector (out 1, rank 0), element 3: B[1 * L + 3, 0]
+    with pytest.raises(VBLoRAError, match=r"^f: base_model\.model\.m\.b\.lora_B\.weight overflows float32 at \(7, 0\)"):
+        _split_factors(bad, names, in_sub, out_sub, r, "f")
+    # module m.a (second in the flat order, first by name): an A value, named before m.b's B
+    a_start = r * 3 + 2 * r
+    bad[a_start + 1, 2] = -np.inf  # A grid (r, in_sub=1, L): rank 1, element 2 -> A[1, 2]
+    with pytest.raises(VBLoRAError, match=r"^f: base_model\.model\.m\.a\.lora_A\.weight overflows float32 at \(1, 2\)"):
+        _split_factors(bad, names, in_sub, out_sub, r, "f")

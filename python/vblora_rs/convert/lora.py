@@ -177,16 +177,16 @@ def _split_factors(
     # each module's rows: A grid (r * in_sub) then B grid (out_sub * r); split them into two buffers
     a_len, b_len = r * in_sub, out_sub * r
     is_b = np.repeat(np.tile(np.array([False, True]), len(a_len)), np.column_stack([a_len, b_len]).reshape(-1))
-    a_rows = np.ascontiguousarray(rows[~is_b])  # module after module: (r, in_sub, L) each, i.e. A (r, in_sub * L)
+    a_flat = rows[~is_b].reshape(-1)  # module after module: (r, in_sub, L) each, i.e. A (r, in_sub * L)
     # B grids (out_sub, r, L) -> (out_sub, L, r), all at once since r is the adapter's: B (out_sub * L, r) each
     b_rows = np.ascontiguousarray(rows[is_b].reshape(-1, r, L).transpose(0, 2, 1)).reshape(-1, r)
-    a_end, b_end = np.cumsum(a_len * L), np.cumsum(out_sub * L)
+    # offsets as Python ints (numpy scalars per module cost more than the slicing)
+    a_end, a_size = np.cumsum(a_len * L).tolist(), (a_len * L).tolist()
+    b_end, b_size = np.cumsum(out_sub * L).tolist(), (out_sub * L).tolist()
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for i, name in enumerate(names):
-        a_stop, b_stop = int(a_end[i]), int(b_end[i])
-        a = a_rows.reshape(-1)[a_stop - int(a_len[i]) * L : a_stop].reshape(r, -1)
-        factors[name] = (a, b_rows[b_stop - int(out_sub[i]) * L : b_stop])
-    if finite.overflow_problem(a_rows) or finite.overflow_problem(b_rows):
+    for name, a_stop, a_n, b_stop, b_n in zip(names, a_end, a_size, b_end, b_size):
+        factors[name] = (a_flat[a_stop - a_n : a_stop].reshape(r, -1), b_rows[b_stop - b_n : b_stop])
+    if finite.overflow_problem(rows):  # A and B hold the very values of ``rows``
         _raise_overflow(path, factors)
     out: dict[str, np.ndarray] = {}
     for name in sorted(factors):
