@@ -104,10 +104,9 @@ def packed_lora_tensors(arrays: PackedArrays) -> Optional[Tensors]:
         if dtype not in SPEC_DTYPES:
             return None
         extras[name] = RawTensor(SPEC_DTYPES[dtype], tuple(shape), np.frombuffer(data, dtype=np.uint8))
-    names = [m[0] for m in arrays.modules]
-    out = _split_factors(
-        _sub_vectors(arrays), names, arrays.dims[:, 1], arrays.dims[:, 2], arrays.config.r, arrays.path
-    )
+    names, dims = [m[0] for m in arrays.modules], arrays.dims
+    out: Tensors = {}
+    out.update(_split_factors(_sub_vectors(arrays), names, dims[:, 1], dims[:, 2], arrays.config.r, arrays.path))
     out.update(extras)
     return out
 
