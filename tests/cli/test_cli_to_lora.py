@@ -20,6 +20,7 @@ from support.models import MODEL_CASES, output_tensor
 from support.peft_reference import peft_from_pretrained
 from vblora_rs.cli import main
 from vblora_rs.convert.adapter_tensors import module_factors, read_adapter
+from vblora_rs.storage.packed_arrays import read_packed_arrays
 
 # outputs of the same deltas through another order of products, over the deepest of MODEL_CASES' models
 ATOL = max(tolerances.model(case)["atol"] for case in MODEL_CASES)
@@ -285,3 +286,97 @@ def test_packed_input_equals_its_peft_folder_byte_for_byte(
     capsys.readouterr()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "from_packed" / name).read_bytes() == (tmp_path / "from_peft" / name).read_bytes(), name
+
+
+def _saved(tmp_path: Path, case: str, topk: int, storage: str, dtype: torch.dtype, **overrides: Any) -> Path:
+    """A VB-LoRA adapter of ``case`` saved by our code in ``dtype`` (bank, logits and extras), full or top-K."""
+    builder, cfg_kwargs, _ = MODEL_CASES[case]
+    kwargs = {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0, **cfg_kwargs, "topk": topk, **overrides}
+    torch.manual_seed(0)
+    model = vblora_rs.get_peft_model(
+        builder(), vblora_rs.VBLoRAConfig(save_only_topk_weights=storage == "topk", **kwargs)
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "vblora" not in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    model.to(dtype)
+    path = tmp_path / f"{case}-{storage}-k{topk}"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "storage", "topk", "dtype", "overrides"),
+    [
+        ("llama", "full", 1, torch.float32, {}),
+        ("llama", "full", 3, torch.float32, {}),
+        ("llama", "topk", 1, torch.float32, {}),
+        ("llama", "topk", 3, torch.float32, {}),  # int16 indices, 300 vectors, modules of several shapes
+        ("gpt2", "full", 2, torch.bfloat16, {}),  # bfloat16 bank and logits
+        ("gpt2", "topk", 2, torch.bfloat16, {}),  # bfloat16 bank and stored weights
+        ("opt", "full", 2, torch.float16, {"bias": "all", "modules_to_save": ["final_layer_norm"]}),
+        ("opt", "topk", 2, torch.float32, {"bias": "vblora_only", "modules_to_save": ["final_layer_norm"]}),
+        ("opt", "topk", 2, torch.bfloat16, {"bias": "all"}),  # bfloat16 extras, carried as stored
+    ],
+)
+def test_peft_folder_at_once_equals_module_by_module(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    storage: str,
+    topk: int,
+    dtype: torch.dtype,
+    overrides: dict[str, Any],
+) -> None:
+    """A PEFT folder is exported every module at once (one selection, one gather: convert/lora.py); the module by
+    module export (lora_tensors) must give the same file, byte for byte. So must the packed file of a top-K folder
+    (its extras carried as stored, bfloat16 included)."""
+    from vblora_rs.convert import lora
+
+    src = _saved(tmp_path, case, topk, storage, dtype, **overrides)
+    adapter = read_adapter(src)
+    assert adapter.storage == storage and adapter.bank.dtype == dtype
+    assert {t.dtype for t in adapter.extras.values()} == ({dtype} if overrides else set())
+    assert lora.peft_lora_tensors(adapter) is not None  # the flat path takes every one of these
+    lora.export_lora(src, tmp_path / "at_once")
+    outputs = ["at_once"]
+    if storage == "topk":
+        assert main(["pack", str(src), "-o", str(tmp_path / "packed")]) == 0
+        packed = read_packed_arrays(str(tmp_path / "packed" / "adapter_packed.safetensors"))
+        assert lora.packed_lora_tensors(packed) is not None
+        lora.export_lora(tmp_path / "packed", tmp_path / "from_packed")
+        outputs.append("from_packed")
+    monkeypatch.setattr(lora, "peft_lora_tensors", lambda adapter: None)
+    lora.export_lora(src, tmp_path / "by_module")
+    for out in outputs:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "by_module" / name).read_bytes(), (out, name)
+
+
+def test_an_overflowing_factor_is_named_by_module_and_position() -> None:
+    """The flat split names the first factor (modules in name order, A before B) that is not finite, at its place in
+    that factor, as the module by module export did: ``<file>: base_model.model.<module>.lora_B.weight overflows``."""
+    import numpy as np
+    from vblora_rs.convert.lora import _split_factors
+    from vblora_rs.errors import VBLoRAError
+
+    r, L = 2, 4
+    names = ["m.b", "m.a", "m.c"]  # flat order; the error follows name order
+    in_sub, out_sub = np.array([3, 1, 2]), np.array([2, 2, 1])
+    rows = np.random.default_rng(0).standard_normal((int((r * in_sub + out_sub * r).sum()), L)).astype(np.float32)
+    assert set(_split_factors(rows, names, in_sub, out_sub, r, "f")) == {
+        f"base_model.model.{n}.lora_{p}.weight" for n in names for p in "AB"
+    }
+    # module m.b (first in the flat order): its B grid (out_sub, r, L) starts after its A grid (r * in_sub rows)
+    b_start = r * 3
+    bad = rows.copy()
+    bad[b_start + 1 * r + 0, 3] = np.inf  # sub-vector (out 1, rank 0), element 3: B[1 * L + 3, 0]
+    with pytest.raises(VBLoRAError, match=r"^f: base_model\.model\.m\.b\.lora_B\.weight overflows float32 at \(7, 0\)"):
+        _split_factors(bad, names, in_sub, out_sub, r, "f")
+    # module m.a (second in the flat order, first by name): an A value, named before m.b's B
+    a_start = r * 3 + 2 * r
+    bad[a_start + 1, 2] = -np.inf  # A grid (r, in_sub=1, L): rank 1, element 2 -> A[1, 2]
+    with pytest.raises(VBLoRAError, match=r"^f: base_model\.model\.m\.a\.lora_A\.weight overflows float32 at \(1, 2\)"):
+        _split_factors(bad, names, in_sub, out_sub, r, "f")

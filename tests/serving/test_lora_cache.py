@@ -136,6 +136,21 @@ def test_eviction_keeps_the_cache_bounded(tmp_path: str, adapter_dir: str) -> No
     assert [key for _, _, key in tiny.entries()] == [last.key]
 
 
+def test_eviction_sizes_follow_replaced_entries(tmp_path: str, adapter_dir: str) -> None:
+    """Eviction remembers each entry's bytes by its folder's inode: a folder put in an entry's place is measured."""
+    cache = LoraCache(os.path.join(tmp_path, "cache"), max_bytes=1 << 30)
+    a = cache.get(os.path.join(adapter_dir, "a"))
+    [(_, size, key)] = cache.entries()
+    assert (key, size) == (a.key, folder_bytes(a.folder))
+    replaced = a.folder + ".new"
+    shutil.copytree(a.folder, replaced)
+    with open(os.path.join(replaced, "extra.bin"), "wb") as fh:
+        fh.write(b"\0" * 12345)
+    shutil.rmtree(a.folder)
+    os.rename(replaced, a.folder)
+    assert [size for _, size, _ in cache.entries()] == [folder_bytes(a.folder)] == [size + 12345]
+
+
 def test_broken_adapter_leaves_nothing(tmp_path: str, adapter_dir: str) -> None:
     weights = os.path.join(adapter_dir, "a", "adapter_model.safetensors")
     with open(weights, "r+b") as fh:

@@ -4,11 +4,15 @@ VB-LoRA adds ``B @ A`` to each target, with A and B gathered from the bank; a Lo
 holding those very A and B with ``lora_alpha = r`` (scaling 1) adds the same delta, so the export is exact
 (no SVD, no truncation) and loads anywhere PEFT's LoRA does.
 
-A PEFT folder goes module by module (:func:`vblora_rs.convert.adapter_tensors.module_factors`); a packed file,
-which may list 300k modules, all at once: the sub-vectors of the whole file are computed in two calls on the
-decoder's flat arrays (PEFT's compute form, then the bank gather), the B grids are transposed together, and each
-module's ``A (r, in)`` and ``B (out, r)`` are views of two buffers: the same values bit for bit (every step is row
-by row), with nothing per module but two numpy views.
+Every module is converted at once, whatever the input: the sub-vectors of the whole adapter are computed in two
+calls on flat arrays (a packed file's decoded arrays, or a PEFT folder's tensors concatenated: PEFT's compute form
+of the stored top-K, or one Rust top-K selection over every module's full logits; then one bank gather), the B
+grids are transposed together, and each module's ``A (r, in)`` and ``B (out, r)`` are views of two buffers
+(:func:`_split_factors`, for both inputs): the same values bit for bit as the module by module path (every step is
+row by row), with nothing per module but two numpy views. Module by module (:func:`lora_tensors`) one adapter of
+SmolLM2's shape (210 modules) took 126 ms, most of it Python per module, which in vLLM's API server contends for the
+GIL with its event loop (~340 ms there); that path remains for what the flat path leaves to it (bfloat16 extras,
+full logits of mixed dtypes) and to name the module of an error.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Optional, Union
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -34,19 +39,41 @@ if TYPE_CHECKING:
 
     from .adapter_tensors import AdapterFile
 
-__all__ = ["LORA_CONFIG_NAME", "LORA_WEIGHTS_NAME", "export_lora", "lora_config", "lora_tensors", "packed_lora_tensors"]
+__all__ = [
+    "LORA_CONFIG_NAME",
+    "LORA_WEIGHTS_NAME",
+    "RawTensor",
+    "export_lora",
+    "lora_config",
+    "lora_tensors",
+    "packed_lora_tensors",
+    "peft_lora_tensors",
+    "save_tensors",
+]
 
 LORA_CONFIG_NAME = CONFIG_NAME
 LORA_WEIGHTS_NAME = WEIGHTS_NAME  # PEFT names a LoRA adapter's weights file as any other
 # VB-LoRA's bias modes, in LoRA's words.
 _BIAS = {"none": "none", "all": "all", "vblora_only": "lora_only"}
 
-# safetensors dtypes numpy holds (safetensors.numpy writes these); an extra of another dtype (BF16, F8)
-# leaves the export to the tensor-per-module path
-NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "U64": np.uint64, "I32": np.int32,
-    "U32": np.uint32, "I16": np.int16, "U16": np.uint16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+# TensorSpec's names of the safetensors dtypes a packed file's extras may hold
+SPEC_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "U64": "uint64",
+    "I32": "int32", "U32": "uint32", "I16": "int16", "U16": "uint16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
 }  # fmt: skip
+
+
+class RawTensor(NamedTuple):
+    """An extra tensor carried over as it is stored: TensorSpec's dtype name, its shape, its bytes (uint8, C order,
+    little-endian)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+Tensors = dict[str, Union[np.ndarray, RawTensor]]
 
 
 def _sub_vectors(arrays: PackedArrays) -> np.ndarray:
@@ -67,53 +94,137 @@ def _sub_vectors(arrays: PackedArrays) -> np.ndarray:
     return ops.low_rank_from_topk(idx, w, bank, name="vblora_logits").numpy()
 
 
-def packed_lora_tensors(arrays: PackedArrays) -> Optional[dict[str, np.ndarray]]:
+def packed_lora_tensors(arrays: PackedArrays) -> Optional[Tensors]:
     """``base_model.model.<module>.lora_A.weight (r, in)`` and ``.lora_B.weight (out, r)`` in float32 for every
-    module (sorted by name, as PEFT lists them), plus the extras; None when an extra has a dtype numpy lacks.
+    module (sorted by name, as PEFT lists them), plus the extras as stored; None for an extra of a dtype unknown
+    here.
     A factor that overflows float32 is an error naming the file and tensor."""
-    extras = {}
+    extras: Tensors = {}
     for name, dtype, shape, data in arrays.extras:
-        if dtype not in NUMPY_DTYPES:
+        if dtype not in SPEC_DTYPES:
             return None
-        extras[name] = np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
-    r, L = arrays.config.r, arrays.config.vector_length
-    rows = _sub_vectors(arrays)
-    in_sub, out_sub = arrays.dims[:, 1], arrays.dims[:, 2]
-    # each module's rows: A grid (r * in_sub) then B grid (out_sub * r); split them into two buffers
-    a_len, b_len = r * in_sub, out_sub * r
-    is_b = np.repeat(np.tile(np.array([False, True]), len(a_len)), np.column_stack([a_len, b_len]).reshape(-1))
-    a_rows = np.ascontiguousarray(rows[~is_b])  # module after module: (r, in_sub, L) each, i.e. A (r, in_sub * L)
-    # B grids (out_sub, r, L) -> (out_sub, L, r), all at once since r is the adapter's: B (out_sub * L, r) each
-    b_rows = np.ascontiguousarray(rows[is_b].reshape(-1, r, L).transpose(0, 2, 1)).reshape(-1, r)
-    for label, buffer in (("lora_A", a_rows), ("lora_B", b_rows)):
-        if finite.overflow_problem(buffer):
-            _raise_overflow(arrays, label, a_rows if label == "lora_A" else b_rows)
-    a_end, b_end = np.cumsum(a_len * L), np.cumsum(out_sub * L)
-    out: dict[str, np.ndarray] = {}
-    order = sorted(range(len(arrays.modules)), key=[m[0] for m in arrays.modules].__getitem__)
-    for i in order:
-        name = arrays.modules[i][0]
-        a_stop, b_stop = int(a_end[i]), int(b_end[i])
-        a = a_rows.reshape(-1)[a_stop - int(a_len[i]) * L : a_stop].reshape(r, -1)
-        out[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a
-        out[f"{MODEL_PREFIX}{name}.lora_B.weight"] = b_rows[b_stop - int(out_sub[i]) * L : b_stop]
+        extras[name] = RawTensor(SPEC_DTYPES[dtype], tuple(shape), np.frombuffer(data, dtype=np.uint8))
+    names, dims = [m[0] for m in arrays.modules], arrays.dims
+    out: Tensors = {}
+    out.update(_split_factors(_sub_vectors(arrays), names, dims[:, 1], dims[:, 2], arrays.config.r, arrays.path))
     out.update(extras)
     return out
 
 
-def _raise_overflow(arrays: PackedArrays, label: str, buffer: np.ndarray) -> None:
-    """Name the first module whose ``label`` factor is not finite (the error path: one pass over the modules)."""
-    r, L = arrays.config.r, arrays.config.vector_length
-    flat = buffer.reshape(-1)
-    at = 0
-    for name, _, in_sub, out_sub in arrays.modules:
-        n = r * (in_sub if label == "lora_A" else out_sub) * L
-        part = flat[at : at + n]
-        problem = finite.overflow_problem(part.reshape(r, -1) if label == "lora_A" else part.reshape(-1, r))
-        if problem:
-            raise VBLoRAError(f"{arrays.path}: {MODEL_PREFIX}{name}.{label}.weight {problem}")
-        at += n
-    raise VBLoRAError(f"{arrays.path}: the {label} factors overflow float32")
+def peft_lora_tensors(adapter: AdapterFile) -> Optional[Tensors]:
+    """:func:`packed_lora_tensors` of a PEFT folder (full logits or top-K, as read by
+    :func:`~vblora_rs.convert.adapter_tensors.read_adapter`): every module's sub-vectors in one selection (full
+    logits: one Rust top-K over all modules' logits; top-K: PEFT's compute form of all stored rows at once) and one
+    bank gather, then the same split into A and B: bit for bit what :func:`lora_tensors` builds module by module
+    (every step is row by row). None where that path must go module by module: full logits of several dtypes, or
+    an error, which :func:`lora_tensors` then names by module."""
+    import torch
+
+    from .. import ops
+    from . import topk
+    from .adapter_tensors import FULL
+
+    extras = adapter.extras
+    config, modules = adapter.config, list(adapter.modules.values())
+    if not modules:
+        return None
+    try:
+        if adapter.storage == FULL:  # A then B of each module: the rows of the flat sub-vectors
+            logits = [t for m in modules for t in adapter.logits(m.name)]
+            if len({t.dtype for t in logits}) > 1 or not ops.native_ok(*logits):
+                return None
+            idx, weights = ops.topk_softmax_many(logits, config.topk, name="vblora_logits")
+        else:  # the rows read_adapter checked at once, else gathered here
+            k = config.topk
+            if adapter.stored_rows is not None:
+                indices, stored = adapter.stored_rows
+            else:
+                parts = [adapter.topk(m.name) for m in modules]
+                pairs = [pair for p in parts for pair in ((p[0], p[1]), (p[2], p[3]))]  # A then B, module by module
+                indices = torch.cat([i.reshape(-1, k).to(torch.long) for i, _ in pairs])
+                # rows from the indices: with k=1 the weights hold no values
+                stored = torch.cat([w.reshape(i.numel() // k, k - 1) for i, w in pairs])
+            idx, weights = topk.compute_form(indices, stored, config.num_vectors)
+        rows = ops.low_rank_from_topk(idx, weights, adapter.bank, name="vblora_logits").numpy()
+    except VBLoRAError:
+        return None  # lora_tensors raises it again, naming the module
+    L = config.vector_length
+    in_sub = np.array([m.in_features // L for m in modules], dtype=np.int64)
+    out_sub = np.array([m.out_features // L for m in modules], dtype=np.int64)
+    out: Tensors = {}
+    out.update(_split_factors(rows, [m.name for m in modules], in_sub, out_sub, config.r, adapter.weights_path))
+    for key, value in extras.items():  # checked after the factors, as lora_tensors' dict lists them
+        value = value.detach().contiguous()
+        if value.dtype.is_floating_point:
+            problem = finite.overflow_problem(value.float().numpy())
+            if problem:
+                raise VBLoRAError(f"{adapter.weights_path}: {key} {problem}")
+        data = value.reshape(-1).view(torch.uint8).numpy()
+        out[key] = RawTensor(str(value.dtype).removeprefix("torch."), tuple(value.shape), data)
+    return out
+
+
+def _split_factors(
+    rows: np.ndarray, names: list[str], in_sub: np.ndarray, out_sub: np.ndarray, r: int, path: str
+) -> dict[str, np.ndarray]:
+    """The LoRA factors of every module from the flat sub-vectors ``rows (S, L)`` (float32), which hold each
+    module's A grid (``r * in_sub`` rows) then its B grid (``out_sub * r`` rows), module after module in the order
+    of ``names``: ``{base_model.model.<module>.lora_A.weight: A (r, in), ...lora_B.weight: B (out, r)}``, sorted by
+    module name, each a view of one of two buffers. A factor that overflows float32 is an error naming ``path``, the
+    module and the factor."""
+    L = rows.shape[1]
+    # each module's rows: A grid (r * in_sub) then B grid (out_sub * r); split them into two buffers
+    a_len, b_len = r * in_sub, out_sub * r
+    is_b = np.repeat(np.tile(np.array([False, True]), len(a_len)), np.column_stack([a_len, b_len]).reshape(-1))
+    a_flat = rows[~is_b].reshape(-1)  # module after module: (r, in_sub, L) each, i.e. A (r, in_sub * L)
+    # B grids (out_sub, r, L) -> (out_sub, L, r), all at once since r is the adapter's: B (out_sub * L, r) each
+    b_rows = np.ascontiguousarray(rows[is_b].reshape(-1, r, L).transpose(0, 2, 1)).reshape(-1, r)
+    # offsets as Python ints (numpy scalars per module cost more than the slicing)
+    a_end, a_size = np.cumsum(a_len * L).tolist(), (a_len * L).tolist()
+    b_end, b_size = np.cumsum(out_sub * L).tolist(), (out_sub * L).tolist()
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, a_stop, a_n, b_stop, b_n in zip(names, a_end, a_size, b_end, b_size):
+        factors[name] = (a_flat[a_stop - a_n : a_stop].reshape(r, -1), b_rows[b_stop - b_n : b_stop])
+    if finite.overflow_problem(rows):  # A and B hold the very values of ``rows``
+        _raise_overflow(path, factors)
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(factors):
+        out[f"{MODEL_PREFIX}{name}.lora_A.weight"], out[f"{MODEL_PREFIX}{name}.lora_B.weight"] = factors[name]
+    return out
+
+
+def _raise_overflow(path: str, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Name the first factor that is not finite, module by module in name order (A before B), as the module by
+    module export checks them (the error path: one pass over the modules)."""
+    for name in sorted(factors):
+        for label, factor in zip(("lora_A", "lora_B"), factors[name]):
+            problem = finite.overflow_problem(factor)
+            if problem:
+                raise VBLoRAError(f"{path}: {MODEL_PREFIX}{name}.{label}.weight {problem}")
+    raise VBLoRAError(f"{path}: the LoRA factors overflow float32")
+
+
+_NUMPY_SPEC = {np.float32: "float32"}  # the factors' dtype
+
+
+def save_tensors(tensors: Tensors, path: str, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (float32 factors, and extras as stored) as one safetensors file: the same bytes as
+    safetensors' own ``save_file`` of them (the same serializer), from the buffers as they are (one TensorSpec per
+    tensor: ``safetensors.numpy.save_file`` spent 6 ms of a 40 ms export on numpy's ``dtype.name`` and ``ctypes``
+    per tensor, 420 of them)."""
+    from safetensors import TensorSpec, serialize_file
+
+    specs = {}
+    for key, t in tensors.items():
+        if isinstance(t, RawTensor):
+            dtype, shape, data = t
+        else:
+            dtype, shape, data = _NUMPY_SPEC[t.dtype.type], t.shape, t
+        if not data.flags.c_contiguous:
+            raise VBLoRAError(f"{path}: tensor {key} is not contiguous")  # every tensor here is a C-order buffer
+        pointer = data.__array_interface__["data"][0]
+        specs[key] = TensorSpec(dtype=dtype, shape=list(shape), data_ptr=pointer, data_len=data.nbytes)
+    serialize_file(specs, path, metadata=metadata)  # the buffers outlive the call: ``tensors`` holds them
 
 
 def lora_config(cfg: AdapterConfig, modules: Iterable[str]) -> dict[str, Any]:
@@ -201,7 +312,6 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
         VBLoRAError: naming the file, tensor or module at fault (factors that overflow float32 included);
             nothing is written then.
     """
-    from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
     from .adapter_tensors import read_adapter
@@ -209,18 +319,24 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     out = os.path.abspath(os.fspath(output))
     _check_output(out, force)
     found = locate(adapter_path)
+    flat = sys.byteorder == "little"  # save_tensors writes the buffers as they are; safetensors is little-endian
     if found.kind == PACKED:  # every module at once from the flat arrays (a file may list 300k modules)
         arrays = read_packed_arrays(found.weights_path)
         weights_path, config, names = found.weights_path, arrays.config, [m[0] for m in arrays.modules]
         _check_inputs(out, weights_path, _packed_output_bytes(arrays), names)
-        tensors: Optional[dict[str, Any]] = packed_lora_tensors(arrays)
-        save = save_numpy
-    else:
-        tensors = None
-    if tensors is None:  # a PEFT folder, or extras numpy cannot hold: tensor by tensor
+        tensors: Optional[dict[str, Any]] = packed_lora_tensors(arrays) if flat else None
+        save: Callable[..., Any] = save_tensors
+    else:  # a PEFT folder: every module at once too, unless peft_lora_tensors leaves it to the per-module path
         adapter = read_adapter(adapter_path)
         weights_path, config, names = adapter.weights_path, adapter.config, list(adapter.modules)
         _check_inputs(out, weights_path, _output_bytes(adapter), names)
+        tensors = peft_lora_tensors(adapter) if flat else None
+        save = save_tensors
+    if tensors is None:  # full logits of mixed dtypes, an error to name, an extra of an unknown dtype: by module
+        if found.kind == PACKED:
+            adapter = read_adapter(adapter_path)
+            weights_path, config, names = adapter.weights_path, adapter.config, list(adapter.modules)
+            _check_inputs(out, weights_path, _output_bytes(adapter), names)
         tensors = lora_tensors(adapter)
         for key, value in tensors.items():
             if value.dtype.is_floating_point:
