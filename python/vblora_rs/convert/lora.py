@@ -9,10 +9,10 @@ calls on flat arrays (a packed file's decoded arrays, or a PEFT folder's tensors
 of the stored top-K, or one Rust top-K selection over every module's full logits; then one bank gather), the B
 grids are transposed together, and each module's ``A (r, in)`` and ``B (out, r)`` are views of two buffers
 (:func:`_split_factors`, for both inputs): the same values bit for bit as the module by module path (every step is
-row by row), with nothing per module but two numpy views. Module by module (:func:`lora_tensors`) one adapter of
-SmolLM2's shape (210 modules) took 126 ms, most of it Python per module, which in vLLM's API server contends for the
-GIL with its event loop (~340 ms there); that path remains for what the flat path leaves to it (bfloat16 extras,
-full logits of mixed dtypes) and to name the module of an error.
+row by row), with nothing per module but two numpy views. Python work per module would contend for the GIL with
+vLLM's event loop when the resolver converts inside its API server (timings: docs/bench_vllm.md). The module by
+module path (:func:`lora_tensors`) remains for what the flat path leaves to it (full logits of mixed dtypes) and
+to name the module of an error.
 """
 
 from __future__ import annotations
