@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "TORCH_SOFTMAX_MAX_K",
     "VBLoRAError",
+    "load_numpy_api",
     "topk_softmax",
     "topk_many",
     "low_rank_from_logits",
@@ -60,6 +61,10 @@ TORCH_SOFTMAX_MAX_K: int
 _FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
 
 class VBLoRAError(ValueError): ...
+
+def load_numpy_api() -> None:
+    """Load NumPy's C API now (it is otherwise loaded on first use, where an interruption cannot be reported):
+    a failure raises here, a Ctrl-C as ``KeyboardInterrupt``."""
 
 def topk_softmax(
     logits: _FloatArray, k: int, num_threads: int

@@ -33,6 +33,7 @@ __all__ = [
     "topk_softmax",
 ]
 
+_native.load_numpy_api()  # here, where an interruption is an ordinary KeyboardInterrupt of this import
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _num_threads: Optional[int] = None
 bind_torch_threads()

@@ -286,6 +286,7 @@ fn thread_backend() -> &'static str {
 
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(load_numpy_api, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_SOFTMAX_MAX_K", crate::topk::softmax::MAX_K)?;
     m.add("VBLoRAError", m.py().get_type::<VBLoRAError>())?;
@@ -303,4 +304,37 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     packed::register(m)?;
     stream::register(m)?;
     Ok(())
+}
+
+/// Loads NumPy's C API now. The `numpy` crate loads it on first use and panics if that fails;
+/// the loading runs Python code (NumPy's version parsing), so a Ctrl-C landing there became a Rust
+/// panic in whichever call came first. Called where numpy has just been imported (the CLI once its
+/// commands are imported, `vblora_rs.ops` on import), a failure is an ordinary exception there (a
+/// `KeyboardInterrupt` for a Ctrl-C) and the crate's later uses find the API loaded. The crate's
+/// panic message is kept off stderr while this runs.
+#[pyfunction]
+fn load_numpy_api(py: Python<'_>) -> PyResult<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        numpy::npyffi::is_numpy_2(py)
+    }));
+    std::panic::set_hook(hook);
+    match loaded {
+        Ok(_) => Ok(()),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            if message.contains("KeyboardInterrupt") {
+                Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(()))
+            } else {
+                Err(pyo3::exceptions::PyImportError::new_err(format!(
+                    "vblora_rs._native: loading NumPy's C API failed: {message}"
+                )))
+            }
+        }
+    }
 }

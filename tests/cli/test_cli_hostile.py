@@ -415,3 +415,76 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch: pytest.
     assert cli.main(["inspect", "x"]) == 130
     assert capsys.readouterr().err == "vblora: interrupted; nothing was written\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+CTRL_C_IN_A_CALLBACK = """
+import signal, weakref
+from vblora_rs.cli import _counting_sigints
+
+class Held:
+    pass
+
+try:
+    with _counting_sigints() as sigints:
+        held = Held()
+        ref = weakref.ref(held, lambda _: signal.raise_signal(signal.SIGINT))
+        del held  # the callback runs here and the Ctrl-C lands inside it, where Python cannot raise it
+        for _ in range(200_000_000):
+            pass
+        print("ran on")
+except KeyboardInterrupt:
+    print("interrupted", sigints[0])
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="the re-delivery needs setitimer")
+@pytest.mark.usefixtures("python_sigint")
+def test_a_ctrl_c_landing_in_a_callback_still_interrupts_without_a_traceback() -> None:
+    """A Ctrl-C during an import can land in importlib's weakref callback, where Python only prints it ("Exception
+    ignored in ...", a traceback) and goes on; the CLI delivers it again so that the command stops, in one line."""
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_A_CALLBACK],
+        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "interrupted 2", (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+NUMPY_API_INTERRUPTED = """
+import numpy.lib
+
+real = numpy.lib.NumpyVersion
+
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # a Ctrl-C while the numpy crate parses numpy's version to load its C API
+
+numpy.lib.NumpyVersion = interrupted
+try:
+    from vblora_rs import _native
+    _native.load_numpy_api()
+    print("loaded")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+numpy.lib.NumpyVersion = real
+from vblora_rs import _native
+_native.load_numpy_api()
+import numpy as np
+print(_native.topk_many([np.arange(8, dtype=np.float32).reshape(2, 4)], 1, False, 1)[0].tolist())
+"""
+
+
+def test_a_ctrl_c_while_numpys_c_api_loads_is_a_keyboard_interrupt_not_a_panic() -> None:
+    """The numpy crate loads numpy's C API on first use and panics when that fails; loading it up front turns a
+    Ctrl-C there into a KeyboardInterrupt (one line in the CLI), and a later load works."""
+    done = subprocess.run(
+        [sys.executable, "-c", NUMPY_API_INTERRUPTED],
+        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split("\n")[:2] == ["KeyboardInterrupt", "[[3], [3]]"], (done.stdout, done.stderr)
+    assert "panicked" not in done.stderr, done.stderr

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
+from .. import _native
 from ..errors import VBLoRAError
 
 MAX_THREADS = 4096
@@ -63,6 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with _counting_sigints() as sigints:
         try:
             args = build_parser().parse_args(argv)
+            _native.load_numpy_api()  # numpy is imported now; a Ctrl-C while its C API loads is one line too
             name = f"vblora {args.command}"
             status = args.run(args)
         except KeyboardInterrupt:
@@ -98,14 +100,33 @@ def _counting_sigints() -> Iterator[list[int]]:
         count[0] += 1
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+    # where timers exist (not on Windows), a Ctrl-C that could not be raised is raised again 10 ms later
+    redeliver = hasattr(signal, "setitimer")
+
+    def on_unraisable(info: Any) -> None:
+        # A Ctrl-C that lands in a callback Python calls on its own (a weakref callback of importlib's module locks,
+        # a __del__) cannot leave it: Python would print "Exception ignored in ..." with a traceback and carry on.
+        # A timer delivers it again a moment later, to be raised in the command's own code.
+        if redeliver and isinstance(info.exc_value, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        previous_hook(info)
+
     main_thread = threading.current_thread() is threading.main_thread()
     if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield count
         return
     signal.signal(signal.SIGINT, on_sigint)
+    previous_alarm = signal.signal(signal.SIGALRM, on_sigint) if redeliver else None
+    sys.unraisablehook = on_unraisable
     try:
         yield count
     finally:
+        sys.unraisablehook = previous_hook
+        if redeliver:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
