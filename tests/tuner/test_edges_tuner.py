@@ -10,6 +10,7 @@ import pytest
 import torch
 import vblora_rs
 from support import tolerances
+from support.child_process import child_env
 from support.models import MODEL_CASES
 from torch import nn
 from vblora_rs.errors import VBLoRAError
@@ -75,7 +76,11 @@ def test_a_hook_seen_before_torch_marks_it_keyword_taking_is_ignored(monkeypatch
     with torch.no_grad():
         again = model(x=x, adapter_names=NAMES)
     assert not isinstance(seen["other"], Exception), seen["other"]
-    assert torch.equal(seen["other"], plain)  # the other thread got no adapter names
+    # the other thread got no adapter names: the plain output, within reordering (a forward on another thread may
+    # take another kernel path, e.g. MKL's on AMD CPUs), and not the mixed batch's
+    tol = tolerances.model("mlp")
+    torch.testing.assert_close(seen["other"], plain, **tol)
+    assert not torch.allclose(seen["other"], mixed, **tol)
     assert torch.equal(again, mixed)
 
 
@@ -192,13 +197,11 @@ except BaseException as exc:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
 def test_an_adapter_over_ulimit_v_is_refused_by_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import os
     import subprocess
 
-    python_dir = os.path.dirname(os.path.dirname(vblora_rs.__file__))
     done = subprocess.run(
         [sys.executable, "-c", ULIMIT_SCRIPT],
-        env={**os.environ, "PYTHONPATH": python_dir},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
