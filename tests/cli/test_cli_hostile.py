@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import vblora_rs
 from safetensors.numpy import load_file, save_file
+from support.child_process import child_env
 from support.merge_inputs import leftovers, run_cli, save_adapter, save_base
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.storage import atomic
@@ -23,7 +23,6 @@ from vblora_rs.storage.adapter_config import check_config
 from vblora_rs.storage.json_file import MAX_DEPTH, parse_object
 from vblora_rs.storage.locate import locate
 
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))
 BANK = "base_model.vblora_vector_bank"
 # Address space for the merge subprocesses: the torch-free merge of these tiny models needs well under this,
 # and the factors a hostile file describes would need 64 GiB.
@@ -55,7 +54,7 @@ def merge_in_subprocess(*args: object) -> subprocess.CompletedProcess[str]:
 
     return subprocess.run(
         [sys.executable, "-m", "vblora_rs", "merge", *map(str, args)],
-        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -70,9 +69,7 @@ def test_factors_far_larger_than_the_file_are_checked_before_they_are_built(tmp_
     """256 KiB of indices at vector_length 65536 describe a 64 GiB A: the shape check against the base refuses
     it first, within a 3 GiB address space (it used to abort allocating the factors)."""
     base = save_base("llama", tmp_path / "base")
-    adapter = topk_adapter(
-        tmp_path / "adapter", 1, 65536, 1, {"model.layers.0.self_attn.q_proj": (1, 2**18, 1)}
-    )
+    adapter = topk_adapter(tmp_path / "adapter", 1, 65536, 1, {"model.layers.0.self_attn.q_proj": (1, 2**18, 1)})
     assert (adapter / "adapter_model.safetensors").stat().st_size < 600_000
     result = merge_in_subprocess(base, adapter, "-o", tmp_path / "out")
     assert result.returncode == 1, result.stderr
@@ -199,7 +196,7 @@ def test_two_merges_into_one_output_one_fails(tmp_path: Path) -> None:
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "vblora_rs", "merge", str(base), str(adapter), "-o", str(tmp_path / "out")],
-            env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -379,7 +376,7 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path: Path) -> None:
         out = tmp_path / f"out{i}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "vblora_rs", "merge", str(base), str(adapter), "-o", str(out)],
-            env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -444,7 +441,7 @@ def test_a_ctrl_c_landing_in_a_callback_still_interrupts_without_a_traceback() -
     ignored in ...", a traceback) and goes on; the CLI delivers it again so that the command stops, in one line."""
     done = subprocess.run(
         [sys.executable, "-c", CTRL_C_IN_A_CALLBACK],
-        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -481,7 +478,7 @@ def test_a_ctrl_c_while_numpys_c_api_loads_is_a_keyboard_interrupt_not_a_panic()
     Ctrl-C there into a KeyboardInterrupt (one line in the CLI), and a later load works."""
     done = subprocess.run(
         [sys.executable, "-c", NUMPY_API_INTERRUPTED],
-        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,9 +14,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import vblora_rs
 from safetensors.torch import load_file, save_file
 from support import tolerances
+from support.child_process import child_env
 from support.merge_inputs import ADAPTER_KW, leftovers, run_cli, save_adapter, save_base
 from support.models import MODEL_CASES, output_tensor
 from support.peft_reference import peft_from_pretrained, peft_get_peft_model
@@ -26,9 +26,6 @@ from vblora_rs.cli import main
 from vblora_rs.demo.mini_models import build
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.merge.plan import INDEX_FILE
-
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
-
 
 # --- PEFT's merge as the reference ------------------------------------------------------------------------
 
@@ -372,7 +369,7 @@ def test_help() -> None:
         [sys.executable, "-m", "vblora_rs", "merge", "--help"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": PYTHON_DIR},
+        env=child_env(),
         check=True,
     )
     for word in ("BASE", "ADAPTER", "--weights", "--dtype", "--threads", "--force", "merge_and_unload"):
@@ -391,7 +388,7 @@ def test_runs_without_torch(tmp_path: Path) -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": PYTHON_DIR}, check=True)
+    subprocess.run([sys.executable, "-c", code], env=child_env(), check=True)
     assert_matches(merged_tensors(tmp_path / "out"), peft_merged(base, [adapter], torch.float32).state_dict(), True)
 
 

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import vblora_rs
+from support.child_process import child_env
 from support.merge_inputs import save_adapter, save_base
 
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))
-ENV = {**os.environ, "PYTHONPATH": PYTHON_DIR}
 # the output option's help line: argparse before 3.13 repeats the metavar after each flag (`-o OUT, --output OUT,
 # --out OUT`), 3.13 writes it once after the last (`-o, --output, --out OUT`)
 OUTPUT_OPTION = re.compile(r"^ +-o( OUT)?, --output( OUT)?, --out OUT(  |$)", re.MULTILINE)
@@ -22,7 +21,12 @@ OUTPUT_OPTION = re.compile(r"^ +-o( OUT)?, --output( OUT)?, --out OUT(  |$)", re
 
 def vblora(*args: object, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vblora_rs", *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300, **kw
+        [sys.executable, "-m", "vblora_rs", *map(str, args)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
     )
 
 
@@ -38,14 +42,14 @@ def test_every_command_spells_the_output_flag_alike() -> None:
 
 def test_ops_is_an_attribute_of_the_lazily_imported_package() -> None:
     code = "import vblora_rs; print(vblora_rs.ops.topk_softmax.__name__)"
-    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "topk_softmax", done.stderr
 
 
 def test_piped_inspect_closed_early_is_quiet(tmp_path: Path) -> None:
     adapter = save_adapter("llama", tmp_path / "adapter", seed=1)
     cmd = f"{sys.executable} -m vblora_rs inspect {adapter} | head -1"
-    done = subprocess.run(cmd, shell=True, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, shell=True, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.stdout.count("\n") == 1 and "Broken pipe" not in done.stderr and "Error" not in done.stderr
 
 

@@ -16,6 +16,7 @@ import torch
 import vblora_rs
 from safetensors.torch import load_file, save_file
 from support import tolerances
+from support.child_process import child_env
 from support.models import MODEL_CASES, output_tensor
 from support.peft_reference import peft_from_pretrained
 from vblora_rs.cli import main
@@ -253,15 +254,14 @@ def test_full_logits_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_help_in_a_subprocess_without_torch() -> None:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(vblora_rs.__file__))}
     done = subprocess.run(
-        [sys.executable, "-m", "vblora_rs", "to-lora", "--help"], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-m", "vblora_rs", "to-lora", "--help"], capture_output=True, text=True, env=child_env()
     )
     assert done.returncode == 0, done.stderr
     # argparse before 3.13 prints `-o OUT, --output OUT, --out OUT`, 3.13 `-o, --output, --out OUT`
     assert "--force" in done.stdout and re.search(r"^ +-o( OUT)?, --output( OUT)?, --out OUT\b", done.stdout, re.M)
     probe = "import sys; from vblora_rs.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(), check=False)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import vblora_rs
 from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+from support.child_process import child_env
 from support.models import MODEL_CASES
 from support.peft_reference import peft_get_peft_model
 from vblora_rs.cli import main
@@ -270,14 +271,13 @@ def test_pack_writes_the_same_bytes_for_the_same_input(tmp_path: Path) -> None:
     import sys
 
     adapter = save_mlp_adapter(tmp_path / "adapter")
-    python_dir = os.path.dirname(os.path.dirname(vblora_rs.__file__))
     outputs = []
     for i in range(4):
         out = tmp_path / f"packed{i}"
         subprocess.run(
             [sys.executable, "-m", "vblora_rs", "pack", str(adapter), "-o", str(out)],
             check=True,
-            env={**os.environ, "PYTHONPATH": python_dir},
+            env=child_env(),
             capture_output=True,
         )
         outputs.append((out / "adapter_packed.safetensors").read_bytes())

@@ -4,13 +4,11 @@ merge and ``B @ A`` bit for bit on the fused (FMA) levels; the portable level wi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import vblora_rs
+from support.child_process import child_env
 from vblora_rs import _native
 
 ALL_LEVELS = ["portable", "avx2+fma", "avx512"]
@@ -73,10 +71,7 @@ print("ok", level)
 
 
 def run_child(env_value: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, VBLORA_RS_SIMD=env_value)
-    # the child imports the same vblora_rs as this process
-    package_root = str(Path(vblora_rs.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env = child_env(VBLORA_RS_SIMD=env_value)
     return subprocess.run(
         [sys.executable, "-c", *args], env=env, capture_output=True, text=True, timeout=600, check=False
     )

@@ -11,13 +11,12 @@ import threading
 
 import pytest
 import torch
-import vblora_rs
 from support import tolerances
+from support.child_process import child_env
 from vblora_rs import _native, ops
 from vblora_rs._threads import torch_openmp_library
 from vblora_rs.errors import VBLoRAError
 
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import
 TORCH_OPENMP = torch_openmp_library()
 needs_openmp = pytest.mark.skipif(TORCH_OPENMP is None, reason="torch's parallel backend is not a findable OpenMP")
 # W + (0.5 B) @ A against torch's addmm: rank-4 products and the weight (randn values, sums of |terms| below ~50)
@@ -69,7 +68,7 @@ def test_rayon_backend_on_request_gives_identical_bits() -> None:
     results = {}
     for backend in ("rayon", ""):
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vblora_thread_team_{os.getpid()}_{backend}.pt")
-        env = {**os.environ, "PYTHONPATH": PYTHON_DIR, "VBLORA_RS_THREADS": backend}
+        env = child_env(VBLORA_RS_THREADS=backend)
         subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=300)
         results[backend] = torch.load(path)
         os.remove(path)

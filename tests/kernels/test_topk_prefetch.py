@@ -6,12 +6,11 @@ chosen (``auto`` measures on the first call of 32 MiB or more of logits)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support.child_process import child_env
 from vblora_rs import _native
 
 CHILD = r"""
@@ -48,9 +47,7 @@ print(json.dumps({"digest": digest.hexdigest(), "before": before, "after": _nati
 
 
 def run_child(level: str, variant: str) -> dict:
-    env = {**os.environ, "VBLORA_RS_SIMD": level, "VBLORA_RS_TOPK_PREFETCH": variant}
-    python = str(Path(_native.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = python + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(VBLORA_RS_SIMD=level, VBLORA_RS_TOPK_PREFETCH=variant)
     out = subprocess.run([sys.executable, "-c", CHILD, level], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -69,4 +66,3 @@ def test_every_variant_gives_the_same_bits_and_says_which_ran(level: str) -> Non
         assert results["auto"]["after"] == ["undecided", "auto"]
     else:
         assert results["auto"]["after"][1] == "measured" and results["auto"]["after"][0] in ("on", "off")
-

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vblora_rs
+from support.child_process import child_env
 
 FUZZER = Path(__file__).resolve().parents[1] / "support" / "fuzz_adapters.py"
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))
 # torch alone maps a few GiB of address space; a mutant that makes anything allocate far beyond its file's size
 # fails inside this limit with an error the fuzzer counts, instead of taking the machine's memory.
 MEMORY_LIMIT = 12 * 2**30
@@ -33,7 +32,7 @@ def fuzz_result() -> dict[str, Any]:
 
     done = subprocess.run(
         [sys.executable, str(FUZZER), str(COUNT), str(SEED)],
-        env={**os.environ, "PYTHONPATH": PYTHON_DIR, "OMP_NUM_THREADS": "1"},
+        env=child_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=3600,

@@ -15,11 +15,11 @@ import numpy as np
 import peft
 import pytest
 import torch
-import vblora_rs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from support.child_process import child_env
 from support.models import make_mlp
 from support.peft_reference import peft_from_pretrained, peft_get_peft_model
 from vblora_rs import VBLoRAConfig, VBLoRAError, _native, get_peft_model
@@ -164,8 +164,7 @@ def test_cli_runs_as_a_module(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        # the package these tests import (the source tree, or site-packages where it is installed)
-        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(vblora_rs.__file__))},
+        env=child_env(),
     )
     assert done.returncode == 1
     assert "packed_index_too_big.safetensors: tensor `topk_indices` index 1" in done.stderr

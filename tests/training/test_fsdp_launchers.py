@@ -10,25 +10,22 @@ full batch does and saves a PEFT adapter that loads in one process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import vblora_rs
+from support.child_process import child_env
 from support.fsdp_reference import assert_adapter_matches, assert_losses_match, param_bounds, reference, tiny
 from vblora_rs import PeftModel
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON_DIR = os.path.dirname(os.path.dirname(vblora_rs.__file__))  # the package these tests import (built or installed)
 EXAMPLE = ROOT / "examples" / "fsdp"
 
 
 def launch(command: list[str], tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
+    env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
