@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
@@ -38,20 +36,12 @@ def paired_ratios(
     pairs: int,
     setup: Optional[Callable[[], None]] = None,
 ) -> list[float]:
-    """Median over ``pairs`` rounds of ours' time over each floor's (a floor of several calls: their sum)."""
-    ratios: list[list[float]] = [[] for _ in floors]
-    for i in range(pairs + 1):
-        times = []
-        for fn in (ours, *floors):
-            if setup is not None:
-                setup()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        if i:  # the first round warms up (and lets "auto" measure its variants)
-            for out, floor_time in zip(ratios, times[1:]):
-                out.append(times[0] / floor_time)
-    return [statistics.median(r) for r in ratios]
+    """Ours against each floor (a floor of several calls times them together): bench_vs_peft's rounds, one warm-up
+    (which also lets "auto" measure its variants), every call after ``setup``."""
+    from bench_vs_peft import interleaved_ms, paired_ratio
+
+    times = interleaved_ms([(fn, setup) for fn in (ours, *floors)], pairs)
+    return [paired_ratio(times[0], floor) for floor in times[1:]]
 
 
 def merge_layer():  # type: ignore[no-untyped-def]
