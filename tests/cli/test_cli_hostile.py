@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from support.child_process import child_env
+from support.child_process import child_env, run_python
 from support.merge_inputs import leftovers, run_cli, save_adapter, save_base
 from vblora_rs.errors import VBLoRAError
 from vblora_rs.storage import atomic
@@ -439,13 +439,7 @@ except KeyboardInterrupt:
 def test_a_ctrl_c_landing_in_a_callback_still_interrupts_without_a_traceback() -> None:
     """A Ctrl-C during an import can land in importlib's weakref callback, where Python only prints it ("Exception
     ignored in ...", a traceback) and goes on; the CLI delivers it again so that the command stops, in one line."""
-    done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_IN_A_CALLBACK],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python(CTRL_C_IN_A_CALLBACK, timeout=120)
     assert done.stdout.strip() == "interrupted 2", (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
@@ -476,12 +470,6 @@ print(_native.topk_many([np.arange(8, dtype=np.float32).reshape(2, 4)], 1, False
 def test_a_ctrl_c_while_numpys_c_api_loads_is_a_keyboard_interrupt_not_a_panic() -> None:
     """The numpy crate loads numpy's C API on first use and panics when that fails; loading it up front turns a
     Ctrl-C there into a KeyboardInterrupt (one line in the CLI), and a later load works."""
-    done = subprocess.run(
-        [sys.executable, "-c", NUMPY_API_INTERRUPTED],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python(NUMPY_API_INTERRUPTED, timeout=120)
     assert done.stdout.split("\n")[:2] == ["KeyboardInterrupt", "[[3], [3]]"], (done.stdout, done.stderr)
     assert "panicked" not in done.stderr, done.stderr

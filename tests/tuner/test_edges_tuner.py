@@ -10,7 +10,7 @@ import pytest
 import torch
 import vblora_rs
 from support import tolerances
-from support.child_process import child_env
+from support.child_process import run_python
 from support.models import MODEL_CASES
 from torch import nn
 from vblora_rs.errors import VBLoRAError
@@ -197,15 +197,7 @@ except BaseException as exc:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
 def test_an_adapter_over_ulimit_v_is_refused_by_the_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-c", ULIMIT_SCRIPT],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(ULIMIT_SCRIPT, timeout=300)
     out = done.stdout.strip().splitlines()
     assert out and out[-1].startswith("VBLoRAError"), (out, done.stderr[-2000:])
     assert "ulimit -v" in out[-1]
