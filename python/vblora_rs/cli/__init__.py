@@ -61,18 +61,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = "vblora"  # what the messages say until a command is known
     # SIGINTs are counted from the start: building the parser imports the commands (numpy among them), and a
     # Ctrl-C during a C extension's import surfaces as that extension's ImportError
-    with _counting_sigints() as sigints:
+    with counting_ctrl_c() as ctrl_c:
         try:
             args = build_parser().parse_args(argv)
             _native.load_numpy_api()  # numpy is imported now; a Ctrl-C while its C API loads is one line too
             name = f"vblora {args.command}"
             status = args.run(args)
         except KeyboardInterrupt:
+            ctrl_c.reported = True
             print(f"{name}: interrupted; nothing was written", file=sys.stderr)
             return 130
         except ImportError:
-            if not sigints[0]:
+            if not ctrl_c.count:
                 raise
+            ctrl_c.reported = True
             print(f"{name}: interrupted; nothing was written", file=sys.stderr)
             return 130
         except BrokenPipeError:
@@ -90,40 +92,65 @@ def main(argv: Optional[list[str]] = None) -> int:
     return int(status or 0)
 
 
+class CtrlC:
+    """What :func:`counting_ctrl_c` saw: ``count`` SIGINTs so far; ``reported`` once the command has said it was
+    interrupted (a Ctrl-C delivered again after that is dropped, so the message stays one line)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reported = False
+
+
 @contextmanager
-def _counting_sigints() -> Iterator[list[int]]:
+def counting_ctrl_c() -> Iterator[CtrlC]:
     """Inside the block SIGINTs are counted (each still raises KeyboardInterrupt, as Python's own handler does);
-    only in the main thread, where handlers can be set, and only over Python's default handler."""
-    count = [0]
+    only in the main thread, where handlers can be set, and only over Python's default handler.
+
+    A Ctrl-C can land where Python cannot raise it: in a callback Python calls on its own (a weakref callback of
+    importlib's module locks, a ``__del__``: "Exception ignored in ...") or in C code that prints the error and
+    goes on or raises another (numpy's ``import_array`` in an extension's init: ``PyErr_Print``, then
+    "multiarray failed to import"). Both would print a traceback; here neither prints, and where timers exist
+    (not on Windows) the Ctrl-C is raised again 10 ms later, in the command's own code."""
+    seen = CtrlC()
 
     def on_sigint(signum: int, frame: Any) -> None:
-        count[0] += 1
+        seen.count += 1
         raise KeyboardInterrupt
 
-    previous_hook = sys.unraisablehook
-    # where timers exist (not on Windows), a Ctrl-C that could not be raised is raised again 10 ms later
+    def on_redelivery(signum: int, frame: Any) -> None:
+        if not seen.reported:
+            on_sigint(signum, frame)
+
     redeliver = hasattr(signal, "setitimer")
 
+    def later(exc: BaseException) -> bool:
+        if isinstance(exc, KeyboardInterrupt) and seen.count:
+            if redeliver and not seen.reported:
+                signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return True
+        return False
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
     def on_unraisable(info: Any) -> None:
-        # A Ctrl-C that lands in a callback Python calls on its own (a weakref callback of importlib's module locks,
-        # a __del__) cannot leave it: Python would print "Exception ignored in ..." with a traceback and carry on.
-        # A timer delivers it again a moment later, to be raised in the command's own code.
-        if redeliver and isinstance(info.exc_value, KeyboardInterrupt):
-            signal.setitimer(signal.ITIMER_REAL, 0.01)
-            return
-        previous_hook(info)
+        if not later(info.exc_value):
+            previous_unraisable(info)
+
+    def on_printed(kind: Any, exc: BaseException, tb: Any) -> None:
+        if not later(exc):
+            previous_except(kind, exc, tb)
 
     main_thread = threading.current_thread() is threading.main_thread()
     if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield count
+        yield seen
         return
     signal.signal(signal.SIGINT, on_sigint)
-    previous_alarm = signal.signal(signal.SIGALRM, on_sigint) if redeliver else None
-    sys.unraisablehook = on_unraisable
+    previous_alarm = signal.signal(signal.SIGALRM, on_redelivery) if redeliver else None
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_printed
     try:
-        yield count
+        yield seen
     finally:
-        sys.unraisablehook = previous_hook
+        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
         if redeliver:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous_alarm)
