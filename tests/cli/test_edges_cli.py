@@ -241,8 +241,12 @@ def test_an_output_name_too_long_is_named(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize("command", ["merge", "to-lora"])
-@pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink loop"])
-def test_force_over_a_file_or_odd_symlink_leaves_nothing_hidden(tmp_path: Path, command: str, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink loop", "symlink to a folder"])
+def test_force_never_replaces_a_file_or_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, kind: str
+) -> None:
+    """One rule for both writers: --force replaces an earlier output folder, never a file or a link (merge used
+    to replace them, to-lora refused), refused before any work and naming OUT; nothing hidden is left."""
     adapter = save_mlp_adapter(tmp_path / "adapter")
     work = tmp_path / "work"
     work.mkdir()
@@ -251,14 +255,19 @@ def test_force_over_a_file_or_odd_symlink_leaves_nothing_hidden(tmp_path: Path, 
         out.write_text("old")
     elif kind == "dangling symlink":
         out.symlink_to(work / "nowhere")
-    else:
+    elif kind == "symlink loop":
         out.symlink_to(out)
-    status = main([*writer_argv(command, tmp_path, adapter, out), "--force"])
-    if command == "merge":  # merge replaces it; to-lora refuses a target that is not a folder, before writing
-        assert status == 0 and out.is_dir() and not out.is_symlink()
     else:
-        assert status == 1 and os.path.lexists(out) and not out.is_dir()
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "keep").write_text("x")
+        out.symlink_to(tmp_path / "elsewhere")
+    status = main([*writer_argv(command, tmp_path, adapter, out), "--force"])
+    err = capsys.readouterr().err
+    assert status == 1 and f"{out}: exists and is not a folder; not replacing it" in err and err.count("\n") == 1
+    assert os.path.lexists(out) and (kind == "symlink to a folder") == out.is_dir()
     assert sorted(os.listdir(work)) == ["out"]  # no hidden .out.tmp-PID-* left
+    if kind == "symlink to a folder":
+        assert os.listdir(tmp_path / "elsewhere") == ["keep"]
 
 
 # --- reproducible output ------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
         help="convert every floating tensor to this dtype before merging (default: keep the base's dtypes)",
     )
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="threads to use (default 0: all cores)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it is an existing folder")
     parser.set_defaults(run=run)
 
 

@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("adapter", help="VB-LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     add_output(parser, "folder to write the LoRA adapter into")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it is an existing folder")
     parser.set_defaults(run=run)
 
 

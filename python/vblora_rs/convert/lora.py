@@ -317,7 +317,7 @@ def export_lora(adapter_path: Union[str, os.PathLike], output: Union[str, os.Pat
     from .adapter_tensors import read_adapter
 
     out = os.path.abspath(os.fspath(output))
-    _check_output(out, force)
+    atomic.check_target(out, force)
     found = locate(adapter_path)
     flat = sys.byteorder == "little"  # save_tensors writes the buffers as they are; safetensors is little-endian
     if found.kind == PACKED:  # every module at once from the flat arrays (a file may list 300k modules)
@@ -392,9 +392,3 @@ def _check_inputs(out: str, weights_path: str, needed: int, names: list[str]) ->
     _check_room(out, needed)
 
 
-def _check_output(out: str, force: bool) -> None:
-    if os.path.lexists(out):
-        if not os.path.isdir(out) or os.path.islink(out):
-            raise VBLoRAError(f"{out}: exists and is not a folder; not replacing it")
-        if not force:
-            raise VBLoRAError(f"{out}: already exists; pass --force to replace it")

@@ -27,8 +27,7 @@ def check_output(out: str, base_dir: str, adapter_dirs: list[str], force: bool) 
         real = os.path.realpath(folder)
         if real_out == real or real.startswith(real_out + os.sep) or real_out.startswith(real + os.sep):
             raise VBLoRAError(f"{out}: the output must lie outside {label} {folder} and not contain it")
-    if os.path.lexists(out) and not force:
-        raise VBLoRAError(f"{out}: already exists (pass --force to replace it)")
+    atomic.check_target(out, force)
 
 
 def _output_index(plan: Plan) -> dict:

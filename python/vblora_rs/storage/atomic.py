@@ -149,6 +149,22 @@ def usual_mode(path: str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
+def check_target(target: str, replace: bool) -> None:
+    """The one rule for an output folder, checked before any work: an existing folder is replaced only with
+    ``replace`` (``--force``); a file or a symlink at ``target`` is never replaced, ``--force`` or not (it is
+    not an earlier output, and a link's folder would stay behind)."""
+    if not os.path.lexists(target):
+        return
+    if os.path.islink(target) or not os.path.isdir(target):
+        raise VBLoRAError(f"{target}: exists and is not a folder; not replacing it")
+    if not replace:
+        raise _exists(target)
+
+
+def _exists(target: str) -> VBLoRAError:
+    return VBLoRAError(f"{target}: already exists; pass --force to replace it")
+
+
 @dataclass
 class Installed:
     replaced: bool  # an existing target was replaced
@@ -183,9 +199,9 @@ def _install(tmp: str, target: str, replace: bool) -> Installed:
             if rename2(tmp, target, RENAME_NOREPLACE):
                 return Installed(False, True)
         except FileExistsError:
-            raise VBLoRAError(f"{target}: already exists (pass --force to replace it)") from None
+            raise _exists(target) from None
         if os.path.lexists(target):
-            raise VBLoRAError(f"{target}: already exists (pass --force to replace it)")
+            raise _exists(target)
         os.rename(tmp, target)  # fails on a non-empty folder created meanwhile
         return Installed(False, False)
     if not os.path.lexists(target):
