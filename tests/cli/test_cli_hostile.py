@@ -451,6 +451,31 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch: pytest.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("python_sigint")
+def test_ctrl_c_in_a_class_body_while_importing_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A Ctrl-C in a descriptor's ``__set_name__`` while a module defines a class (numpy's ``finfo`` and its
+    ``cached_property``: a CI failure) comes out as RuntimeError on Python 3.11 and as KeyboardInterrupt from 3.12:
+    one line and 130 either way."""
+    import signal
+
+    from vblora_rs import cli
+
+    class Interrupting:
+        def __set_name__(self, owner: type, name: str) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here
+            raise AssertionError("no SIGINT arrived")
+
+    def importing_a_class() -> None:
+        class Finfo:  # noqa: F841 (defining it is the point)
+            epsneg = Interrupting()
+
+    monkeypatch.setattr(cli, "build_parser", importing_a_class)
+    assert cli.main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err == "vblora: interrupted; nothing was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 CTRL_C_WHERE_PYTHON_CANNOT_RAISE_IT = """
 import ctypes, signal, sys, weakref
 from vblora_rs.cli import counting_ctrl_c

@@ -60,7 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     output whole or absent, so an interrupted command has written nothing."""
     name = "vblora"  # what the messages say until a command is known
     # SIGINTs are counted from the start: building the parser imports the commands (numpy among them), and a
-    # Ctrl-C during a C extension's import surfaces as that extension's ImportError
+    # Ctrl-C during an import can surface as another exception (below)
     with counting_ctrl_c() as ctrl_c:
         try:
             args = build_parser().parse_args(argv)
@@ -68,24 +68,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             name = f"vblora {args.command}"
             status = args.run(args)
         except KeyboardInterrupt:
-            ctrl_c.reported = True
-            print(f"{name}: interrupted; nothing was written", file=sys.stderr)
-            return 130
-        except ImportError:
-            if not ctrl_c.count:
-                raise
-            ctrl_c.reported = True
-            print(f"{name}: interrupted; nothing was written", file=sys.stderr)
-            return 130
-        except BrokenPipeError:
-            # the reader went away (``vblora inspect ... | head``): not an error of ours; stop writing to it
-            _silence_stdout()
-            return 0
-        except (VBLoRAError, OSError, RecursionError, MemoryError, OverflowError) as exc:
-            print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
-            return 1
+            return _interrupted(name, ctrl_c)
+        except SystemExit:  # argparse's --help, --version and usage errors
+            raise
         except BaseException as exc:
-            if _is_panic(exc) or type(exc).__name__ == "SafetensorError":
+            if ctrl_c.count:
+                # A Ctrl-C came first: whatever the command then died of is its doing. Python turns one raised in
+                # an import into that import's failure (an extension's ImportError, a class body's RuntimeError
+                # from __set_name__), so the exception's type cannot tell.
+                return _interrupted(name, ctrl_c)
+            if isinstance(exc, BrokenPipeError):
+                # the reader went away (``vblora inspect ... | head``): not an error of ours; stop writing to it
+                _silence_stdout()
+                return 0
+            if isinstance(exc, (VBLoRAError, OSError, RecursionError, MemoryError, OverflowError)) or (
+                _is_panic(exc) or type(exc).__name__ == "SafetensorError"
+            ):
                 print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
                 return 1
             raise
@@ -99,6 +97,12 @@ class CtrlC:
     def __init__(self) -> None:
         self.count = 0
         self.reported = False
+
+
+def _interrupted(name: str, ctrl_c: CtrlC) -> int:
+    ctrl_c.reported = True
+    print(f"{name}: interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 @contextmanager
