@@ -207,7 +207,8 @@ def _install(tmp: str, target: str, replace: bool) -> Installed:
     if not os.path.lexists(target):
         return _install(tmp, target, replace=False)
     if rename2(tmp, target, RENAME_EXCHANGE):
-        # tmp now holds the old target: a folder, or a file or symlink that --force replaced
+        # tmp now holds the old target: a folder (check_target refused anything else before the work; a file or
+        # link put there since, by another process, goes the same way)
         remove_path(tmp)
         return Installed(True, True)
     parent, name = os.path.split(target)
